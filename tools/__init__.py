@@ -1,0 +1,1 @@
+"""upright.tools: the command-line tools, one thin absl module per command."""
