@@ -38,6 +38,11 @@ setuptools.setup(
         "console_scripts": [
             "make_records=upright.tools.make_records:run",
             "inspect_records=upright.tools.inspect_records:run",
+            "make_demo_images=upright.tools.make_demo_images:run",
+            "train=upright.tools.train:run",
+            "evaluate=upright.tools.evaluate:run",
+            "orient=upright.tools.orient:run",
+            "bench_input=upright.tools.bench_input:run",
         ],
     },
 )
