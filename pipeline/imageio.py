@@ -1,0 +1,341 @@
+"""Reading one image file as a person sees it: upright, 8-bit RGB, bounded size.
+
+This module runs inside make_records' worker processes, so it imports Pillow
+and numpy only, never TensorFlow.
+
+What `read_upright` stores for a readable image:
+  * EXIF Orientation (all eight values) applied with `ImageOps.exif_transpose`,
+    so the stored pixels match what an image viewer shows; a re-encoded image
+    carries no EXIF at all, hence no orientation tag.
+  * 8-bit RGB: CMYK, palette, grayscale, 1-bit, 16-bit and 32-bit integer
+    images are converted; images with transparency are composited on WHITE
+    (`BACKGROUND`), the colour most viewers and browsers show behind them;
+    animated files (GIF, WebP, APNG, multi-page TIFF) give their first frame.
+  * Longest side at most `max_side` pixels (0: keep the size), downscaled with
+    aspect kept by Pillow's LANCZOS filter (JPEG sources are first decoded at
+    a reduced DCT scale that still keeps at least `max_side` pixels, which is
+    both a proper low-pass filter and several times faster).
+  * Stored as JPEG at `jpeg_quality`, except that a source that needs no change
+    at all (an RGB JPEG without an EXIF turn, within max_side) is stored byte
+    for byte: no second generation of JPEG loss.
+
+Anything that cannot be read this way raises `SkipImage` with a short reason
+(see `REASONS`), never a Pillow exception.
+"""
+import dataclasses
+import hashlib
+import io
+import os
+import struct
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps
+
+BACKGROUND = (255, 255, 255)   # behind transparent pixels: white, as viewers show it
+DEFAULT_MAX_SIDE = 512
+DEFAULT_JPEG_QUALITY = 95
+DEFAULT_MAX_PIXELS = 128_000_000   # declared width * height above this: refused unread
+MAX_FILE_BYTES = 1 << 30           # files above 1 GiB are not read into memory
+
+# Extensions that name an image format this reader does not decode: reported as
+# "unsupported format" rather than "not an image".
+UNSUPPORTED_EXTENSIONS = frozenset({
+    ".heic", ".heif", ".svg", ".svgz", ".pdf", ".psd", ".xcf", ".raw", ".cr2", ".cr3",
+    ".nef", ".arw", ".dng", ".orf", ".rw2", ".raf", ".srw", ".jxl", ".exr", ".hdr",
+    ".djvu", ".eps", ".ai",
+})
+# Extensions of formats Pillow reads; a file with one that does not open is
+# "not an image" (a text or other file wearing an image name) or "corrupt".
+IMAGE_EXTENSIONS = frozenset({
+    ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".dib", ".tif", ".tiff",
+    ".webp", ".avif", ".ppm", ".pgm", ".pbm", ".pnm", ".ico", ".tga", ".jp2", ".j2k",
+    ".pcx", ".sgi", ".qoi", ".dds", ".icns", ".apng",
+})
+
+# The reason strings, so callers and tests can match them. Each SkipImage reason
+# starts with one of these words.
+REASONS = ("zero bytes", "not an image", "unsupported format", "truncated", "corrupt",
+           "decompression bomb", "unreadable", "too large", "unsupported mode")
+
+
+class SkipImage(Exception):
+    """The file cannot be stored; str(e) is a short reason starting with one of REASONS."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredImage:
+    """One image ready to be written into a record.
+
+    encoded: JPEG bytes of the stored upright RGB image.
+    format: "jpeg" (the only format this reader stores).
+    height, width: of the stored image, pixels.
+    source_height, source_width: of the source as a person sees it (after the
+        EXIF turn, before downscaling).
+    source_format: Pillow's name of the source format, e.g. "JPEG", "PNG".
+    changed: False when `encoded` is the source file byte for byte.
+    notes: what was done, e.g. ("exif_orientation=6", "mode=CMYK", "resized").
+    signature: near-duplicate signature of the stored pixels (see `signature`).
+    """
+    encoded: bytes
+    format: str
+    height: int
+    width: int
+    source_height: int
+    source_width: int
+    source_format: str
+    changed: bool
+    notes: tuple
+    signature: bytes
+
+
+def read_upright(path, *, max_side: int = DEFAULT_MAX_SIDE,
+                 jpeg_quality: int = DEFAULT_JPEG_QUALITY,
+                 max_pixels: int = DEFAULT_MAX_PIXELS, data: bytes = None) -> StoredImage:
+    """Reads an image file as a person sees it (see the module docstring).
+
+    Args:
+      path: str or bytes path; used for reading (unless `data` is given) and
+        for the extension in reasons.
+      max_side: longest side of the stored image in pixels; 0 keeps sizes.
+      jpeg_quality: 1..100, quality of re-encoded images.
+      max_pixels: images whose header declares more pixels are refused before
+        any pixel is decoded.
+      data: the file's bytes, if the caller already read them.
+    Raises:
+      SkipImage: with a short reason.
+    """
+    if data is None:
+        data = read_bytes(path)
+    if not data:
+        raise SkipImage("zero bytes")
+    image = open_image(data, path, max_pixels)
+    with image:
+        return convert_image(image, data, max_side=max_side, jpeg_quality=jpeg_quality)
+
+
+def read_bytes(path) -> bytes:
+    """The file's bytes; SkipImage("unreadable: ...") or ("too large") on failure."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_FILE_BYTES:
+                raise SkipImage(f"too large: {size} bytes > {MAX_FILE_BYTES}")
+            return f.read()
+    except OSError as e:
+        raise SkipImage(f"unreadable: {e.strerror or e}") from None
+
+
+def open_image(data: bytes, path, max_pixels: int) -> Image.Image:
+    """Opens (header only) and refuses decompression bombs before decoding."""
+    ext = os.path.splitext(os.fsdecode(path))[1].lower()
+    with warnings.catch_warnings():
+        # Pillow warns, then raises, on large declared sizes; we apply our own limit.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError as e:
+            raise SkipImage(f"decompression bomb: {e}") from None
+        except Image.UnidentifiedImageError:
+            if ext in UNSUPPORTED_EXTENSIONS:
+                raise SkipImage(f"unsupported format ({ext})") from None
+            if ext in IMAGE_EXTENSIONS:
+                raise SkipImage(f"not an image: the content of this {ext} file is "
+                                "not in any image format (or its header is corrupt)") from None
+            raise SkipImage("not an image: unknown file format") from None
+        except (OSError, ValueError, SyntaxError, EOFError, struct.error) as e:
+            raise SkipImage(f"corrupt: {_short(e)}") from None
+    width, height = image.size
+    if width * height > max_pixels:
+        image.close()
+        raise SkipImage(f"decompression bomb: declares {width}x{height} = "
+                        f"{width * height / 1e6:.0f} MP > limit {max_pixels / 1e6:.0f} MP")
+    if width < 1 or height < 1:
+        image.close()
+        raise SkipImage(f"corrupt: declares size {width}x{height}")
+    return image
+
+
+def convert_image(image: Image.Image, data: bytes, *, max_side: int,
+                  jpeg_quality: int) -> StoredImage:
+    """Decodes an opened image and makes the stored, upright RGB version."""
+    source_format = image.format or "unknown"
+    orientation = exif_orientation(image)
+    notes = []
+    if orientation not in (None, 1):
+        notes.append(f"exif_orientation={orientation}")
+    # is_animated looks for a second frame only; n_frames would walk them all.
+    if getattr(image, "is_animated", False):
+        notes.append("animated: first frame")
+    if image.mode != "RGB":
+        notes.append(f"mode={image.mode}")
+    unchanged = (source_format == "JPEG" and image.mode == "RGB"
+                 and orientation in (None, 1)
+                 and (max_side == 0 or max(image.size) <= max_side))
+    # Size as a person sees it: orientations 5-8 swap width and height.
+    width, height = image.size
+    source_size = (width, height) if orientation in (5, 6, 7, 8) else (height, width)
+    if not unchanged and source_format == "JPEG" and max_side:
+        reduce_jpeg_decode(image, max_side)
+    try:
+        image.load()
+        # exif_transpose also drops the orientation tag from the result.
+        upright = ImageOps.exif_transpose(image) if orientation not in (None, 1) else image
+        rgb = to_rgb(upright)
+    except SkipImage:
+        raise
+    except OSError as e:
+        message = _short(e)
+        if "truncated" in message:
+            raise SkipImage(f"truncated: {message}") from None
+        raise SkipImage(f"corrupt: {message}") from None
+    except (ValueError, SyntaxError, EOFError, struct.error, MemoryError) as e:
+        raise SkipImage(f"corrupt: {_short(e)}") from None
+    if not unchanged:
+        rgb = downscale(rgb, max_side)
+        if rgb.size != source_size[::-1]:
+            notes.append("resized")
+    sig = signature(rgb)
+    if unchanged:
+        encoded = data
+    else:
+        encoded = encode_jpeg(rgb, jpeg_quality)
+    return StoredImage(encoded=encoded, format="jpeg", height=rgb.height, width=rgb.width,
+                       source_height=source_size[0], source_width=source_size[1],
+                       source_format=source_format, changed=not unchanged,
+                       notes=tuple(notes), signature=sig)
+
+
+def exif_orientation(image: Image.Image):
+    """The EXIF Orientation value 1..8, or None when absent or invalid."""
+    try:
+        value = image.getexif().get(0x0112)
+    except Exception:  # a broken EXIF block: Pillow ignores it too when showing the image
+        return None
+    return value if value in range(1, 9) else None
+
+
+def reduce_jpeg_decode(image: Image.Image, max_side: int) -> None:
+    """Asks libjpeg to decode at 1/2, 1/4 or 1/8 scale, keeping >= max_side pixels
+    on the longest side (the DCT-domain reduction is an area filter)."""
+    width, height = image.size
+    longest = max(width, height)
+    if longest <= 2 * max_side:
+        return
+    scale = max_side / longest
+    # draft() picks the largest reduction that keeps both sides >= the request.
+    image.draft(None, (max(1, int(width * scale + 0.999)), max(1, int(height * scale + 0.999))))
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB of any Pillow mode; transparency composited on BACKGROUND."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        return _wide_gray_to_rgb(image)
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        mode in ("P", "L", "RGB", "1") and "transparency" in image.info)
+    try:
+        if has_alpha:
+            rgba = image.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
+            return Image.alpha_composite(background, rgba).convert("RGB")
+        return image.convert("RGB")
+    except ValueError as e:
+        raise SkipImage(f"unsupported mode {mode}: {_short(e)}") from None
+
+
+def _wide_gray_to_rgb(image: Image.Image) -> Image.Image:
+    """16-bit (and 32-bit integer or float) grayscale to 8-bit RGB.
+
+    Pillow's own convert clips such values at 255 instead of scaling them, which
+    turns most 16-bit images white. 16-bit data is scaled by 255/65535; 32-bit
+    integers and floats are scaled by their own range when it exceeds 0..255.
+    """
+    array = np.asarray(image, dtype=np.float64)
+    if image.mode.startswith("I;16"):
+        array = array * (255.0 / 65535.0)
+    else:
+        lo, hi = float(array.min()), float(array.max())
+        if image.mode == "F" and hi <= 1.0 and lo >= 0.0:
+            array = array * 255.0
+        elif lo < 0.0 or hi > 255.0:
+            array = (array - lo) * (255.0 / max(hi - lo, 1e-12))
+    gray = np.clip(np.rint(array), 0, 255).astype(np.uint8)
+    return Image.fromarray(gray, "L").convert("RGB")
+
+
+def downscale(image: Image.Image, max_side: int) -> Image.Image:
+    """Longest side <= max_side (0: unchanged), aspect kept, LANCZOS."""
+    width, height = image.size
+    longest = max(width, height)
+    if max_side == 0 or longest <= max_side:
+        return image
+    scale = max_side / longest
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+
+
+def encode_jpeg(image: Image.Image, quality: int) -> bytes:
+    """Baseline JPEG, no metadata (so no orientation tag). Deterministic bytes."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def signature(image: Image.Image) -> bytes:
+    """A near-duplicate signature: the 16x16 RGB area-average thumbnail, uint8.
+
+    Returns SIGNATURE_BYTES = 768 bytes ([16, 16, 3] row-major). Re-encoding or
+    resizing a picture changes it by a few grey levels (see `are_near_duplicates`).
+    A 64-bit DCT pHash (`imagehash.phash`) was measured first and rejected: on
+    the photo corpus, re-encoding at quality 75 alone flipped up to 28 of its
+    64 bits on smooth or fine-textured pictures (sky, wood grain), so no
+    threshold separated copies from different pictures.
+    """
+    thumb = image.convert("RGB").resize((SIGNATURE_SIDE, SIGNATURE_SIDE),
+                                        Image.Resampling.BOX)
+    return np.asarray(thumb, dtype=np.uint8).tobytes()
+
+
+def signature_distance(a: bytes, b: bytes) -> float:
+    """RMS difference of two signatures, in grey levels (0..255)."""
+    x = np.frombuffer(a, np.uint8).astype(np.float64)
+    y = np.frombuffer(b, np.uint8).astype(np.float64)
+    return float(np.sqrt(np.mean((x - y) ** 2)))
+
+
+def near_duplicate_threshold(std_a: float, std_b: float) -> float:
+    """Largest signature distance at which two images count as the same picture.
+
+    NEAR_ABS grey levels, or NEAR_REL of the smaller signature's standard
+    deviation for contrasty pictures (a relative bound: a copy of a contrasty
+    picture differs more in absolute terms). Measured on the photo corpus
+    (see BUILD.md): re-encoding at quality 60-90 and downscaling to 1/4 stayed
+    within it for every picture; pairs of different pictures fell inside it
+    only when both were nearly flat (same colour, no content).
+    """
+    return max(NEAR_ABS, NEAR_REL * min(std_a, std_b))
+
+
+def are_near_duplicates(a: bytes, b: bytes) -> bool:
+    """True when two signatures are the same picture, re-encoded or resized."""
+    std = [float(np.frombuffer(s, np.uint8).std()) for s in (a, b)]
+    return signature_distance(a, b) <= near_duplicate_threshold(*std)
+
+
+SIGNATURE_SIDE = 16
+SIGNATURE_BYTES = SIGNATURE_SIDE * SIGNATURE_SIDE * 3
+NEAR_ABS = 4.0
+NEAR_REL = 0.2
+
+
+def sha256_hex(data: bytes) -> str:
+    """Hex digest of a file's bytes (the record's image/key/sha256)."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def _short(error: BaseException, limit: int = 160) -> str:
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."

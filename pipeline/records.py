@@ -1,0 +1,881 @@
+"""make_records and inspect_records: a folder of upright images becomes checked, sharded TFRecords.
+
+    info = records.make_records(src="photos/", out="records/photos")
+    summary = records.inspect_records("records/photos")
+
+make_records, step by step:
+  1. Checks SRC and OUT (OUT not inside SRC; a non-empty OUT must be an
+     earlier make_records output unless overwrite=True) and takes an exclusive
+     lock on OUT (OUT/.make_records.lock, released by the kernel even when the
+     process is killed), so two runs into one OUT cannot mix.
+  2. Walks SRC recursively on bytes paths (any file name works, valid UTF-8
+     or not), following symlinks but never into a folder it is already inside
+     (symlink loops are reported, not followed). Hidden entries (".name") are
+     ignored and counted.
+  3. Reads every candidate file in `workers` processes (forked, or from a
+     forkserver once TensorFlow is imported, which must not be forked)
+     with `imageio.read_upright`; each stored image is spilled to a scratch
+     file in OUT so memory stays flat whatever the folder size.
+  4. Exact duplicates (same sha256 of the file bytes) are stored once: the
+     copy whose path sorts first is kept, the others are reported.
+     Near-duplicates (the same picture re-encoded or resized, by
+     `imageio.are_near_duplicates`) are grouped, and every group gets ONE split.
+  5. Splits by a stable hash of the file bytes: a group's split is decided by
+     its anchor, the member with the smallest anchor hash; val when the anchor's
+     split hash < val_fraction. An image's split therefore depends only on its
+     own bytes and its group, never on the other files, so adding images never
+     moves old ones, with one unavoidable exception: a new image that is a
+     near-duplicate of old ones joins their group and can become its anchor
+     (when it also bridges two old groups they must now share one split). Then
+     the old copies move with it, which is the point: the same picture must not
+     sit in both splits.
+  6. Refuses to write (raises MakeRecordsError, previous output left intact)
+     when there are no images, when more than max_skipped_fraction of the
+     candidates were skipped, or when a split would be empty.
+  7. Writes: removes the previous info.json first (from then on no reader
+     accepts the folder), then old shards, then new shards (temporary name,
+     rename), info.json last. Examples are ordered by sha256 within a split, so
+     the bytes are identical whatever the number of workers, and each shard is
+     a random mix of the folder. Shards hold 100-200 MB each (one shard
+     below 200 MB).
+
+Files that fail are "skipped" (an image file that cannot be stored: counts
+against max_skipped_fraction) or "ignored" (not an image at all, e.g. notes.txt,
+hidden files, a second link to a folder already walked); both are listed in
+info.json with their reason.
+"""
+import collections
+import concurrent.futures
+import concurrent.futures.process
+import dataclasses
+import errno
+import fcntl
+import functools
+import hashlib
+import multiprocessing
+import os
+import re
+import stat
+import statistics
+import sys
+import threading
+
+import numpy as np
+
+from upright.pipeline import imageio, recordio, schema
+
+LOCK_FILE = ".make_records.lock"
+SCRATCH_FILE = ".make_records.scratch"
+SHARD_BYTES = 100 * 1000 * 1000   # shards hold [SHARD_BYTES, 2 * SHARD_BYTES) bytes
+_SHARD_RE = re.compile(r"^(train|val)\.tfrecord-\d{5}-of-\d{5}$")
+
+
+class MakeRecordsError(ValueError):
+    """make_records refused: bad arguments or a result that cannot be trusted.
+
+    `details`: extra lines (e.g. the skipped files) for the tool to print first.
+    `refused`: True when the arguments were fine but the data cannot be trusted
+    or OUT is in use (the tool exits 1), False for bad arguments or folders (2).
+    """
+
+    def __init__(self, message, details=(), refused=False):
+        super().__init__(message)
+        self.details = list(details)
+        self.refused = refused
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadOptions:
+    """Per-image settings passed to the worker processes (see imageio.read_upright)."""
+    max_side: int = imageio.DEFAULT_MAX_SIDE
+    jpeg_quality: int = imageio.DEFAULT_JPEG_QUALITY
+    max_pixels: int = imageio.DEFAULT_MAX_PIXELS
+
+
+@dataclasses.dataclass
+class _Result:
+    """What a worker sends back for one file (the image bytes go separately)."""
+    rel: bytes                 # path relative to SRC
+    status: str                # "ok" | "skipped" | "ignored"
+    reason: str = ""
+    sha256: str = ""
+    image: imageio.StoredImage = None
+
+
+def make_records(*, src: str, out: str, val_fraction: float = 0.2,
+                 max_side: int = imageio.DEFAULT_MAX_SIDE,
+                 jpeg_quality: int = imageio.DEFAULT_JPEG_QUALITY,
+                 workers: int = None, overwrite: bool = False,
+                 max_skipped_fraction: float = 0.1,
+                 max_pixels: int = imageio.DEFAULT_MAX_PIXELS,
+                 progress: bool = True, arguments: dict = None) -> dict:
+    """Turns the upright images under `src` into a records folder `out`.
+
+    Args:
+      src: folder of upright images (searched recursively).
+      out: records folder to write (created if needed).
+      val_fraction: in (0, 1), the expected share of pictures in "val".
+      max_side: longest side of stored images in pixels; 0 keeps sizes.
+      jpeg_quality: 1..100 for re-encoded images.
+      workers: reader processes; None: all usable cores; 1: in this process.
+      overwrite: allow a non-empty OUT that is not a make_records output (only
+        make_records' own files in it are replaced; others are left alone).
+      max_skipped_fraction: in [0, 1]; refuse when more candidates are skipped.
+      max_pixels: images declaring more pixels are refused unread (bombs).
+      progress: show a tqdm progress bar on stderr.
+      arguments: the command-line flags to record in info.json (default: the
+        keyword arguments above).
+    Returns:
+      the info dict written to OUT/info.json.
+    Raises:
+      MakeRecordsError: with a one-line message saying what to do.
+    """
+    _check_arguments(val_fraction, max_side, jpeg_quality, workers, max_skipped_fraction,
+                     max_pixels)
+    src_b, out_b = _check_folders(src, out, overwrite)
+    if arguments is None:
+        arguments = dict(val_fraction=val_fraction, max_side=max_side,
+                         jpeg_quality=jpeg_quality, workers=workers, overwrite=overwrite,
+                         max_skipped_fraction=max_skipped_fraction, max_pixels=max_pixels)
+    os.makedirs(out_b, exist_ok=True)
+    lock = _lock(out_b)
+    try:
+        walk = find_files(src_b)
+        if not walk.files:
+            raise MakeRecordsError(f"no files to read under {_show(src_b)} "
+                                   f"({_describe_empty(walk)})", refused=True)
+        options = ReadOptions(max_side=max_side, jpeg_quality=jpeg_quality,
+                              max_pixels=max_pixels)
+        scratch_path = os.path.join(out_b, os.fsencode(SCRATCH_FILE))
+        try:
+            with open(scratch_path, "w+b") as scratch:
+                results, spans = _read_all(src_b, walk.files, options, scratch,
+                                           workers=workers, progress=progress)
+                plan = _plan(results, walk, val_fraction=val_fraction,
+                             max_skipped_fraction=max_skipped_fraction, src_b=src_b)
+                return _write(out_b, plan, spans, scratch, src_b=src_b, arguments=arguments)
+        finally:
+            os.remove(scratch_path)
+    finally:
+        _unlock(lock)
+
+
+# ---------------------------------------------------------------- arguments
+
+
+def _check_arguments(val_fraction, max_side, jpeg_quality, workers, max_skipped_fraction,
+                     max_pixels):
+    if not 0.0 < val_fraction < 1.0:
+        raise MakeRecordsError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    if max_side < 0:
+        raise MakeRecordsError(f"max_side must be >= 0 (0 keeps sizes), got {max_side}")
+    if not 1 <= jpeg_quality <= 100:
+        raise MakeRecordsError(f"jpeg_quality must be in [1, 100], got {jpeg_quality}")
+    if workers is not None and workers < 1:
+        raise MakeRecordsError(f"workers must be >= 1, got {workers}")
+    if not 0.0 <= max_skipped_fraction <= 1.0:
+        raise MakeRecordsError(
+            f"max_skipped_fraction must be in [0, 1], got {max_skipped_fraction}")
+    if max_pixels < 1:
+        raise MakeRecordsError(f"max_pixels must be >= 1, got {max_pixels}")
+
+
+def _check_folders(src, out, overwrite):
+    """Returns (src, out) as bytes paths after the refusals of step 1."""
+    src_b, out_b = os.fsencode(src), os.fsencode(out)
+    if not os.path.exists(src_b):
+        raise MakeRecordsError(f"source folder {_show(src_b)} does not exist")
+    if not os.path.isdir(src_b):
+        raise MakeRecordsError(f"source {_show(src_b)} is not a folder")
+    real_src, real_out = os.path.realpath(src_b), os.path.realpath(out_b)
+    if real_out == real_src or real_out.startswith(real_src.rstrip(b"/") + b"/"):
+        raise MakeRecordsError(
+            f"output folder {_show(out_b)} is inside the source folder {_show(src_b)}: "
+            "its records would be read as images next time; choose an --out outside it")
+    if os.path.exists(out_b):
+        if not os.path.isdir(out_b):
+            raise MakeRecordsError(f"output {_show(out_b)} exists and is not a folder")
+        foreign = sorted(n for n in os.listdir(out_b) if not _is_own_file(n))
+        if foreign and not overwrite:
+            shown = ", ".join(_show(n) for n in foreign[:3])
+            raise MakeRecordsError(
+                f"output folder {_show(out_b)} is not empty and is not a make_records "
+                f"output (it holds {shown}{', ...' if len(foreign) > 3 else ''}); "
+                "choose another --out, or pass --overwrite to write into it anyway")
+    return src_b, out_b
+
+
+def _is_own_file(name: bytes) -> bool:
+    """Files make_records itself puts into OUT."""
+    text = name.decode("utf-8", "replace")
+    base = text[:-len(recordio.TMP_SUFFIX)] if text.endswith(recordio.TMP_SUFFIX) else text
+    return (base in (schema.INFO_FILE, LOCK_FILE, SCRATCH_FILE)
+            or _SHARD_RE.match(base) is not None)
+
+
+def _lock(out_b):
+    """Exclusive, non-blocking flock on OUT/.make_records.lock (freed on death)."""
+    path = os.path.join(out_b, os.fsencode(LOCK_FILE))
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
+        os.close(fd)
+        if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+            raise MakeRecordsError(
+                f"another make_records run (pid {holder or '?'}) is writing into "
+                f"{_show(out_b)}; wait for it to finish or choose another --out",
+                refused=True) from None
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _unlock(fd):
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    os.close(fd)
+
+
+# ---------------------------------------------------------------- walking
+
+
+@dataclasses.dataclass
+class Walk:
+    """Result of `find_files`: relative bytes paths and entries not read."""
+    files: list        # [bytes] relative paths of regular files, sorted
+    skipped: list      # [(rel bytes, reason)]: image candidates that cannot be read
+    ignored: list      # [(rel bytes, reason)]: entries that are not candidates
+    hidden: int = 0    # hidden entries (".name") not looked into
+
+
+def find_files(src_b: bytes) -> Walk:
+    """Walks src recursively, following symlinks but never around a loop.
+
+    A folder reached again through a symlink is reported: as a "symlink loop"
+    (skipped) when it is one of its own ancestors, else as a second path to a
+    folder already walked (ignored: its files were read once already).
+    """
+    walk = Walk(files=[], skipped=[], ignored=[])
+    top = os.stat(src_b)
+    visited = {(top.st_dev, top.st_ino): b"."}
+    _walk_folder(src_b, b"", ((top.st_dev, top.st_ino),), visited, walk)
+    walk.files.sort()
+    walk.skipped.sort()
+    walk.ignored.sort()
+    return walk
+
+
+def _walk_folder(src_b, rel_dir, ancestors, visited, walk):
+    try:
+        entries = sorted(os.scandir(os.path.join(src_b, rel_dir) if rel_dir else src_b),
+                         key=lambda e: e.name)
+    except OSError as e:
+        walk.skipped.append((rel_dir, f"unreadable folder: {e.strerror}"))
+        return
+    for entry in entries:
+        rel = os.path.join(rel_dir, entry.name) if rel_dir else entry.name
+        if entry.name.startswith(b"."):
+            walk.hidden += 1
+            continue
+        try:
+            st = os.stat(entry.path)   # follows symlinks
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                walk.skipped.append((rel, "symlink loop: the link resolves to itself"))
+            elif entry.is_symlink():
+                walk.skipped.append((rel, "unreadable: broken symlink"))
+            else:
+                walk.skipped.append((rel, f"unreadable: {e.strerror}"))
+            continue
+        key = (st.st_dev, st.st_ino)
+        if stat.S_ISDIR(st.st_mode):
+            if key in ancestors:
+                walk.skipped.append(
+                    (rel, f"symlink loop: points to its own ancestor folder {_show(visited[key])}"))
+            elif key in visited:
+                walk.ignored.append(
+                    (rel, f"same folder as {_show(visited[key])}, already read"))
+            else:
+                visited[key] = rel
+                _walk_folder(src_b, rel, ancestors + (key,), visited, walk)
+        elif stat.S_ISREG(st.st_mode):
+            walk.files.append(rel)
+        else:
+            # FIFOs, sockets, devices: opening a FIFO would block forever.
+            walk.ignored.append((rel, "not a regular file"))
+
+
+# ---------------------------------------------------------------- reading
+
+
+def read_one(rel: bytes, *, src_b: bytes, options: ReadOptions) -> _Result:
+    """Reads one file (runs in a worker process); never raises for bad files."""
+    path = os.path.join(src_b, rel)
+    ext = os.path.splitext(rel)[1].decode("utf-8", "replace").lower()
+    known = ext in imageio.IMAGE_EXTENSIONS or ext in imageio.UNSUPPORTED_EXTENSIONS
+    try:
+        if not known and not _looks_like_image(path):
+            return _Result(rel, "ignored", f"not an image file ({ext or 'no extension'})")
+        data = imageio.read_bytes(path)
+        stored = imageio.read_upright(path, data=data, max_side=options.max_side,
+                                      jpeg_quality=options.jpeg_quality,
+                                      max_pixels=options.max_pixels)
+    except imageio.SkipImage as e:
+        return _Result(rel, "skipped", str(e))
+    except Exception as e:  # a reader bug must not kill the whole run: report it
+        return _Result(rel, "skipped", f"unreadable: {type(e).__name__}: {e}"[:200])
+    return _Result(rel, "ok", sha256=imageio.sha256_hex(data), image=stored)
+
+
+def _looks_like_image(path) -> bool:
+    """Header check for files whose extension is not an image extension."""
+    import warnings
+    from PIL import Image
+    try:
+        with open(path, "rb") as f:
+            if not f.read(1):
+                return False
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path):
+                return True
+    except Image.DecompressionBombError:
+        return True    # an image: read_upright reports it as a bomb
+    except Exception:
+        return False
+
+
+def _read_all(src_b, files, options, scratch, *, workers, progress):
+    """Reads all files; returns (results sorted by path, {rel: (offset, length)})."""
+    import tqdm
+    workers = workers or _usable_cores()
+    workers = max(1, min(workers, len(files)))
+    task = functools.partial(read_one, src_b=src_b, options=options)
+    results, spans = [], {}
+    executor = None
+    if workers == 1:
+        iterator = map(task, files)
+    else:
+        # Started before the progress bar, whose monitor thread must not be forked.
+        executor = concurrent.futures.ProcessPoolExecutor(workers, mp_context=_context())
+        # Chunks amortise inter-process traffic; small enough to balance the tail.
+        chunk = max(1, min(16, len(files) // (workers * 8)))
+        iterator = executor.map(task, files, chunksize=chunk)
+    # The shards need TensorFlow (about 3 s to import). The readers exist now
+    # (forked before any thread), so import it meanwhile on the spare CPU time.
+    # With TF_CPP_MIN_LOG_LEVEL set, its C++ start-up lines (which ignore that
+    # variable) are dropped; the bar then writes to its own copy of stderr.
+    quiet = (os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0") not in ("", "0")
+             and "tensorflow" not in sys.modules)
+    bar_file = os.fdopen(os.dup(2), "w", buffering=1) if quiet else sys.stderr
+    preload = threading.Thread(target=_import_tensorflow, args=(quiet,), daemon=True)
+    preload.start()
+    bar = tqdm.tqdm(total=len(files), unit="img", desc="make_records", disable=not progress,
+                    file=bar_file, dynamic_ncols=True, smoothing=0.1)
+    try:
+        with bar:
+            for result in iterator:
+                if result.status == "ok":
+                    data = result.image.encoded
+                    spans[result.rel] = (scratch.tell(), len(data))
+                    scratch.write(data)
+                    result.image = dataclasses.replace(result.image, encoded=b"")
+                results.append(result)
+                bar.update(1)
+    except concurrent.futures.process.BrokenProcessPool:
+        raise MakeRecordsError(
+            "a reader process died (out of memory, killed, or it could not start: with "
+            "TensorFlow already imported, workers start by re-importing your main module, "
+            "which therefore needs an `if __name__ == '__main__':` guard and a real file); "
+            "pass workers=1 to read in this process", refused=True) from None
+    finally:
+        if executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True)
+        preload.join()
+        if bar_file is not sys.stderr:
+            bar_file.close()
+    results.sort(key=lambda r: r.rel)
+    return results, spans
+
+
+def _import_tensorflow(quiet: bool):
+    """Imports TensorFlow; with quiet, file descriptor 2 points to /dev/null meanwhile."""
+    saved = None
+    if quiet:
+        saved = os.dup(2)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+    try:
+        import tensorflow  # noqa: F401
+    except Exception:  # the import in the write phase reports it properly
+        pass
+    finally:
+        if saved is not None:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def _context():
+    """How reader processes start. A process that has imported TensorFlow must
+    not fork (its thread pools and locks do not survive a fork), so then they
+    come from a forkserver (or spawn); otherwise plain fork, which starts fast
+    and does not re-import the caller's main module."""
+    methods = multiprocessing.get_all_start_methods()
+    if "tensorflow" not in sys.modules and "fork" in methods:
+        return multiprocessing.get_context("fork")
+    return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+# ---------------------------------------------------------------- planning
+
+
+@dataclasses.dataclass
+class _Plan:
+    splits: dict            # split -> [_Result] in final order
+    skipped: list           # [(rel, reason)]
+    ignored: list
+    hidden: int
+    duplicates: list        # [(rel, rel of the kept copy)]
+    groups: list            # [[rel, ...]] near-duplicate groups of >= 2 kept images
+    candidates: int
+
+
+def _plan(results, walk, *, val_fraction, max_skipped_fraction, src_b) -> _Plan:
+    """Dedups, groups, splits and applies the refusals of step 6."""
+    skipped = walk.skipped + [(r.rel, r.reason) for r in results if r.status == "skipped"]
+    ignored = walk.ignored + [(r.rel, r.reason) for r in results if r.status == "ignored"]
+    candidates = len(walk.skipped) + sum(r.status != "ignored" for r in results)
+    kept, duplicates, first = [], [], {}
+    for r in results:            # sorted by path: the first path is kept
+        if r.status != "ok":
+            continue
+        if r.sha256 in first:
+            duplicates.append((r.rel, first[r.sha256]))
+        else:
+            first[r.sha256] = r.rel
+            kept.append(r)
+    details = [f"  skipped {_show(rel)}: {reason}" for rel, reason in sorted(skipped)]
+    if not kept:
+        raise MakeRecordsError(
+            f"no images could be read under {_show(src_b)}: {len(skipped)} skipped, "
+            f"{len(ignored)} ignored ({_first_reason(sorted(skipped) + sorted(ignored))})",
+            details, refused=True)
+    if skipped and len(skipped) > max_skipped_fraction * candidates:
+        raise MakeRecordsError(
+            f"{len(skipped)} of {candidates} image files ({len(skipped) / candidates:.0%}) "
+            f"were skipped, more than max_skipped_fraction={max_skipped_fraction:g}; "
+            "fix or remove them (reasons above), or raise --max_skipped_fraction",
+            details, refused=True)
+    groups = group_near_duplicates([r.image.signature for r in kept])
+    splits = {s: [] for s in schema.SPLITS}
+    for members in groups:
+        anchor = min(members, key=lambda i: _unit_hash(b"anchor", kept[i].sha256))
+        split = "val" if _unit_hash(b"split", kept[anchor].sha256) < val_fraction else "train"
+        splits[split].extend(kept[i] for i in members)
+    for split, items in splits.items():
+        if not items:
+            raise MakeRecordsError(
+                f"split {split!r} would be empty ({len(kept)} distinct images, "
+                f"{len(groups)} picture groups, val_fraction={val_fraction:g}); "
+                "add images or change --val_fraction", details, refused=True)
+        # Order by content hash: independent of workers, and shards mix the folder.
+        items.sort(key=lambda r: r.sha256)
+    near_groups = [sorted(kept[i].rel for i in g) for g in groups if len(g) > 1]
+    return _Plan(splits=splits, skipped=sorted(skipped), ignored=sorted(ignored),
+                 hidden=walk.hidden, duplicates=duplicates, groups=sorted(near_groups),
+                 candidates=candidates)
+
+
+def _unit_hash(salt: bytes, sha256_hex: str) -> float:
+    """A stable number in [0, 1) from an image's bytes digest."""
+    digest = hashlib.sha256(salt + b":" + sha256_hex.encode("ascii")).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0 ** 64
+
+
+def group_near_duplicates(signatures, block: int = 2048) -> list:
+    """Groups images whose signatures are near-duplicates (transitively).
+
+    Args:
+      signatures: list of imageio.signature bytes (768 each).
+    Returns:
+      list of groups, each a sorted list of indices; every index in exactly one.
+    Cost: n^2/2 distances of 192-value thumbnails in float32 blocks, then an
+    exact check of the candidates.
+    """
+    n = len(signatures)
+    parent = list(range(n))
+
+    def find(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    if n > 1:
+        full = np.frombuffer(b"".join(signatures), np.uint8).reshape(
+            n, imageio.SIGNATURE_SIDE, imageio.SIGNATURE_SIDE, 3).astype(np.float32)
+        # Candidates from 2x2-averaged 8x8 thumbnails: averaging never increases
+        # the RMS difference, so every near pair passes this 4x cheaper filter.
+        x = full.reshape(n, 8, 2, 8, 2, 3).mean(axis=(2, 4)).reshape(n, -1)
+        dims = x.shape[1]
+        # min(std_i, std_j) <= std_i: a per-row bound on the pair's threshold.
+        row_limit = np.maximum(imageio.NEAR_ABS, imageio.NEAR_REL * full.reshape(n, -1).std(1))
+        x -= 128.0    # centring keeps float32 dot products accurate
+        sq = (x * x).sum(axis=1)
+        for lo in range(0, n, block):
+            hi = min(n, lo + block)
+            d2 = sq[lo:hi, None] + sq[None, lo:] - 2.0 * (x[lo:hi] @ x[lo:].T)
+            # A small margin for float32 rounding; the exact check follows.
+            bound = ((row_limit[lo:hi] + 0.5) ** 2 * dims)[:, None]
+            rows, cols = np.nonzero(d2 <= bound)
+            for r, c in zip(rows.tolist(), cols.tolist()):
+                i, j = lo + r, lo + c
+                if j > i and find(i) != find(j) and imageio.are_near_duplicates(
+                        signatures[i], signatures[j]):
+                    parent[find(i)] = find(j)
+    groups = collections.defaultdict(list)
+    for i in range(n):
+        groups[find(i)].append(i)
+    return sorted(groups.values())
+
+
+# ---------------------------------------------------------------- writing
+
+
+class _LazyExamples:
+    """The serialized examples of one split, read from the scratch file on demand
+    (recordio.write_split slices it per shard; memory stays one image)."""
+
+    def __init__(self, items, spans, scratch):
+        self._items, self._spans, self._scratch = items, spans, scratch
+
+    def __len__(self):
+        return len(self._items)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return (self._example(r) for r in self._items[index])
+        return self._example(self._items[index])
+
+    def _example(self, r):
+        offset, length = self._spans[r.rel]
+        self._scratch.seek(offset)
+        encoded = self._scratch.read(length)
+        return schema.encode_example(schema.Record(
+            encoded=encoded, format=r.image.format, height=r.image.height,
+            width=r.image.width, source_id=r.rel.decode("utf-8", "surrogateescape"),
+            sha256=r.sha256))
+
+
+def num_shards_for(total_bytes: int) -> int:
+    """Shards of 100-200 MB: floor(total / 100 MB), at least one."""
+    return max(1, total_bytes // SHARD_BYTES)
+
+
+def _write(out_b, plan, spans, scratch, *, src_b, arguments) -> dict:
+    _remove_previous_output(out_b)
+    entries = {}
+    out = os.fsdecode(out_b)
+    for split in schema.SPLITS:
+        items = plan.splits[split]
+        total = sum(spans[r.rel][1] + 200 for r in items)   # + proto/record overhead
+        entries[split] = recordio.write_split(
+            out, split, _LazyExamples(items, spans, scratch), num_shards_for(total))
+    kept = [r for split in schema.SPLITS for r in plan.splits[split]]
+    provenance = {
+        "created_by": "make_records",
+        "source": _show(os.path.abspath(src_b)),
+        "arguments": arguments,
+        "counts": {
+            "candidates": plan.candidates,
+            "stored": len(kept),
+            "train": len(plan.splits["train"]),
+            "val": len(plan.splits["val"]),
+            "skipped": len(plan.skipped),
+            "ignored": len(plan.ignored),
+            "hidden_ignored": plan.hidden,
+            "duplicates": len(plan.duplicates),
+            "near_duplicate_groups": len(plan.groups),
+            "images_in_near_duplicate_groups": sum(len(g) for g in plan.groups),
+            "stored_unchanged": sum(not r.image.changed for r in kept),
+            "exif_turned": sum(any(n.startswith("exif_orientation") for n in r.image.notes)
+                               for r in kept),
+            "converted_mode": sum(any(n.startswith("mode=") for n in r.image.notes)
+                                  for r in kept),
+            "animated_first_frame": sum("animated: first frame" in r.image.notes
+                                        for r in kept),
+            "resized": sum("resized" in r.image.notes for r in kept),
+        },
+        "image_stats": _image_stats(kept, spans),
+        "skipped": [{"path": _show(rel), "reason": reason} for rel, reason in plan.skipped],
+        "ignored": [{"path": _show(rel), "reason": reason} for rel, reason in plan.ignored],
+        "duplicates": [{"path": _show(rel), "duplicate_of": _show(of)}
+                       for rel, of in plan.duplicates],
+        "near_duplicate_groups": [[_show(rel) for rel in g] for g in plan.groups],
+        "stored_image": {"color": "RGB, 8-bit", "format": "jpeg",
+                         "alpha_background": list(imageio.BACKGROUND),
+                         "exif_orientation": "applied; stored images carry no orientation tag",
+                         "unchanged_sources": "RGB JPEGs without an EXIF turn and within "
+                                              "max_side are stored byte for byte"},
+    }
+    return recordio.write_info(out, entries, **provenance)
+
+
+def _remove_previous_output(out_b):
+    """info.json first (then no reader accepts the folder), then old shards."""
+    info = os.path.join(out_b, os.fsencode(schema.INFO_FILE))
+    if os.path.exists(info):
+        os.remove(info)
+        recordio._fsync_dir(out_b)
+    for name in os.listdir(out_b):
+        text = name.decode("utf-8", "replace")
+        if _is_own_file(name) and text not in (LOCK_FILE, SCRATCH_FILE):
+            os.remove(os.path.join(out_b, name))
+
+
+def _image_stats(kept, spans) -> dict:
+    def describe(values):
+        return {"min": min(values), "median": statistics.median(values),
+                "mean": round(statistics.fmean(values), 1), "max": max(values)}
+
+    source_mp = [r.image.source_height * r.image.source_width / 1e6 for r in kept]
+    return {
+        "source_width": describe([r.image.source_width for r in kept]),
+        "source_height": describe([r.image.source_height for r in kept]),
+        "source_megapixels": {k: round(v, 3) for k, v in describe(source_mp).items()},
+        "stored_width": describe([r.image.width for r in kept]),
+        "stored_height": describe([r.image.height for r in kept]),
+        "stored_bytes": describe([spans[r.rel][1] for r in kept]),
+        "stored_bytes_total": sum(spans[r.rel][1] for r in kept),
+        "source_formats": dict(sorted(collections.Counter(
+            r.image.source_format for r in kept).items())),
+    }
+
+
+# ---------------------------------------------------------------- display
+
+
+def _show(path) -> str:
+    """A path for messages and info.json: UTF-8, undecodable bytes as \\xNN."""
+    if isinstance(path, str):
+        path = os.fsencode(path)
+    return path.decode("utf-8", "backslashreplace")
+
+
+def _describe_empty(walk) -> str:
+    if walk.skipped or walk.ignored:
+        return (f"{len(walk.ignored)} ignored, {len(walk.skipped)} skipped: "
+                f"{_first_reason(walk.skipped + walk.ignored)}")
+    hidden = f"; {walk.hidden} hidden entries ignored" if walk.hidden else ""
+    return f"the folder is empty{hidden}"
+
+
+def _first_reason(entries) -> str:
+    if not entries:
+        return ""
+    rel, reason = entries[0]
+    return f"e.g. {_show(rel)}: {reason}"
+
+
+def format_summary(info: dict) -> str:
+    """A few human lines about a finished make_records run."""
+    c = info["counts"]
+    splits = info["splits"]
+    lines = [
+        f"wrote {c['stored']} images: train {c['train']} in "
+        f"{len(splits['train']['shards'])} shard(s), val {c['val']} in "
+        f"{len(splits['val']['shards'])} shard(s)",
+        f"skipped {c['skipped']}, ignored {c['ignored']} (+{c['hidden_ignored']} hidden), "
+        f"exact duplicates {c['duplicates']}, near-duplicate groups "
+        f"{c['near_duplicate_groups']} ({c['images_in_near_duplicate_groups']} images)",
+        f"stored unchanged {c['stored_unchanged']}, resized {c['resized']}, "
+        f"EXIF-turned {c['exif_turned']}, colour-converted {c['converted_mode']}",
+    ]
+    for entry in info["skipped"][:20]:
+        lines.append(f"  skipped {entry['path']}: {entry['reason']}")
+    if len(info["skipped"]) > 20:
+        lines.append(f"  ... and {len(info['skipped']) - 20} more (see info.json)")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- inspecting
+
+
+def inspect_records(records_dir: str) -> dict:
+    """Reads every record of every shard and checks it against info.json.
+
+    Checks: info.json (schema version, convention, listed shards exist), each
+    shard reads to its end without a truncated or corrupted record, the number
+    of records per shard and per split, every record has the schema's keys and
+    a known format, every image decodes (with TensorFlow's decoder, as the
+    input pipeline will) to 3 channels at its stated height and width, no
+    sha256 appears twice (within or across splits).
+    Returns:
+      {"splits": {split: {"num_examples", "num_shards", "bytes"}}, "formats":
+       {format: count}, "stored_height"/"stored_width": {min, median, max}}.
+    Raises:
+      recordio.RecordsError: the first problem, naming the shard file.
+    """
+    info = recordio.load_info(records_dir)
+    import tensorflow as tf
+    seen = {}
+    formats = collections.Counter()
+    heights, widths = [], []
+    summary = {"splits": {}}
+    for split in schema.SPLITS:
+        if split not in info["splits"]:
+            raise recordio.RecordsError(f"{records_dir!r}: info.json has no split {split!r}")
+        entry = info["splits"][split]
+        shards = entry.get("shards", [])
+        expected = entry.get("shard_examples", [None] * len(shards))
+        if len(expected) != len(shards):
+            raise recordio.RecordsError(
+                f"{records_dir!r}: info.json lists {len(shards)} {split} shards but "
+                f"{len(expected)} shard counts")
+        total, size = 0, 0
+        for name, want in zip(shards, expected):
+            path = os.path.join(records_dir, name)
+            size += os.path.getsize(path)
+            count = 0
+            for index, serialized in _read_shard(path):
+                record = _check_record(path, index, serialized, tf)
+                if record.sha256 in seen:
+                    raise recordio.RecordsError(
+                        f"{path}: record {index} ({record.source_id!r}) has the same "
+                        f"sha256 as {seen[record.sha256]!r}")
+                seen[record.sha256] = record.source_id
+                formats[record.format] += 1
+                heights.append(record.height)
+                widths.append(record.width)
+                count += 1
+            if want is not None and count != want:
+                raise recordio.RecordsError(
+                    f"{path}: holds {count} records, info.json says {want}")
+            total += count
+        if total != entry.get("num_examples"):
+            raise recordio.RecordsError(
+                f"{records_dir!r}: split {split!r} holds {total} records, info.json "
+                f"says {entry.get('num_examples')}")
+        summary["splits"][split] = {"num_examples": total, "num_shards": len(shards),
+                                    "bytes": size}
+    summary["formats"] = dict(sorted(formats.items()))
+    if heights:
+        summary["stored_height"] = {"min": min(heights), "median": statistics.median(heights),
+                                    "max": max(heights)}
+        summary["stored_width"] = {"min": min(widths), "median": statistics.median(widths),
+                                   "max": max(widths)}
+    return summary
+
+
+def _read_shard(path):
+    """Yields (index, serialized) of a shard; a bad file raises RecordsError.
+
+    TFRecordDataset checks each record's length and CRCs, so a truncated or
+    corrupted shard ends in DataLossError at the damaged record, never a hang.
+    """
+    import tensorflow as tf
+    index = 0
+    iterator = iter(tf.data.TFRecordDataset(path))
+    while True:
+        try:
+            serialized = next(iterator)
+        except StopIteration:
+            return
+        except tf.errors.OpError as e:
+            message = (e.message or str(e)).strip().splitlines()[0]
+            raise recordio.RecordsError(
+                f"{path}: damaged after {index} good record(s) (truncated or corrupted "
+                f"shard): {message}; run make_records again") from None
+        yield index, serialized.numpy()
+        index += 1
+
+
+def _check_record(path, index, serialized, tf) -> schema.Record:
+    try:
+        record = schema.decode_example(serialized)
+    except Exception as e:
+        raise recordio.RecordsError(
+            f"{path}: record {index} is not a valid example: {e}") from None
+    where = f"{path}: record {index} ({record.source_id!r})"
+    if record.format not in schema.FORMATS:
+        raise recordio.RecordsError(f"{where}: unknown image/format {record.format!r}")
+    try:
+        image = tf.io.decode_image(record.encoded, channels=3, expand_animations=False)
+    except tf.errors.OpError as e:
+        raise recordio.RecordsError(
+            f"{where}: image does not decode: {e.message.splitlines()[0]}") from None
+    height, width = int(image.shape[0]), int(image.shape[1])
+    if (height, width) != (record.height, record.width):
+        raise recordio.RecordsError(
+            f"{where}: image decodes to {height}x{width}, record says "
+            f"{record.height}x{record.width}")
+    return record
+
+
+def draw_contact_sheet(records_dir: str, path: str, *, num_images: int = 6,
+                       thumb_side: int = 160) -> int:
+    """Draws sample images, each in its four orientations with their labels.
+
+    Row r shows one stored image turned k = 0, 1, 2, 3 quarter turns
+    counter-clockwise (np.rot90, the label-k input), captioned with k and the
+    class name. Samples are spread evenly over train and val.
+    Returns:
+      the number of images drawn.
+    """
+    from PIL import Image, ImageDraw
+    import io
+    info = recordio.load_info(records_dir)
+    records = []
+    for split in schema.SPLITS:
+        share = num_images - num_images // 2 if split == "train" else num_images // 2
+        records += [(split, r) for r in _sample_records(records_dir, info, split, share)]
+    caption, pad = 18, 6
+    cell = thumb_side + 2 * pad
+    header = 22
+    sheet = Image.new("RGB", (cell * schema.NUM_CLASSES, header + len(records) * (cell + caption)),
+                      (40, 40, 40))
+    draw = ImageDraw.Draw(sheet)
+    draw.text((pad, 4), "label k: turned k quarter turns counter-clockwise from upright",
+              fill=(255, 255, 255))
+    for row, (split, record) in enumerate(records):
+        image = np.asarray(Image.open(io.BytesIO(record.encoded)).convert("RGB"))
+        top = header + row * (cell + caption)
+        for k in range(schema.NUM_CLASSES):
+            turned = Image.fromarray(np.ascontiguousarray(np.rot90(image, k)))
+            turned.thumbnail((thumb_side, thumb_side), Image.Resampling.LANCZOS)
+            left = k * cell
+            sheet.paste(turned, (left + pad + (thumb_side - turned.width) // 2,
+                                 top + pad + (thumb_side - turned.height) // 2))
+            draw.text((left + pad, top + cell),
+                      f"k={k} ({schema.CLASS_NAMES[k]})  {split}", fill=(255, 255, 160))
+    sheet.save(path)
+    return len(records)
+
+
+def _sample_records(records_dir, info, split, count):
+    """`count` records spread evenly over a split, decoded (plain Python)."""
+    import tensorflow as tf
+    n = info["splits"][split]["num_examples"]
+    if count <= 0 or n == 0:
+        return []
+    wanted = sorted({int(i * n / min(count, n)) for i in range(min(count, n))})
+    picked, index = [], 0
+    for path in recordio.shard_paths(records_dir, split, info):
+        for serialized in tf.data.TFRecordDataset(path):
+            if wanted and index == wanted[0]:
+                picked.append(schema.decode_example(serialized.numpy()))
+                wanted.pop(0)
+            index += 1
+        if not wanted:
+            break
+    return picked

@@ -1,0 +1,98 @@
+"""make_records: turn a folder of upright images into sharded TFRecords.
+
+    make_records --src photos/                      # writes records/photos/
+    make_records --src photos/ --out /data/rec --max_side 384 --workers 8
+
+Walks --src recursively and writes --out/train.tfrecord-NNNNN-of-NNNNN,
+--out/val.tfrecord-... and --out/info.json (written last). Every image is
+stored as a person sees it: EXIF orientation applied, 8-bit RGB (transparency
+on white), longest side at most --max_side, JPEG at --jpeg_quality; RGB JPEGs
+that need no change are stored byte for byte. Exact duplicates are stored once,
+near-duplicates share one split, and the split of an image never changes when
+images are added. Files that cannot be read are skipped and listed with their
+reason in the summary and in info.json.
+
+Exit status: 0 done; 1 the run was refused (too many skipped files, an empty
+split, no images, OUT in use); 2 bad arguments or folders. Nothing a reader
+accepts is left behind by a refused or killed run.
+"""
+import os
+import sys
+
+from absl import app
+from absl import flags
+
+_SRC = flags.DEFINE_string("src", None, "Folder of upright images, searched recursively.")
+_OUT = flags.DEFINE_string(
+    "out", None, "Records folder to write. Default: records/<name of --src>/ "
+    "(relative to the current folder). Must not be inside --src.")
+_VAL_FRACTION = flags.DEFINE_float(
+    "val_fraction", 0.2, "Share of pictures in the val split, in (0, 1); chosen by a "
+    "stable hash of each file's bytes, so adding images never moves old ones.")
+_MAX_SIDE = flags.DEFINE_integer(
+    "max_side", 512, "Longest side of stored images in pixels; larger images are "
+    "downscaled (aspect kept, LANCZOS). 0 keeps every image at its own size.")
+_JPEG_QUALITY = flags.DEFINE_integer(
+    "jpeg_quality", 95, "JPEG quality (1-100) of images that are re-encoded.")
+_WORKERS = flags.DEFINE_integer(
+    "workers", None, "Reader processes. Default: all usable cores. 1 reads in this process.")
+_OVERWRITE = flags.DEFINE_boolean(
+    "overwrite", False, "Write into a non-empty --out that is not a make_records output "
+    "(its other files are left alone). A previous make_records output is always replaced.")
+_MAX_SKIPPED_FRACTION = flags.DEFINE_float(
+    "max_skipped_fraction", 0.1, "Refuse (exit 1, write nothing) when more than this "
+    "share of the image files cannot be read.")
+_MAX_PIXELS = flags.DEFINE_integer(
+    "max_pixels", 128_000_000, "Images whose header declares more pixels are skipped "
+    "as decompression bombs, before any pixel is decoded.")
+_PROGRESS = flags.DEFINE_boolean("progress", True, "Show a progress bar on stderr.")
+
+
+def default_out(src: str) -> str:
+    """records/<name of src>, the name taken after resolving '.' and trailing slashes."""
+    name = os.path.basename(os.path.normpath(os.path.abspath(src)))
+    return os.path.join("records", name or "root")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}; use --src DIR [--out DIR]")
+    # TensorFlow is imported only to write the shards; keep its start-up chatter
+    # out of the progress bar unless the user asked for it.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from upright.pipeline import records
+    out = _OUT.value or default_out(_SRC.value)
+    arguments = {"src": _SRC.value, "out": out, "val_fraction": _VAL_FRACTION.value,
+                 "max_side": _MAX_SIDE.value, "jpeg_quality": _JPEG_QUALITY.value,
+                 "workers": _WORKERS.value, "overwrite": _OVERWRITE.value,
+                 "max_skipped_fraction": _MAX_SKIPPED_FRACTION.value,
+                 "max_pixels": _MAX_PIXELS.value}
+    try:
+        info = records.make_records(
+            src=_SRC.value, out=out, val_fraction=_VAL_FRACTION.value,
+            max_side=_MAX_SIDE.value, jpeg_quality=_JPEG_QUALITY.value,
+            workers=_WORKERS.value, overwrite=_OVERWRITE.value,
+            max_skipped_fraction=_MAX_SKIPPED_FRACTION.value, max_pixels=_MAX_PIXELS.value,
+            progress=_PROGRESS.value, arguments=arguments)
+    except KeyboardInterrupt:
+        print(f"make_records: interrupted; {out} holds its previous output or none that "
+              "a reader accepts; run again to finish", file=sys.stderr)
+        sys.exit(130)
+    except records.MakeRecordsError as e:
+        for line in e.details[:50]:
+            print(line, file=sys.stderr)
+        if len(e.details) > 50:
+            print(f"  ... and {len(e.details) - 50} more", file=sys.stderr)
+        print(f"make_records: error: {e}", file=sys.stderr)
+        sys.exit(1 if e.refused else 2)
+    print(records.format_summary(info))
+    print(f"records in {out}")
+
+
+def run():
+    flags.mark_flag_as_required("src")
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()
