@@ -29,10 +29,13 @@ setuptools.setup(
         "absl-py>=2.1,<3",
         "Pillow>=10.3,<14",
         "tqdm>=4.66,<5",
+        "tensorboard>=2.20,<3",  # the trainer's TensorBoard logs
     ],
     extras_require={
         "test": ["pytest>=8,<10", "hypothesis>=6.100,<7"],
         "bench": ["albumentations>=2.0,<3"],
+        # make_records --runner=beam (DirectRunner, Dataflow, Flink, Spark).
+        "beam": ["apache-beam[tfrecord]>=2.60,<3"],
     },
     entry_points={
         "console_scripts": [
@@ -43,6 +46,7 @@ setuptools.setup(
             "evaluate=upright.tools.evaluate:run",
             "orient=upright.tools.orient:run",
             "bench_input=upright.tools.bench_input:run",
+            "data_service=upright.tools.data_service:run",
         ],
     },
 )

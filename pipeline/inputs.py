@@ -1,0 +1,472 @@
+"""The tf.data input function: records folder -> batches for training or validation.
+
+    from upright import pipeline
+    ds = pipeline.input_fn("records/photos", split="train", batch_size=32,
+                           image_size=128, training=True, seed=0)
+    for images, labels in ds.take(1):
+        ...  # images float32 [32, 128, 128, 3] in [0, 255]; labels int32 [32] in [0, 4)
+
+Two streams, built by two short functions that read like the chain they build:
+
+* training (`_train_dataset`): shard files -> shuffled file order -> parallel
+  interleave -> shuffled serialized examples -> repeat -> per-image parse,
+  decode, resize -> batch (drop_remainder) -> per-image seeds -> random quarter
+  turn (the label) -> pixel augmentation -> prefetch.
+* validation (`_eval_dataset`): files in order -> decode, resize -> every image
+  in all four orientations (labels 0, 1, 2, 3 in turn) -> batch (keeps the last,
+  smaller batch) -> prefetch. 4 x N examples, the same ones in the same order on
+  every run.
+
+Values: images are float32 in [0, 255] (not rescaled: Keras EfficientNet
+includes its own rescaling layer); labels are int32 in [0, 4) with the
+project's convention (label k = tf.image.rot90(upright, k), see schema.py).
+
+Randomness: one integer `seed`. From it (and the input pipeline id under
+tf.distribute) numpy's SeedSequence derives independent seeds for the file
+order, the example shuffle and the augmentation key; the augmentation key is
+folded with the batch index to give every batch its own stateless key, from
+which every image gets its own int32 [2] seed. So the stream is byte-identical
+across runs and processes for the same seed, and shuffling without a seed is
+refused unless asked for (`allow_unseeded_shuffle=True`). (As with every
+tf.data shuffle, TensorFlow's global seed, if the program sets one with
+tf.random.set_seed or keras.utils.set_random_seed, also enters the two shuffle
+orders; the labels and augmentation depend on `seed` alone.)
+
+Resizing commutes with rot90 for every `resize` option (see `resize_image`):
+the model must not be able to read the label from how an image was resized.
+JPEG records are cropped to whole 16 x 16 coding blocks and decoded without
+libjpeg's "fancy" chroma upsampling (`preprocess_image`): both are needed for
+the decoded pixels to carry no trace of where the stored image's top-left was.
+tests/test_shortcuts.py shows a small CNN reading the label from either trace
+(100 % and 55-58 % validation accuracy on orientation-free noise) and staying
+at chance without them.
+
+A damaged shard (truncated, or bytes flipped) stops the stream with
+tf.errors.DataLossError at the damaged record; wrap the consumer in
+`naming_damaged_records` to get an error naming the shard file and record.
+
+No py_function and no Python generators: every stage is a TensorFlow graph
+(the pipeline can be serialized, e.g. for tf.data service). Importing this
+module touches no flags and no global state.
+"""
+
+import contextlib
+import json
+import os
+import re
+
+import numpy as np
+import tensorflow as tf
+
+from upright.pipeline import recordio, schema
+
+RESIZE_METHODS = ("squash", "pad", "crop")
+AUGMENT_PLACEMENTS = ("host", "device")
+AUTOTUNE = tf.data.AUTOTUNE
+
+# JPEG codes 8 x 8 blocks, and 16 x 16 macroblocks with 4:2:0 chroma subsampling
+# (Pillow's default). An image whose sides are whole macroblocks has a block grid
+# that maps onto itself under rot90; a partial last block row/column would sit on
+# a different edge for each label and give the model a shortcut.
+JPEG_BLOCK = 16
+# libjpeg's fancy (triangle) chroma upsampling rounds with a bias that alternates
+# between neighbouring pixels, starting at the top-left: a sub-LSB pattern a CNN
+# can read the label from (measured: 55-58 % on noise). Plain 2 x 2 replication
+# of chroma is exactly rot90-symmetric on whole macroblocks.
+JPEG_FANCY_UPSCALING = False
+# Decoder downscale factors libjpeg offers (decode_jpeg(ratio=...)).
+_JPEG_RATIOS = (1, 2, 4, 8)
+# Value of the bars that resize="pad" adds.
+PAD_VALUE = 0.0
+
+
+def input_fn(records: str, *, split: str, batch_size: int, image_size: int,
+             training: bool, seed=None, allow_unseeded_shuffle: bool = False,
+             resize: str = "squash", policy: str = "default",
+             augment_on: str = "host", input_context=None,
+             shuffle_buffer: int = 2048, repeat=None,
+             cycle_length: int = 16) -> tf.data.Dataset:
+    """Batches of images and orientation labels from a make_records folder.
+
+    Args:
+      records: folder written by make_records (shards + info.json). info.json is
+        checked first (schema version, convention, shard files present).
+      split: "train" or "val" (any split listed in info.json).
+      batch_size: GLOBAL batch size. With `input_context` each input pipeline
+        yields batches of input_context.get_per_replica_batch_size(batch_size)
+        (which requires batch_size to divide by the number of replicas).
+      image_size: S; images come out S x S.
+      training: True -> shuffled, repeated, augmented stream with random labels;
+        False -> deterministic validation stream, each image in all 4
+        orientations, no augmentation.
+      seed: int; the only source of randomness of the training stream. Ignored
+        when training=False (nothing is random there).
+      allow_unseeded_shuffle: with training=True and seed=None, draw a fresh
+        seed from the OS instead of raising ValueError.
+      resize: "squash" (default, like the source article: S x S regardless of
+        aspect), "pad" (keep aspect, symmetric bars of value 0) or "crop"
+        (centre crop). All three commute with rot90.
+      policy: augmentation spec for augment.parse_policy ("default", "none",
+        or a spec string). Training only.
+      augment_on: "host" -> the whole policy runs in tf.data and the dataset
+        yields (images, labels); "device" -> only the host part of the policy
+        (augment.split_policy) runs here and the dataset yields
+        ({"images": images, "seeds": int32 [B, 2]}, labels) for a model whose
+        first layer is augment.AugmentLayer(policy).
+      input_context: tf.distribute.InputContext or None. When given, this
+        pipeline reads only its share of the shard FILES (file i goes to
+        pipeline i % num_input_pipelines); raises ValueError if the split has
+        fewer shards than pipelines.
+      shuffle_buffer: examples in the shuffle buffer (serialized, before
+        decoding, so memory is about shuffle_buffer x stored image size).
+      repeat: None -> repeat forever when training, once otherwise.
+      cycle_length: shard files read in parallel (training).
+
+    Returns:
+      tf.data.Dataset of (images float32 [B, S, S, 3] in [0, 255],
+      labels int32 [B] in [0, 4)) -- or the dict form for augment_on="device".
+      Training batches all have B = per-pipeline batch size (drop_remainder);
+      validation yields 4 x N examples (N = num_examples of the split, or of
+      this pipeline's files) and its last batch may be smaller.
+    """
+    if resize not in RESIZE_METHODS:
+        raise ValueError(f"resize must be one of {RESIZE_METHODS}, got {resize!r}")
+    if augment_on not in AUGMENT_PLACEMENTS:
+        raise ValueError(f"augment_on must be one of {AUGMENT_PLACEMENTS}, got {augment_on!r}")
+    if batch_size < 1 or image_size < 1:
+        raise ValueError(f"batch_size and image_size must be >= 1, got {batch_size}, {image_size}")
+    info = recordio.load_info(records)
+    files = recordio.shard_paths(records, split, info)
+    pipeline_id = 0
+    if input_context is not None:
+        files = shard_files(files, input_context, split=split)
+        pipeline_id = input_context.input_pipeline_id
+        batch_size = input_context.get_per_replica_batch_size(batch_size)
+    if training:
+        if seed is None:
+            if not allow_unseeded_shuffle:
+                raise ValueError(
+                    "input_fn(training=True) needs a seed: shuffling without one makes runs "
+                    "irreproducible. Pass seed=<int>, or allow_unseeded_shuffle=True to "
+                    "draw one at random.")
+            seed = int(np.random.SeedSequence().entropy % (2**63))
+        if int(seed) < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {seed}")
+        return _train_dataset(
+            files, batch_size=batch_size, image_size=image_size,
+            seeds=derive_seeds(seed, pipeline_id), resize=resize,
+            policy=policy, augment_on=augment_on, shuffle_buffer=shuffle_buffer,
+            repeat=True if repeat is None else repeat, cycle_length=cycle_length)
+    return _eval_dataset(files, batch_size=batch_size, image_size=image_size,
+                         resize=resize, repeat=False if repeat is None else repeat)
+
+
+def num_examples(records: str, split: str) -> int:
+    """Number of stored images in `split` (from info.json). Validation yields 4x this."""
+    info = recordio.load_info(records)
+    recordio.shard_paths(records, split, info)  # clear error for an unknown split
+    return int(info["splits"][split]["num_examples"])
+
+
+@contextlib.contextmanager
+def naming_damaged_records(records: str, split: str):
+    """Turns a damaged-shard error inside the block into one naming the file and record.
+
+        with inputs.naming_damaged_records("records/photos", "train"):
+            model.fit(inputs.input_fn("records/photos", split="train", ...), ...)
+
+    TFRecordDataset checks every record's length and CRCs and stops with
+    tf.errors.DataLossError at the first damaged one, within the read of that
+    record (never a hang; `ignore_errors` is never used), but its message gives
+    only a byte offset ("corrupted record at 13541"), not the file. This
+    context catches that error and re-reads the split's shards (plain
+    sequential reads, stopping at the first damaged record) to name it.
+    Nothing of this runs inside the tf.data graph, which stays free of
+    py_function and serializable.
+
+    Raises:
+      recordio.RecordsError: "<shard path>: record <i> is damaged ...".
+    """
+    try:
+        yield
+    except tf.errors.DataLossError as e:
+        located = find_damaged_record(_listed_shards(records, split))
+        if located is None:
+            raise
+        path, index, message = located
+        raise recordio.RecordsError(
+            f"{path}: record {index} is damaged (truncated or corrupted shard: {message}); "
+            "restore the file or run make_records again") from e
+
+
+def _listed_shards(records, split):
+    """The split's shard paths from info.json, without load_info's checks (which
+    would refuse a shard truncated meanwhile before naming its record)."""
+    try:
+        with open(os.path.join(records, schema.INFO_FILE), encoding="utf-8") as f:
+            names = json.load(f)["splits"][split]["shards"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    return [os.path.join(records, name) for name in names]
+
+
+def find_damaged_record(paths):
+    """The first damaged record of the given shard files, or None.
+
+    Returns:
+      (path, index of the first record that does not read, TensorFlow's message).
+    """
+    for path in paths:
+        index = 0
+        iterator = iter(tf.data.TFRecordDataset(path))
+        while True:
+            try:
+                next(iterator)
+            except StopIteration:
+                break
+            except tf.errors.DataLossError as e:
+                text = re.sub(r"\{\{function_node [^}]*\}\}\s*|\s*\[Op:\w+\].*", "",
+                              (e.message or str(e)).strip().splitlines()[0])
+                return path, index, text or "data loss"
+            index += 1
+    return None
+
+
+def derive_seeds(seed: int, pipeline_id: int = 0) -> dict:
+    """Independent seeds for every random stage, from one integer (CLU style).
+
+    Returns:
+      {"files": int, "examples": int (tf.data shuffle seeds, >= 0),
+       "augment": int64 [2] key for tf.random stateless ops}.
+    Each input pipeline (tf.distribute) gets its own stream via the SeedSequence
+    spawn key, so replicas never see the same augmentation.
+    """
+    state = np.random.SeedSequence(int(seed), spawn_key=(int(pipeline_id),)).generate_state(
+        4, dtype=np.uint64)
+    state = (state >> np.uint64(1)).astype(np.int64)  # non-negative int64
+    return {"files": int(state[0]), "examples": int(state[1]),
+            "augment": state[2:4].copy()}
+
+
+def shard_files(files: list, input_context, *, split: str = "") -> list:
+    """This input pipeline's share of the shard files (every n-th file).
+
+    Raises:
+      ValueError when there are fewer files than input pipelines: sharding by
+      example instead would make every pipeline read every file.
+    """
+    n = input_context.num_input_pipelines
+    if len(files) < n:
+        raise ValueError(
+            f"split {split!r} has {len(files)} shard file(s) but there are {n} input "
+            f"pipelines; each pipeline reads whole files, so the records need at least {n} "
+            f"shards (a multiple of {n} balances them): remake them with "
+            f"`make_records --num_shards={n}` (or a multiple of {n})")
+    return list(files[input_context.input_pipeline_id::n])
+
+
+def _train_dataset(files, *, batch_size, image_size, seeds, resize, policy,
+                   augment_on, shuffle_buffer, repeat, cycle_length):
+    # Imported here so that evaluation and serving never need the augmentation code.
+    from upright.pipeline import augment
+    op = augment.parse_policy(policy)
+    host_op = op
+    if augment_on == "device":
+        host_op, _ = augment.split_policy(op)
+
+    ds = tf.data.Dataset.from_tensor_slices(files)
+    # Shuffle the file order before repeat, so every epoch reads each file once,
+    # in its own (seeded) order.
+    ds = ds.shuffle(len(files), seed=seeds["files"], reshuffle_each_iteration=True)
+    if repeat:
+        ds = ds.repeat()
+    # Parallel reads, but deterministic=True keeps the round-robin order fixed:
+    # the same seed gives the same stream.
+    ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=min(cycle_length, len(files)),
+                       block_length=1, num_parallel_calls=AUTOTUNE, deterministic=True)
+    # Shuffle serialized examples (small) rather than decoded images (large), after
+    # repeat so the buffer never drains at an epoch boundary.
+    ds = ds.shuffle(shuffle_buffer, seed=seeds["examples"], reshuffle_each_iteration=True)
+    # Per-image work before batch: stored images differ in size.
+    ds = ds.map(lambda s: _parse_and_preprocess(s, image_size, resize),
+                num_parallel_calls=AUTOTUNE, deterministic=True)
+    # Static batch shape for the accelerator: drop the last partial batch.
+    ds = ds.batch(batch_size, drop_remainder=True)
+    # The batch index makes every batch's random key distinct and reproducible.
+    ds = ds.enumerate()
+    key = tf.constant(seeds["augment"], tf.int64)
+
+    def augment_batch(index, images):
+        image_seeds = batch_image_seeds(key, index, tf.shape(images)[0])
+        labels = tf.zeros(tf.shape(images)[:1], tf.int32)
+        images, labels = augment.rotate90_random(images, labels, image_seeds)
+        images, labels = host_op(images, labels, image_seeds)
+        if augment_on == "device":
+            return {"images": images, "seeds": image_seeds}, labels
+        return images, labels
+
+    ds = ds.map(augment_batch, num_parallel_calls=AUTOTUNE, deterministic=True)
+    ds = ds.with_options(_options())
+    # Overlap the input pipeline with the training step.
+    return ds.prefetch(AUTOTUNE)
+
+
+def _eval_dataset(files, *, batch_size, image_size, resize, repeat):
+    # Files and examples in stored order: the same examples in the same order on
+    # every run (sequential reads; validation sets are small).
+    ds = tf.data.TFRecordDataset(files)
+    ds = ds.map(lambda s: _parse_and_preprocess(s, image_size, resize),
+                num_parallel_calls=AUTOTUNE, deterministic=True)
+    # Every image in all four orientations, labels 0..3: each class equally present.
+    ds = ds.map(all_orientations, num_parallel_calls=AUTOTUNE, deterministic=True)
+    ds = ds.unbatch()
+    # Keep the last, smaller batch: the number of scored examples (4 x N) must not
+    # depend on the batch size.
+    ds = ds.batch(batch_size, drop_remainder=False)
+    if repeat:
+        ds = ds.repeat()
+    ds = ds.with_options(_options())
+    return ds.prefetch(AUTOTUNE)
+
+
+def all_orientations(image):
+    """One image [S, S, 3] -> its four orientations [4, S, S, 3], labels int32 [0, 1, 2, 3]."""
+    images = tf.stack([tf.image.rot90(image, k) for k in range(schema.NUM_CLASSES)])
+    return images, tf.range(schema.NUM_CLASSES, dtype=tf.int32)
+
+
+def batch_image_seeds(key, batch_index, batch_size):
+    """One stateless seed per image of a batch: int32 [B, 2].
+
+    key: int64 [2] (derive_seeds()["augment"]); batch_index: int64 scalar.
+    The key is folded with the batch index, then B seeds are drawn from it.
+    """
+    batch_key = tf.random.experimental.stateless_fold_in(key, batch_index)
+    return tf.random.stateless_uniform([batch_size, 2], seed=batch_key, minval=None,
+                                       maxval=None, dtype=tf.int32)
+
+
+def _options():
+    options = tf.data.Options()
+    options.deterministic = True
+    return options
+
+
+def _parse_and_preprocess(serialized, image_size, resize):
+    return preprocess_image(schema.parse_example(serialized)["encoded"], image_size, resize)
+
+
+# ---------------------------------------------------------------------------
+# Per-image preprocessing: decode + resize. Shared with export and orient so that
+# serving sees exactly what training saw.
+
+def preprocess_image(encoded, image_size: int, resize: str = "squash"):
+    """Encoded JPEG/PNG (or GIF/BMP) bytes -> float32 [S, S, 3] in [0, 255].
+
+    JPEG: cropped to whole 16 x 16 blocks anchored at the top-left (the coding
+    grid; images under 16 pixels on a side keep that side whole), chroma
+    upsampled by plain replication (no fancy upsampling), and decoded at 1/2,
+    1/4 or 1/8 scale when that still leaves at least S pixels on the side that
+    `resize` needs (much faster for large images). All three keep
+    rot90-equivariance: the kept region is made of whole macroblocks, so its
+    block grid, its chroma cells and the decoder's downscaling cells map onto
+    themselves under rot90. Other formats: decoded as they are (first frame,
+    3 channels). Then `resize_image`.
+
+    Args:
+      encoded: scalar tf.string.
+      image_size: S.
+      resize: one of RESIZE_METHODS.
+    """
+    if resize not in RESIZE_METHODS:
+        raise ValueError(f"resize must be one of {RESIZE_METHODS}, got {resize!r}")
+    encoded = tf.convert_to_tensor(encoded, tf.string)
+    image = tf.cond(tf.io.is_jpeg(encoded),
+                    lambda: _decode_jpeg_aligned(encoded, image_size, resize),
+                    lambda: _decode_other(encoded))
+    image.set_shape([None, None, 3])
+    return resize_image(image, image_size, resize)
+
+
+def _decode_other(encoded):
+    image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+    return tf.image.convert_image_dtype(image, tf.uint8)
+
+
+def _decode_jpeg_aligned(encoded, image_size, resize):
+    shape = tf.io.extract_jpeg_shape(encoded)
+    height, width = shape[0], shape[1]
+    # Keep whole blocks only (images smaller than a block keep everything).
+    keep_h = tf.where(height >= JPEG_BLOCK, height // JPEG_BLOCK * JPEG_BLOCK, height)
+    keep_w = tf.where(width >= JPEG_BLOCK, width // JPEG_BLOCK * JPEG_BLOCK, width)
+    # The side that must keep >= S pixels: the short one for squash/crop, the
+    # long one for pad.
+    need = (tf.maximum(keep_h, keep_w) if resize == "pad"
+            else tf.minimum(keep_h, keep_w))
+    aligned = tf.logical_and(tf.equal(keep_h % JPEG_BLOCK, 0),
+                             tf.equal(keep_w % JPEG_BLOCK, 0))
+    # Largest ratio r with need / r >= S; ratios > 1 only on block-aligned crops
+    # (then keep / r is exact and the decoder's r x r cells tile the kept region).
+    index = tf.constant(0, tf.int32)
+    for i, r in enumerate(_JPEG_RATIOS[1:], start=1):
+        index = tf.where(tf.logical_and(aligned, need // r >= image_size), i, index)
+
+    def decode(r):
+        def branch():
+            image = tf.io.decode_jpeg(encoded, channels=3, ratio=r,
+                                      fancy_upscaling=JPEG_FANCY_UPSCALING)
+            return image[:keep_h // r, :keep_w // r]
+        return branch
+
+    return tf.switch_case(index, [decode(r) for r in _JPEG_RATIOS])
+
+
+def resize_image(image, image_size: int, resize: str = "squash"):
+    """[H, W, 3] image (any real dtype) -> float32 [S, S, 3], rot90-equivariant.
+
+    resize_image(rot90(x, k)) == rot90(resize_image(x), k) up to float error, for
+    every method: all three use tf.image.resize (bilinear, half-pixel centres,
+    antialias), whose sampling grid is mirror-symmetric and separable, and every
+    crop or pad they add is split equally between opposite sides:
+      squash: resize to S x S, aspect not kept (the source article's choice).
+      pad:    resize the long side to S and the short side to s, with S - s even,
+              then pad (S - s) / 2 on both sides with PAD_VALUE. (An odd total would
+              put the extra row on one side, a different side for every label.)
+      crop:   centre crop to m x m, m = the short side; when the long side's excess
+              is odd, keep m + 1 there (an off-centre crop by half a pixel would
+              move with the label), then squash the near-square crop to S x S.
+    Values stay in the input's range (bilinear weights are a convex combination);
+    output clipped to [0, 255].
+    """
+    image = tf.cast(image, tf.float32)
+    shape = tf.shape(image)
+    height, width = shape[0], shape[1]
+    if resize == "squash":
+        out = _resize(image, image_size, image_size)
+    elif resize == "crop":
+        short = tf.minimum(height, width)
+        crop_h = short + (height - short) % 2
+        crop_w = short + (width - short) % 2
+        top, left = (height - crop_h) // 2, (width - crop_w) // 2
+        out = _resize(image[top:top + crop_h, left:left + crop_w], image_size, image_size)
+    elif resize == "pad":
+        long = tf.cast(tf.maximum(height, width), tf.float64)
+        short = tf.cast(tf.minimum(height, width), tf.float64)
+        # Half the padding, rounded to whole pixels, so both bars are equal.
+        half = tf.cast(tf.round((image_size - image_size * short / long) / 2), tf.int32)
+        half = tf.clip_by_value(half, 0, (image_size - 1) // 2)
+        inner = image_size - 2 * half
+        new_h = tf.where(height >= width, image_size, inner)
+        new_w = tf.where(height >= width, inner, image_size)
+        pad_h, pad_w = (image_size - new_h) // 2, (image_size - new_w) // 2
+        out = tf.pad(_resize(image, new_h, new_w), [[pad_h, pad_h], [pad_w, pad_w], [0, 0]],
+                     constant_values=PAD_VALUE)
+    else:
+        raise ValueError(f"resize must be one of {RESIZE_METHODS}, got {resize!r}")
+    out = tf.clip_by_value(out, 0.0, 255.0)
+    return tf.ensure_shape(out, [image_size, image_size, 3])
+
+
+def _resize(image, height, width):
+    return tf.image.resize(image, tf.stack([height, width]), method="bilinear",
+                           antialias=True)

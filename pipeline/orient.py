@@ -1,0 +1,633 @@
+"""Using a trained model on real files: predict each image's rotation, report it,
+and (optionally) write upright copies.
+
+    from upright.pipeline import orient
+    result = orient.run(orient.OrientConfig(model_dir="runs/demo", paths=("photos/",),
+                                            fix=True, dst="fixed/"))
+
+What happens to each file (files, or folders walked recursively):
+1. It is read as a person sees it -- EXIF orientation applied -- exactly as
+   make_records reads sources (`imageio.read_upright`), and preprocessed as
+   training preprocessed its records (`inputs.preprocess_image`). Unreadable,
+   corrupt or unsupported files get status "error" with the reason and are
+   skipped; nothing stops the run.
+2. The model gives k (the image as seen is turned k quarter turns counter-
+   clockwise) and a confidence (max probability). The action:
+     "unsure"  confidence < min_confidence: left alone, listed in the summary
+               (a wrong turn is worse than none);
+     "none"    k = 0: already upright as seen;
+     "turn"    k != 0: turn it k quarter turns clockwise (repair_cw = 90 k degrees).
+   exif_disagrees is True when the file has an EXIF Orientation tag (any value,
+   1 included) and the model confidently says the image as that tag shows it is
+   not upright: the tag and the pixels disagree.
+3. With fix=True, "turn" images are written to DST (same relative path and file
+   name), upright, with their metadata (EXIF, ICC profile, XMP, comments) and the
+   EXIF Orientation tag set to 1. The stored pixels undergo one transform of the
+   square's symmetry group: the EXIF transform followed by the repair turn.
+     JPEG: `jpegtran -copy all -perfect -rotate|-flip|-transpose|-transverse`
+       (libjpeg-turbo-progs on Debian) moves DCT blocks without decoding:
+       lossless. -perfect refuses when the image's width or height is not a
+       whole number of coding blocks on an edge that the transform moves; then,
+       or when jpegtran is missing, the image is decoded and re-encoded (JPEG
+       quality `jpeg_quality`, default 95, chroma subsampling kept as 4:4:4 or
+       4:2:0) -- or, with trim_edges, turned losslessly with `jpegtran -trim`,
+       which drops the partial edge blocks (under 16 pixel rows/columns). The
+       report's "method" column says which.
+     Other formats: decoded, turned, saved in the same format (PNG stays
+       lossless).
+   A manifest DST/.orient_done.jsonl records every written file (source
+   sha256, destination sha256): a rerun skips a file whose destination exists
+   and matches its record (status "done").
+Sources are never modified.
+"""
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import struct
+import subprocess
+import sys
+
+import numpy as np
+
+from upright.pipeline import imageio, schema
+
+MANIFEST = ".orient_done.jsonl"
+DEFAULT_MIN_CONFIDENCE = 0.9
+PROGRESS_MIN_FILES = 20
+EXIF_ORIENTATION = 0x0112
+
+# The eight transforms of an image (dihedral group of the square), as numpy
+# functions on [H, W, ...] arrays, their Pillow names and jpegtran arguments.
+TRANSFORMS = {
+    "identity": (lambda a: a, None, []),
+    "flip_horizontal": (lambda a: a[:, ::-1], "FLIP_LEFT_RIGHT", ["-flip", "horizontal"]),
+    "flip_vertical": (lambda a: a[::-1], "FLIP_TOP_BOTTOM", ["-flip", "vertical"]),
+    "rotate_ccw_90": (lambda a: np.rot90(a, 1), "ROTATE_90", ["-rotate", "270"]),
+    "rotate_180": (lambda a: np.rot90(a, 2), "ROTATE_180", ["-rotate", "180"]),
+    "rotate_cw_90": (lambda a: np.rot90(a, -1), "ROTATE_270", ["-rotate", "90"]),
+    "transpose": (lambda a: a.swapaxes(0, 1), "TRANSPOSE", ["-transpose"]),
+    "transverse": (lambda a: np.rot90(a, 2).swapaxes(0, 1), "TRANSVERSE", ["-transverse"]),
+}
+# EXIF Orientation value -> the transform that turns stored pixels into what a
+# viewer shows (the same table as Pillow's ImageOps.exif_transpose).
+EXIF_TRANSFORM = {1: "identity", 2: "flip_horizontal", 3: "rotate_180", 4: "flip_vertical",
+                  5: "transpose", 6: "rotate_cw_90", 7: "transverse", 8: "rotate_ccw_90"}
+# Repair of label k: k quarter turns clockwise (np.rot90(image, -k)).
+REPAIR_TRANSFORM = {0: "identity", 1: "rotate_cw_90", 2: "rotate_180", 3: "rotate_ccw_90"}
+
+REPORT_FIELDS = ("path", "status", "action", "predicted", "angle_ccw", "repair_cw",
+                 "confidence", "p_0", "p_90", "p_180", "p_270", "exif_orientation",
+                 "exif_disagrees", "dst", "method", "message")
+
+
+@dataclasses.dataclass(frozen=True)
+class OrientConfig:
+    """What `run` does.
+
+    model_dir: trainer model_dir or SavedModel export (serve.load_model_dir).
+    paths: files and folders (folders walked recursively; hidden entries skipped).
+    fix: write upright copies of "turn" images into dst.
+    dst: output folder for fix (must not be one of the source folders).
+    min_confidence: below it an image is left alone ("unsure"); in [0, 1].
+    report: write a report to this path, .csv or .json (by extension).
+    batch_size: images per model call.
+    lossless: use jpegtran for JPEG when it is installed (jpegtran: its path or
+      name on PATH); False always re-encodes.
+    jpeg_quality: quality of re-encoded JPEGs (1..100).
+    trim_edges: when jpegtran -perfect refuses, turn losslessly anyway with
+      -trim, dropping the partial edge blocks (under 16 pixel rows/columns),
+      instead of re-encoding.
+    max_side: longest side the image is reduced to before preprocessing, as
+      make_records stores it (imageio.DEFAULT_MAX_SIDE).
+    progress: tqdm bar; None = when there are >= PROGRESS_MIN_FILES files.
+    """
+    model_dir: str
+    paths: tuple
+    fix: bool = False
+    dst: str = None
+    min_confidence: float = DEFAULT_MIN_CONFIDENCE
+    report: str = None
+    batch_size: int = 32
+    lossless: bool = True
+    jpegtran: str = "jpegtran"
+    jpeg_quality: int = 95
+    trim_edges: bool = False
+    max_side: int = imageio.DEFAULT_MAX_SIDE
+    progress: bool = None
+
+
+class OrientError(ValueError):
+    """Bad configuration (one line, before any work)."""
+
+
+# ---------------------------------------------------------------------------
+# Geometry.
+
+def compose(first: str, then: str) -> str:
+    """The single transform equal to applying `first`, then `then` (names in TRANSFORMS)."""
+    probe = np.arange(6).reshape(2, 3)
+    target = TRANSFORMS[then][0](TRANSFORMS[first][0](probe))
+    for name, (fn, _, _) in TRANSFORMS.items():
+        candidate = fn(probe)
+        if candidate.shape == target.shape and np.array_equal(candidate, target):
+            return name
+    raise AssertionError("the eight transforms are closed under composition")
+
+
+def stored_to_upright(exif_orientation, k: int) -> str:
+    """Transform from the file's stored pixels to the upright image: EXIF, then repair."""
+    return compose(EXIF_TRANSFORM.get(exif_orientation or 1, "identity"), REPAIR_TRANSFORM[k])
+
+
+# ---------------------------------------------------------------------------
+# Files.
+
+def list_images(paths, exclude=None) -> list:
+    """[(path, relative destination name)] for files and folders, recursively.
+
+    Folders: files whose extension is an image format (imageio.IMAGE_EXTENSIONS,
+    or a known unsupported one, which is then reported), hidden files and folders
+    skipped, sorted; their relative name is the path under the folder. Files
+    named explicitly are always included, relative name = base name.
+    exclude: a folder whose contents are never listed (the fix destination).
+    Raises OrientError for a path that does not exist.
+    """
+    exclude = os.path.realpath(exclude) if exclude else None
+    known = imageio.IMAGE_EXTENSIONS | imageio.UNSUPPORTED_EXTENSIONS
+    out = []
+    for path in paths:
+        if os.path.isfile(path):
+            out.append((path, os.path.basename(path)))
+        elif os.path.isdir(path):
+            for root, dirs, names in os.walk(path):
+                if exclude and _inside(os.path.realpath(root), exclude):
+                    dirs[:] = []
+                    continue
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                for name in sorted(names):
+                    if name.startswith(".") or os.path.splitext(name)[1].lower() not in known:
+                        continue
+                    full = os.path.join(root, name)
+                    out.append((full, os.path.relpath(full, path)))
+        else:
+            raise OrientError(f"{path}: no such file or folder")
+    return out
+
+
+def _inside(path, folder):
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def sha256_file(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_manifest(dst) -> dict:
+    """{source realpath: record} from DST/.orient_done.jsonl (bad lines ignored)."""
+    records = {}
+    path = os.path.join(dst, MANIFEST)
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                    records[record["src"]] = record
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue  # a line cut by a crash: that file is simply redone
+    return records
+
+
+def is_done(record, src_sha, dst_path) -> bool:
+    return (record is not None and record.get("src_sha256") == src_sha
+            and os.path.exists(dst_path) and sha256_file(dst_path) == record.get("dst_sha256"))
+
+
+# ---------------------------------------------------------------------------
+# Writing upright copies.
+
+def jpegtran_path(config: OrientConfig):
+    """The jpegtran executable to use, or None (lossless off or not installed)."""
+    if not config.lossless or not config.jpegtran:
+        return None
+    return shutil.which(config.jpegtran)
+
+
+def turn_jpeg_lossless(data: bytes, transform: str, jpegtran: str, *,
+                       trim: bool = False) -> bytes:
+    """jpegtran the JPEG bytes by `transform` (DCT domain, all markers copied),
+    then set the EXIF (and XMP) orientation to 1. Raises RuntimeError with
+    jpegtran's message when it refuses (-perfect on partial edge blocks).
+    trim: -trim instead of -perfect (drops the partial edge blocks)."""
+    args = ([jpegtran, "-copy", "all", "-trim" if trim else "-perfect"]
+            + TRANSFORMS[transform][2])
+    proc = subprocess.run(args, input=data, capture_output=True, timeout=300)
+    if proc.returncode != 0 or not proc.stdout:
+        lines = proc.stderr.decode("utf-8", "replace").strip().splitlines()
+        message = lines[-1] if lines else f"exit status {proc.returncode}"
+        # "/usr/bin/jpegtran: transformation is not perfect" -> the message alone.
+        raise RuntimeError(message.split(": ", 1)[-1] if message.startswith(jpegtran) else message)
+    return reset_jpeg_orientation(proc.stdout)
+
+
+_XMP_HEADER = b"http://ns.adobe.com/xap/1.0/\x00"
+_XMP_ORIENTATION = re.compile(rb'(tiff:Orientation\s*=\s*["\']|<tiff:Orientation>)[1-8]')
+
+
+def reset_jpeg_orientation(data: bytes) -> bytes:
+    """JPEG bytes with the EXIF Orientation tag (IFD0) and XMP tiff:Orientation set
+    to 1, patched in place (same length, pixels and all other bytes untouched)."""
+    out = bytearray(data)
+    i = 2
+    while i + 4 <= len(out) and out[0:2] == b"\xff\xd8":
+        if out[i] != 0xFF:
+            break
+        marker = out[i + 1]
+        if marker == 0xFF:          # fill byte
+            i += 1
+            continue
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+            i += 2
+            continue
+        if marker in (0xDA, 0xD9):  # start of scan / end: no more metadata
+            break
+        length = struct.unpack(">H", out[i + 2:i + 4])[0]
+        start, end = i + 4, i + 2 + length
+        if marker == 0xE1 and out[start:start + 6] == b"Exif\x00\x00":
+            _patch_exif_orientation(out, start + 6, end)
+        elif marker == 0xE1 and out[start:start + len(_XMP_HEADER)] == _XMP_HEADER:
+            segment = bytes(out[start:end])
+            out[start:end] = _XMP_ORIENTATION.sub(lambda m: m.group(1) + b"1", segment)
+        i = end
+    return bytes(out)
+
+
+def _patch_exif_orientation(out: bytearray, tiff: int, end: int) -> None:
+    try:
+        order = {b"II": "<", b"MM": ">"}[bytes(out[tiff:tiff + 2])]
+        ifd = tiff + struct.unpack(order + "I", out[tiff + 4:tiff + 8])[0]
+        count = struct.unpack(order + "H", out[ifd:ifd + 2])[0]
+        for j in range(count):
+            entry = ifd + 2 + 12 * j
+            if entry + 12 > end:
+                return
+            tag, kind = struct.unpack(order + "HH", out[entry:entry + 4])
+            if tag == EXIF_ORIENTATION and kind == 3:  # SHORT, value inline
+                out[entry + 8:entry + 10] = struct.pack(order + "H", 1)
+                return
+    except (KeyError, struct.error):
+        return  # unreadable EXIF: leave it as it is (Pillow ignores it too)
+
+
+def turn_with_pillow(data: bytes, transform: str, *, jpeg_quality: int) -> tuple:
+    """Decodes, applies `transform` to the stored pixels, re-encodes in the same
+    format with metadata kept and EXIF orientation 1. -> (bytes, method)."""
+    from PIL import Image, JpegImagePlugin
+    with Image.open(io.BytesIO(data)) as image:
+        image.load()
+        fmt = image.format
+        info = dict(image.info)
+        exif = image.getexif()
+        sampling = JpegImagePlugin.get_sampling(image) if fmt == "JPEG" else None
+        pil_name = TRANSFORMS[transform][1]
+        turned = image.transpose(getattr(Image.Transpose, pil_name)) if pil_name else image.copy()
+    kwargs = {}
+    if exif:
+        exif[EXIF_ORIENTATION] = 1
+        kwargs["exif"] = exif.tobytes()
+    for key in ("icc_profile", "dpi", "comment"):
+        if info.get(key):
+            kwargs[key] = info[key]
+    if info.get("xmp"):
+        xmp = info["xmp"] if isinstance(info["xmp"], bytes) else str(info["xmp"]).encode()
+        kwargs["xmp"] = _XMP_ORIENTATION.sub(lambda m: m.group(1) + b"1", xmp)
+    buffer = io.BytesIO()
+    if fmt == "JPEG":
+        method = f"re-encoded (JPEG quality {jpeg_quality})"
+        turned.save(buffer, "JPEG", quality=jpeg_quality,
+                    subsampling=0 if sampling == 0 else 2, **kwargs)
+    elif fmt == "PNG":
+        method = "re-encoded (PNG, lossless)"
+        turned.save(buffer, "PNG", **kwargs)
+    else:
+        method = f"re-encoded ({fmt})"
+        try:
+            turned.save(buffer, fmt, **kwargs)
+        except (TypeError, ValueError):  # a format that takes fewer metadata options
+            buffer = io.BytesIO()
+            turned.save(buffer, fmt)
+            method += ", metadata not kept"
+    return buffer.getvalue(), method
+
+
+def _trimmed(before: bytes, after: bytes) -> str:
+    from PIL import Image
+    with Image.open(io.BytesIO(before)) as a, Image.open(io.BytesIO(after)) as b:
+        lost = sorted(a.size) != sorted(b.size)
+        return f"{a.size[0]}x{a.size[1]} -> {b.size[0]}x{b.size[1]}" if lost else "nothing dropped"
+
+
+def write_upright(data: bytes, dst_path: str, transform: str, *, config: OrientConfig,
+                  jpegtran) -> str:
+    """Writes the upright copy atomically; returns the method used."""
+    method, payload = None, None
+    if jpegtran and data[:2] == b"\xff\xd8":
+        try:
+            payload = turn_jpeg_lossless(data, transform, jpegtran)
+            method = "lossless (jpegtran)"
+        except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
+            note = f"jpegtran refused: {e}"
+            if config.trim_edges:
+                try:
+                    payload = turn_jpeg_lossless(data, transform, jpegtran, trim=True)
+                    method = f"lossless (jpegtran -trim: {_trimmed(data, payload)})"
+                except (RuntimeError, OSError, subprocess.TimeoutExpired) as e2:
+                    note += f"; -trim failed: {e2}"
+    elif data[:2] == b"\xff\xd8":
+        note = "jpegtran not used" if not config.lossless else "jpegtran not installed"
+    else:
+        note = None
+    if payload is None:
+        payload, method = turn_with_pillow(data, transform, jpeg_quality=config.jpeg_quality)
+        if note:
+            method += f"; {note}"
+    os.makedirs(os.path.dirname(os.path.abspath(dst_path)), exist_ok=True)
+    # A short temporary name beside it: appending a suffix to a 255-byte file
+    # name would exceed the filesystem's limit on one name.
+    tmp = os.path.join(os.path.dirname(os.path.abspath(dst_path)),
+                       f".orient-{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(payload)
+    os.replace(tmp, dst_path)
+    return method
+
+
+# ---------------------------------------------------------------------------
+# The run.
+
+def decide(probs, min_confidence: float, exif_orientation) -> dict:
+    """Row fields from one probability vector [4]."""
+    probs = np.asarray(probs, np.float64)
+    k = int(np.argmax(probs))
+    confidence = float(probs[k])
+    sure = confidence >= min_confidence
+    action = "unsure" if not sure else ("none" if k == 0 else "turn")
+    row = {"action": action, "predicted": schema.CLASS_NAMES[k],
+           "angle_ccw": schema.ANGLES_CCW[k], "repair_cw": schema.ANGLES_CCW[k],
+           "confidence": round(confidence, 6),
+           "exif_orientation": exif_orientation,
+           "exif_disagrees": bool(exif_orientation is not None and sure and k != 0)}
+    for name, p in zip(schema.CLASS_NAMES, probs):
+        row[f"p_{name}"] = round(float(p), 6)
+    return row
+
+
+def run(config: OrientConfig, predictor=None) -> dict:
+    """Predicts (and with fix, repairs) every image; writes the report.
+
+    Returns:
+      {"rows": [dict with REPORT_FIELDS], "summary": {...}, "report": path or None}.
+    Raises:
+      OrientError for a bad configuration (before any file is touched).
+    """
+    check_config(config)
+    files = list_images(config.paths, exclude=config.dst if config.fix else None)
+    if predictor is None:
+        from upright.pipeline import serve
+        try:
+            predictor = serve.load_model_dir(config.model_dir)
+        except serve.ModelDirError as e:
+            raise OrientError(str(e)) from None
+    jpegtran = jpegtran_path(config) if config.fix else None
+    manifest = load_manifest(config.dst) if config.fix else {}
+    rows, taken = [], {}
+    progress = _progress(len(files), config.progress)
+    for start in range(0, len(files), config.batch_size):
+        batch = files[start:start + config.batch_size]
+        rows.extend(_process_batch(batch, predictor, config, jpegtran, manifest, taken))
+        progress.update(len(batch))
+    progress.close()
+    summary = summarize(rows, config, jpegtran)
+    if config.report:
+        write_report(rows, summary, config.report)
+    return {"rows": rows, "summary": summary, "report": config.report}
+
+
+def check_config(config: OrientConfig) -> None:
+    if not config.paths:
+        raise OrientError("no files or folders given")
+    if not 0.0 <= config.min_confidence <= 1.0:
+        raise OrientError(f"min_confidence must be in [0, 1], got {config.min_confidence}")
+    if config.fix and not config.dst:
+        raise OrientError("fix needs a destination folder (--dst): sources are never modified")
+    if config.fix:
+        dst = os.path.realpath(config.dst)
+        for path in config.paths:
+            real = os.path.realpath(path)
+            if os.path.isdir(path) and real == dst:
+                raise OrientError(f"--dst {config.dst} is the source folder {path}; "
+                                  "choose another folder (sources are never modified)")
+    if config.report and os.path.splitext(config.report)[1].lower() not in (".csv", ".json"):
+        raise OrientError(f"report {config.report!r} must end in .csv or .json")
+    if not 1 <= config.jpeg_quality <= 100:
+        raise OrientError(f"jpeg_quality must be in 1..100, got {config.jpeg_quality}")
+
+
+def _process_batch(batch, predictor, config, jpegtran, manifest, taken):
+    rows, ready = [], []   # ready: (row, data, preprocessed image)
+    for path, rel in batch:
+        row = {field: None for field in REPORT_FIELDS}
+        row.update(path=path, status="ok", exif_disagrees=False)
+        rows.append(row)
+        dst_path = os.path.join(config.dst, rel) if config.fix else None
+        try:
+            data = imageio.read_bytes(path)
+            if config.fix:
+                key = os.path.realpath(path)
+                record = manifest.get(key)
+                if is_done(record, hashlib.sha256(data).hexdigest(), dst_path):
+                    row.update({k: record.get(k) for k in ("predicted", "angle_ccw",
+                                                            "repair_cw", "confidence",
+                                                            "method", "exif_orientation")})
+                    row.update(status="done", action="turn", dst=dst_path,
+                               message="already written by an earlier run")
+                    continue
+            stored = imageio.read_upright(path, data=data, max_side=config.max_side)
+            image = predictor.preprocess(stored.encoded)
+            row["exif_orientation"] = _exif_orientation(data)
+            ready.append((row, data, image, dst_path))
+        except imageio.SkipImage as e:
+            row.update(status="error", action="skip", message=str(e))
+        except Exception as e:  # a decoder error TensorFlow raises on a bad file
+            row.update(status="error", action="skip",
+                       message=f"corrupt: {type(e).__name__}: {_first_line(e)}")
+    if not ready:
+        return rows
+    probs = predictor.predict_images(np.stack([image for _, _, image, _ in ready]),
+                                     batch_size=config.batch_size)
+    for (row, data, _, dst_path), p in zip(ready, probs):
+        row.update(decide(p, config.min_confidence, row["exif_orientation"]))
+        if config.fix and row["action"] == "turn":
+            _fix_one(row, data, dst_path, config, jpegtran, manifest, taken)
+    return rows
+
+
+def _fix_one(row, data, dst_path, config, jpegtran, manifest, taken):
+    real_dst = os.path.realpath(dst_path)
+    if real_dst == os.path.realpath(row["path"]):
+        row.update(status="error", message="destination is the source file; not written")
+        return
+    if real_dst in taken:
+        row.update(status="error",
+                   message=f"destination {dst_path} already taken by {taken[real_dst]}")
+        return
+    k = schema.ANGLES_CCW.index(row["angle_ccw"])
+    transform = stored_to_upright(row["exif_orientation"], k)
+    try:
+        method = write_upright(data, dst_path, transform, config=config, jpegtran=jpegtran)
+    except Exception as e:  # never fatal: report and go on
+        row.update(status="error", message=f"not written: {type(e).__name__}: {_first_line(e)}")
+        return
+    taken[real_dst] = row["path"]
+    row.update(dst=dst_path, method=method)
+    record = {"src": os.path.realpath(row["path"]), "src_sha256": hashlib.sha256(data).hexdigest(),
+              "dst": os.path.relpath(dst_path, config.dst), "dst_sha256": sha256_file(dst_path),
+              "transform": transform, "method": method,
+              **{k: row[k] for k in ("predicted", "angle_ccw", "repair_cw", "confidence",
+                                     "exif_orientation")}}
+    manifest[record["src"]] = record
+    # One JSON line per written file, appended after the file is in place: a crash
+    # loses at most the record of the last file, which is then simply redone.
+    with open(os.path.join(config.dst, MANIFEST), "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _exif_orientation(data):
+    from PIL import Image
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return imageio.exif_orientation(image)
+    except Exception:
+        return None
+
+
+def _first_line(e):
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else ""
+
+
+def _progress(total, enabled):
+    from tqdm import tqdm
+    if enabled is None:
+        # disable=None: tqdm shows the bar only on a terminal.
+        disable = True if total < PROGRESS_MIN_FILES else None
+    else:
+        disable = not enabled
+    return tqdm(total=total, unit="img", disable=disable, file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------
+# Reporting.
+
+def summarize(rows, config, jpegtran) -> dict:
+    count = lambda **kw: sum(all(r.get(k) == v for k, v in kw.items()) for r in rows)  # noqa: E731
+    return {
+        "files": len(rows),
+        "errors": count(status="error"),
+        "upright": count(status="ok", action="none"),
+        "turn": count(status="ok", action="turn"),
+        "unsure": count(action="unsure"),
+        "already_done": count(status="done"),
+        "exif_disagrees": sum(bool(r["exif_disagrees"]) for r in rows),
+        "written": sum(1 for r in rows if r["status"] == "ok" and r["dst"]),
+        "lossless": sum(1 for r in rows if r["status"] == "ok" and r["method"]
+                        and r["method"].startswith("lossless")),
+        "min_confidence": config.min_confidence,
+        "fix": config.fix,
+        "jpegtran": jpegtran,
+        "unsure_files": [r["path"] for r in rows if r["action"] == "unsure"],
+        "error_files": [r["path"] for r in rows if r["status"] == "error"],
+        "convention": schema.CONVENTION,
+    }
+
+
+def _show(value):
+    """A path (or message) fit for UTF-8 text: a file name that is not valid
+    UTF-8 reaches Python as lone surrogates, which no UTF-8 writer accepts (the
+    CSV report and the table would fail at the end of a run); its bytes are
+    shown as \\xNN, as make_records shows them in info.json. Non-strings pass."""
+    if not isinstance(value, str):
+        return value
+    return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def write_report(rows, summary, path) -> None:
+    """CSV (one row per file, REPORT_FIELDS) or JSON ({"summary", "rows"})."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    if path.lower().endswith(".json"):
+        with open(tmp, "w") as f:
+            json.dump({"summary": summary, "rows": rows}, f, indent=2)
+    else:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=REPORT_FIELDS)
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({k: "" if row.get(k) is None else _show(row[k])
+                                 for k in REPORT_FIELDS})
+    os.replace(tmp, path)
+
+
+def format_table(rows, width: int = 48) -> str:
+    """One line per file: path, predicted rotation, confidence, action, notes."""
+    lines = [f"{'file':<{width}}  {'turned':>6}  {'conf':>6}  {'action':<10}  notes"]
+    for r in rows:
+        path = _show(r["path"])
+        path = path if len(path) <= width else "..." + path[-(width - 3):]
+        turned = f"{r['angle_ccw']}" if r["angle_ccw"] is not None else "-"
+        conf = f"{r['confidence']:.3f}" if r["confidence"] is not None else "-"
+        action = r["action"] or "-"
+        if r["status"] == "done":
+            action = "done"
+        elif action == "turn":
+            action = f"turn {r['repair_cw']}cw"
+        notes = []
+        if r["exif_disagrees"]:
+            notes.append(f"EXIF tag {r['exif_orientation']} disagrees")
+        if r["method"]:
+            notes.append(r["method"])
+        if r["message"]:
+            notes.append(_show(r["message"]))
+        lines.append(f"{path:<{width}}  {turned:>6}  {conf:>6}  {action:<10}  {'; '.join(notes)}")
+    return "\n".join(lines)
+
+
+def format_summary(summary) -> str:
+    written = (f" (written: {summary['written']}, lossless: {summary['lossless']})"
+               if summary["fix"] else "")
+    lines = [f"{summary['files']} files: {summary['upright']} upright, {summary['turn']} to turn"
+             f"{written}"
+             f", {summary['unsure']} left alone (confidence < {summary['min_confidence']}), "
+             f"{summary['errors']} errors, {summary['already_done']} already done; "
+             f"{summary['exif_disagrees']} with an EXIF tag that disagrees"]
+    lines.append("'turned' = degrees the image is turned counter-clockwise; "
+                 "'turn Ncw' repairs it by N degrees clockwise")
+    if summary["fix"] and summary["jpegtran"] is None:
+        lines.append("jpegtran not used: JPEGs were re-encoded (install libjpeg-turbo-progs "
+                     "for lossless turns)")
+    for key, title in (("unsure_files", "left alone (unsure)"), ("error_files", "errors")):
+        files = summary[key]
+        if files:
+            shown = [_show(f) for f in files[:20]]
+            lines.append(f"{title}: " + ", ".join(shown)
+                         + (f" ... and {len(files) - 20} more (see the report)"
+                            if len(files) > 20 else ""))
+    return "\n".join(lines)

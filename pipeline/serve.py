@@ -1,0 +1,434 @@
+"""Exporting a trained orientation model, and loading one back for prediction.
+
+Three artefacts, all giving the same answers (tests/test_serve.py checks it):
+
+* the Keras model (`model_dir/model.keras`, written by the trainer);
+* a SavedModel (`export_saved_model`) with the rotation convention inside it and
+  three signatures:
+    "serving_default": image_bytes tf.string [B] (encoded JPEG/PNG/GIF/BMP, any
+        size) -> outputs below. Bytes are decoded and resized by
+        `inputs.preprocess_image`, the function the training input pipeline uses,
+        so serving sees what training saw. EXIF orientation is NOT applied (as in
+        training records, which store pixels as a person sees them): send images
+        upright-as-seen, e.g. as `orient` does.
+    "predict_images": images float32 [B, S, S, 3] in [0, 255] -> outputs below.
+    "convention": no input -> the convention (see `convention_tensors`).
+  Outputs of both predict signatures, per image b:
+    probabilities float32 [B, 4]: softmax over the classes "0", "90", "180", "270";
+    class         int32 [B]: argmax k;
+    angle_ccw     int32 [B]: 90 * k, degrees the image is turned COUNTER-clockwise
+                  from upright (label k = tf.image.rot90(upright, k));
+    repair_cw     int32 [B]: 90 * k, degrees to turn it CLOCKWISE to repair it
+                  (np.rot90(image, -k)); the same number, named for the action;
+    confidence    float32 [B]: max probability, in [0.25, 1].
+  With export_saved_model(temperature=T != 1) the probabilities are
+  temperature-scaled, softmax(log p / T) (calibration; the class is unchanged),
+  and T is stored with the convention. load_model_dir applies model_info.json's
+  "temperature" the same way; the TFLite file gives the model's own probabilities.
+* a TFLite flatbuffer with float16 weights (`export_tflite`): input float32
+  [B, S, S, 3] in [0, 255], output "probabilities" [B, 4].
+
+The convention is stored in the SavedModel three ways, so that no consumer has to
+guess: the "convention" signature, non-trainable variables on the root object
+(`convention_json`, `class_names`, `angles_ccw`, `image_size`, `resize`) and an
+asset file `assets/convention.json` (schema.convention() plus image_size and
+resize). `read_export_convention` reads it back.
+
+`load_model_dir` loads what the trainer leaves in a model_dir (model.keras +
+model_info.json) -- or a bare SavedModel export -- as a `Predictor`.
+"""
+import contextlib
+import dataclasses
+import io
+import json
+import logging
+import os
+import tempfile
+
+import numpy as np
+import tensorflow as tf
+
+from upright.pipeline import inputs, schema
+
+MODEL_FILE = "model.keras"
+INFO_FILE = "model_info.json"
+EXPORT_DIR = "export"
+TFLITE_FILE = "model.tflite"
+CONVENTION_ASSET = "convention.json"
+OUTPUT_KEYS = ("probabilities", "class", "angle_ccw", "repair_cw", "confidence")
+
+
+def export_info(image_size: int, resize: str, temperature: float = 1.0) -> dict:
+    """The convention plus the preprocessing an exported model expects."""
+    info = schema.convention()
+    info.update({"image_size": int(image_size), "resize": str(resize),
+                 "temperature": float(temperature),
+                 "outputs": {
+                     "probabilities": "float32 [B, 4], softmax over class_names",
+                     "class": "int32 [B], argmax k",
+                     "angle_ccw": "int32 [B], 90*k: degrees the image is turned "
+                                  "counter-clockwise from upright",
+                     "repair_cw": "int32 [B], 90*k: degrees to turn it clockwise "
+                                  "to repair it",
+                     "confidence": "float32 [B], max probability"},
+                 "input": "serving_default: image_bytes tf.string [B] (JPEG/PNG, "
+                          "pixels as a person sees them; EXIF orientation is not "
+                          "applied); predict_images: images float32 [B, S, S, 3] "
+                          "in [0, 255]"})
+    return info
+
+
+def outputs_from_probabilities(probabilities):
+    """probabilities float32 [B, 4] -> the dict of OUTPUT_KEYS (tf graph)."""
+    probabilities = tf.cast(probabilities, tf.float32)
+    k = tf.argmax(probabilities, axis=-1, output_type=tf.int32)
+    degrees = k * 90
+    return {"probabilities": probabilities,
+            "class": k,
+            "angle_ccw": degrees,
+            # Turning k quarter turns clockwise undoes k counter-clockwise: same number.
+            "repair_cw": tf.identity(degrees),
+            "confidence": tf.reduce_max(probabilities, axis=-1)}
+
+
+def scale_probabilities(probabilities, temperature: float):
+    """softmax(log p / T) in TensorFlow; identity (exactly) for T == 1."""
+    if float(temperature) == 1.0:
+        return probabilities
+    if not float(temperature) > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    logp = tf.math.log(tf.maximum(tf.cast(probabilities, tf.float32), 1e-12))
+    return tf.nn.softmax(logp / float(temperature), axis=-1)
+
+
+class _ServingModule(tf.Module):
+    """What tf.saved_model.save writes: the model plus the convention."""
+
+    def __init__(self, model, image_size: int, resize: str, asset_path: str,
+                 temperature: float = 1.0):
+        super().__init__()
+        # The model's tf.Variables are tracked directly, not the Keras model object:
+        # a tracked Keras 3 model saves a second copy of every weight, and without
+        # the plain tf.Variables TFLiteConverter.from_saved_model on the export
+        # cannot freeze them (the converted file returns NaN; TF 2.21). A closure
+        # keeps the model for calling.
+        self.model_variables = [getattr(v, "value", v) for v in model.variables]
+        self._call_model = lambda images: scale_probabilities(
+            model(images, training=False), temperature)
+        self._image_size = int(image_size)
+        self._resize = resize
+        info = export_info(image_size, resize, temperature)
+        # Variables, not constants: tf.Module only saves tracked objects, and these
+        # are then readable as attributes of the loaded object.
+        self.convention_json = tf.Variable(json.dumps(info, sort_keys=True), trainable=False)
+        self.class_names = tf.Variable(list(schema.CLASS_NAMES), trainable=False)
+        self.angles_ccw = tf.Variable(list(schema.ANGLES_CCW), dtype=tf.int32, trainable=False)
+        self.image_size = tf.Variable(self._image_size, dtype=tf.int32, trainable=False)
+        self.resize = tf.Variable(resize, trainable=False)
+        self.convention_asset = tf.saved_model.Asset(asset_path)
+
+        spec_images = tf.TensorSpec([None, image_size, image_size, 3], tf.float32, name="images")
+        spec_bytes = tf.TensorSpec([None], tf.string, name="image_bytes")
+        self.predict_images = tf.function(self._predict_images, input_signature=[spec_images])
+        self.serve_bytes = tf.function(self._serve_bytes, input_signature=[spec_bytes])
+        self.convention = tf.function(self._convention, input_signature=[])
+
+    def _predict_images(self, images):
+        return outputs_from_probabilities(self._call_model(images))
+
+    def _serve_bytes(self, image_bytes):
+        images = tf.map_fn(
+            lambda b: inputs.preprocess_image(b, self._image_size, self._resize),
+            image_bytes,
+            fn_output_signature=tf.TensorSpec([self._image_size, self._image_size, 3],
+                                              tf.float32))
+        return self._predict_images(images)
+
+    def _convention(self):
+        return {"convention_json": tf.identity(self.convention_json),
+                "class_names": tf.identity(self.class_names),
+                "angles_ccw": tf.identity(self.angles_ccw),
+                "image_size": tf.identity(self.image_size),
+                "resize": tf.identity(self.resize)}
+
+
+def export_saved_model(model, export_dir: str, *, image_size: int,
+                       resize: str = "squash", temperature: float = 1.0) -> str:
+    """Writes a SavedModel of `model` with the signatures in the module docstring.
+
+    Args:
+      model: keras.Model, float32 [B, S, S, 3] in [0, 255] -> softmax [B, 4].
+      export_dir: folder to write (replaced atomically if it exists: written to a
+        sibling temp folder first, so a crash never leaves a half export).
+      image_size: S, as in training.
+      resize: the training `resize` method ("squash", "pad", "crop").
+      temperature: T > 0 for temperature scaling of the outputs,
+        softmax(log p / T) (see evaluation.fit_temperature); 1.0 = the model's
+        own probabilities. Stored in the convention info.
+    Returns:
+      export_dir.
+    """
+    if resize not in inputs.RESIZE_METHODS:
+        raise ValueError(f"resize must be one of {inputs.RESIZE_METHODS}, got {resize!r}")
+    if not float(temperature) > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    export_dir = os.path.abspath(export_dir)
+    parent = os.path.dirname(export_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
+    try:
+        asset = os.path.join(tmp, CONVENTION_ASSET)
+        with open(asset, "w") as f:
+            json.dump(export_info(image_size, resize, temperature), f, indent=2,
+                      sort_keys=True)
+        module = _ServingModule(model, image_size, resize, asset, temperature)
+        out = os.path.join(tmp, "saved_model")
+        with _quiet_tf_logs():
+            tf.saved_model.save(module, out, signatures={
+                "serving_default": module.serve_bytes,
+                "predict_images": module.predict_images,
+                "convention": module.convention,
+            })
+        _replace_dir(out, export_dir)
+    finally:
+        _remove_tree(tmp)
+    return export_dir
+
+
+def read_export_convention(loaded) -> dict:
+    """The convention dict stored in a loaded SavedModel (tf.saved_model.load)."""
+    values = loaded.signatures["convention"]()
+    info = json.loads(values["convention_json"].numpy().decode())
+    # The separately stored tensors must agree with the JSON (they are what
+    # graph-only consumers read).
+    names = [n.decode() for n in values["class_names"].numpy()]
+    if names != info["class_names"] or list(values["angles_ccw"].numpy()) != info["angles_ccw"]:
+        raise ValueError("export's convention tensors disagree with its convention_json")
+    return info
+
+
+def export_tflite(model, path: str, *, image_size: int = None) -> int:
+    """Converts `model` to TFLite with float16 weights; returns the file size in bytes.
+
+    Optimizations DEFAULT + supported_types [float16]: weights stored as float16
+    (about half the float32 size), computation in float32 on CPU. The file has one
+    signature "serving_default": float32 [B, S, S, 3] in [0, 255] -> float32
+    [B, 4] probabilities (B is dynamic; `tflite_predict` resizes the input).
+    image_size: optional S, checked against the model's input shape.
+    """
+    shape = tuple(model.input_shape)
+    if image_size is not None and shape[1:3] not in ((image_size, image_size), (None, None)):
+        raise ValueError(f"model input {shape} does not take image_size {image_size}")
+    # from_keras_model, not from_concrete_functions on a tf.Module: with Keras 3
+    # variables the latter leaves uninitialised READ_VARIABLE ops in TF 2.21
+    # (the file loads but returns NaN); tests/test_serve.py guards this.
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.target_spec.supported_types = [tf.float16]
+    # Keras prints a summary of its temporary SavedModel to stdout, TensorFlow logs
+    # each step at INFO: neither is for the user.
+    with contextlib.redirect_stdout(io.StringIO()), _quiet_tf_logs():
+        flatbuffer = converter.convert()
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(flatbuffer)
+    os.replace(tmp, path)
+    return len(flatbuffer)
+
+
+def tflite_predict(path: str, images: np.ndarray) -> np.ndarray:
+    """Runs a TFLite file from `export_tflite` (or a conversion of the SavedModel's
+    predict_images signature) on float32 [B, S, S, 3]; -> probabilities [B, 4]."""
+    runner = _tflite_interpreter(path).get_signature_runner()
+    (input_name,) = list(runner.get_input_details())
+    # The signature runner resizes the input to this batch.
+    outputs = runner(**{input_name: np.asarray(images, np.float32)})
+    if "probabilities" in outputs:  # a conversion of the SavedModel's predict_images
+        return outputs["probabilities"]
+    (probabilities,) = outputs.values()  # export_tflite: one output
+    return probabilities
+
+
+def _tflite_interpreter(path):
+    # tf.lite.Interpreter is deprecated in favour of ai_edge_litert; use that when
+    # installed, TensorFlow's own otherwise (both read the same flatbuffer).
+    try:
+        from ai_edge_litert import interpreter as litert
+        return litert.Interpreter(model_path=path)
+    except ImportError:
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return tf.lite.Interpreter(model_path=path)
+
+
+# ---------------------------------------------------------------------------
+# Loading for prediction.
+
+@dataclasses.dataclass
+class Predictor:
+    """A loaded orientation model.
+
+    predict_images(float32 [B, S, S, 3] in [0, 255]) -> float32 [B, 4] numpy.
+    preprocess(encoded bytes) -> float32 [S, S, 3] (inputs.preprocess_image).
+    info: model_info (image_size, resize, convention, ...); source: what was loaded.
+    """
+    predict_fn: object
+    info: dict
+    source: str
+    handle: object = None   # the loaded keras.Model or SavedModel (kept alive)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.info["image_size"])
+
+    @property
+    def resize(self) -> str:
+        return str(self.info.get("resize", "squash"))
+
+    def predict_images(self, images, batch_size: int = 64) -> np.ndarray:
+        images = np.asarray(images, np.float32)
+        if images.ndim != 4 or images.shape[1:] != (self.image_size, self.image_size, 3):
+            raise ValueError(f"images must be [B, {self.image_size}, {self.image_size}, 3], "
+                             f"got {images.shape}")
+        out = [np.asarray(self.predict_fn(tf.constant(images[i:i + batch_size])), np.float32)
+               for i in range(0, len(images), batch_size)]
+        if not out:
+            return np.zeros([0, schema.NUM_CLASSES], np.float32)
+        return np.concatenate(out)
+
+    def preprocess(self, encoded: bytes) -> np.ndarray:
+        return _preprocess_fn(self.image_size, self.resize)(tf.constant(encoded)).numpy()
+
+
+_PREPROCESS_CACHE = {}
+
+
+def _preprocess_fn(image_size, resize):
+    key = (image_size, resize)
+    if key not in _PREPROCESS_CACHE:
+        _PREPROCESS_CACHE[key] = tf.function(
+            lambda b: inputs.preprocess_image(b, image_size, resize),
+            input_signature=[tf.TensorSpec([], tf.string)])
+    return _PREPROCESS_CACHE[key]
+
+
+class ModelDirError(ValueError):
+    """A model_dir that cannot be used; str(e) says why in one line."""
+
+
+def load_model_dir(model_dir: str) -> Predictor:
+    """Loads a trained model for prediction.
+
+    Accepts a trainer model_dir (model.keras + model_info.json; falls back to
+    model_dir/export when model.keras is missing) or a SavedModel folder from
+    export_saved_model. Checks that the stored convention is this project's.
+
+    Raises:
+      ModelDirError: missing files, unreadable model, or a foreign convention.
+    """
+    if not os.path.isdir(model_dir):
+        raise ModelDirError(f"model dir {model_dir!r} does not exist")
+    if os.path.exists(os.path.join(model_dir, "saved_model.pb")):
+        return _load_export(model_dir)
+    info_path = os.path.join(model_dir, INFO_FILE)
+    if not os.path.exists(info_path):
+        raise ModelDirError(f"{info_path} is missing: not a trained model_dir "
+                            "(train writes it at the end of a run)")
+    with open(info_path) as f:
+        try:
+            info = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ModelDirError(f"{info_path} is not valid JSON: {e}") from None
+    check_convention(info.get("convention"), info_path)
+    if "image_size" not in info:
+        raise ModelDirError(f"{info_path} lacks image_size")
+    keras_path = os.path.join(model_dir, MODEL_FILE)
+    if not os.path.exists(keras_path):
+        export = os.path.join(model_dir, EXPORT_DIR)
+        if os.path.exists(os.path.join(export, "saved_model.pb")):
+            return _load_export(export)
+        raise ModelDirError(f"{model_dir} has neither {MODEL_FILE} nor {EXPORT_DIR}/")
+    model = load_keras_model(keras_path)
+    # model_info may carry a calibration temperature (1.0 when absent).
+    temperature = float(info.get("temperature", 1.0))
+    fn = tf.function(lambda x: scale_probabilities(model(x, training=False), temperature),
+                     reduce_retracing=True)
+    return Predictor(predict_fn=fn, info=info, source=keras_path, handle=model)
+
+
+def load_keras_model(path: str):
+    """keras.saving.load_model without the optimizer; custom layers registered first."""
+    import keras
+    try:
+        # The trainer's module registers its custom layers (if any) on import.
+        import upright.pipeline.model  # noqa: F401
+    except ImportError:
+        pass
+    try:
+        return keras.saving.load_model(path, compile=False)
+    except Exception as e:  # Keras raises many types for a bad file
+        raise ModelDirError(f"cannot load {path}: {str(e).splitlines()[0]}") from None
+
+
+def check_convention(convention, where: str) -> None:
+    """Raises ModelDirError unless `convention` matches schema.convention()."""
+    expected = schema.convention()
+    if convention is None:
+        raise ModelDirError(f"{where} stores no rotation convention")
+    for key in ("class_names", "angles_ccw", "rotation"):
+        if convention.get(key) != expected[key]:
+            raise ModelDirError(
+                f"{where}: rotation convention {key}={convention.get(key)!r} differs from "
+                f"this project's {expected[key]!r}; refusing to guess")
+
+
+def _load_export(export_dir):
+    try:
+        loaded = tf.saved_model.load(export_dir)
+        info = read_export_convention(loaded)
+    except (OSError, KeyError, ValueError) as e:
+        raise ModelDirError(f"cannot load SavedModel {export_dir}: {e}") from None
+    check_convention(info, export_dir)
+    signature = loaded.signatures["predict_images"]
+    return Predictor(predict_fn=lambda x: signature(images=x)["probabilities"],
+                     info=info, source=export_dir, handle=loaded)
+
+
+def file_size(path: str) -> int:
+    """Bytes of a file, or of all files under a folder."""
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    return sum(os.path.getsize(os.path.join(root, name))
+               for root, _, names in os.walk(path) for name in names)
+
+
+@contextlib.contextmanager
+def _quiet_tf_logs():
+    """TensorFlow's Python logger at WARNING for the duration (export chatter)."""
+    logger = tf.get_logger()
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _replace_dir(src, dst):
+    # os.replace cannot replace a non-empty folder: move the old one aside first.
+    old = None
+    if os.path.exists(dst):
+        old = dst + ".old"
+        _remove_tree(old)
+        os.replace(dst, old)
+    os.replace(src, dst)
+    if old:
+        _remove_tree(old)
+
+
+def _remove_tree(path):
+    import shutil
+    shutil.rmtree(path, ignore_errors=True)

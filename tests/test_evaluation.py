@@ -1,0 +1,180 @@
+"""evaluation: exact metric values on hand-made arrays and on stub models."""
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from upright.pipeline import evaluation, serve
+from tests import helpers
+
+S = 16
+
+
+def onehotish(classes, conf):
+    """Rows with probability `conf` on `classes[i]`, the rest spread evenly."""
+    probs = np.full([len(classes), 4], 0.0)
+    for i, (c, p) in enumerate(zip(classes, conf)):
+        probs[i] = (1 - p) / 3
+        probs[i, c] = p
+    return probs
+
+
+def test_accuracy_confusion_per_class_exact():
+    labels = np.array([0, 0, 1, 1, 2, 2, 3, 3])
+    pred = np.array([0, 1, 1, 1, 0, 2, 3, 2])
+    probs = onehotish(pred, [0.7] * 8)
+    assert evaluation.accuracy(probs, labels) == 5 / 8
+    assert evaluation.per_class_accuracy(probs, labels) == [0.5, 1.0, 0.5, 0.5]
+    np.testing.assert_array_equal(evaluation.confusion_matrix(probs, labels), [
+        [1, 1, 0, 0],
+        [0, 2, 0, 0],
+        [1, 0, 1, 0],
+        [0, 0, 1, 1]])
+    # A class with no examples has no accuracy (NaN), not zero.
+    assert np.isnan(evaluation.per_class_accuracy(probs[:2], labels[:2])[3])
+
+
+def test_ece_equal_width_bins_exact():
+    # Four at confidence 0.9 (3 right), two at 0.6 (1 right), 10 bins:
+    # ECE = 4/6 * |0.75 - 0.9| + 2/6 * |0.5 - 0.6| = 0.1 + 1/30.
+    labels = np.array([0, 1, 2, 3, 0, 1])
+    pred = np.array([0, 1, 2, 0, 0, 2])
+    probs = onehotish(pred, [0.9, 0.9, 0.9, 0.9, 0.6, 0.6]).astype(np.float32)
+    cal = evaluation.calibration(probs, labels, num_bins=10)
+    assert cal["ece"] == pytest.approx(0.1 + 1 / 30, abs=1e-6)
+    counts = [b["count"] for b in cal["bins"]]
+    # 0.9 sits in bin (0.8, 0.9], 0.6 in (0.5, 0.6]: upper edges are inclusive.
+    assert counts == [0, 0, 0, 0, 0, 2, 0, 0, 4, 0]
+    assert cal["bins"][8]["accuracy"] == 0.75
+    assert cal["bins"][5]["confidence"] == pytest.approx(0.6, abs=1e-6)
+    assert cal["bins"][0]["accuracy"] is None
+    # A perfectly calibrated set: confidence 1 and always right -> ECE 0.
+    assert evaluation.calibration(onehotish([1, 2], [1.0, 1.0]), [1, 2])["ece"] == 0.0
+
+
+def test_coverage_curve_exact():
+    labels = np.array([0, 1, 2, 3])
+    # Confidences 0.3 (wrong), 0.6 (right), 0.9 (wrong), 0.95 (right).
+    probs = onehotish([1, 1, 0, 3], [0.3, 0.6, 0.9, 0.95])
+    rows = {r["threshold"]: r for r in evaluation.coverage_curve(
+        probs, labels, thresholds=(0.0, 0.5, 0.95, 0.99))}
+    assert rows[0.0] == {"threshold": 0.0, "left_alone": 0.0, "coverage": 1.0,
+                         "error_acted": 0.5, "acted_wrong": 0.5}
+    assert rows[0.5]["left_alone"] == 0.25
+    assert rows[0.5]["error_acted"] == pytest.approx(1 / 3)
+    assert rows[0.5]["acted_wrong"] == 0.25
+    # The threshold is inclusive: confidence 0.95 is acted on at 0.95.
+    assert rows[0.95] == {"threshold": 0.95, "left_alone": 0.75, "coverage": 0.25,
+                          "error_acted": 0.0, "acted_wrong": 0.0}
+    assert rows[0.99]["left_alone"] == 1.0 and rows[0.99]["error_acted"] is None
+
+
+def test_shift_back_maps_rotated_prediction_to_the_original_label():
+    # x has label 1. rot90(x, 2) has label 3: a perfect model says 3 on it.
+    p = np.eye(4)[[3]]
+    np.testing.assert_array_equal(evaluation.shift_back(p, 2), np.eye(4)[[1]])
+    for y in range(4):
+        for j in range(4):
+            shifted = evaluation.shift_back(np.eye(4)[[(y + j) % 4]], j)
+            assert np.argmax(shifted) == y
+
+
+def test_combine_rotations_log_mean_and_agreement():
+    # Image with label 2; the four views are predicted perfectly except view 3,
+    # which is unsure. Shifted back, all views point at 2.
+    views = [onehotish([(2 + j) % 4], [0.97])[0] for j in range(4)]
+    views[3] = np.array([0.25, 0.25, 0.25, 0.25])
+    combined, agree = evaluation.combine_rotations(np.array(views)[:, None, :])
+    assert np.argmax(combined[0]) == 2
+    # Log-mean: combined[c] is proportional to the geometric mean of the views.
+    expected = np.exp(np.mean(np.log([[0.01, 0.01, 0.97, 0.01]] * 3 + [[0.25] * 4]), axis=0))
+    np.testing.assert_allclose(combined[0], expected / expected.sum(), rtol=1e-9)
+    # View 3's argmax of a uniform row is class 0 -> the views disagree.
+    assert not agree[0]
+
+
+def test_fit_temperature_recovers_a_known_overconfidence():
+    # Labels drawn from softmax(z); the model reports softmax(3 z): over-confident
+    # by a factor 3, so the best temperature is 3.
+    rng = np.random.default_rng(0)
+    z = rng.normal(0, 1.5, size=(20000, 4))
+    true = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+    labels = np.array([rng.choice(4, p=p) for p in true])
+    reported = evaluation.apply_temperature(true, 1 / 3)
+    t = evaluation.fit_temperature(reported, labels)
+    assert t == pytest.approx(3.0, rel=0.05)
+    # Scaling never changes the predicted class, and lowers the calibration error.
+    np.testing.assert_array_equal(evaluation.predictions(evaluation.apply_temperature(
+        reported, t)), evaluation.predictions(reported))
+    assert (evaluation.calibration(evaluation.apply_temperature(reported, t), labels)["ece"]
+            < evaluation.calibration(reported, labels)["ece"] / 3)
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("records"))
+    helpers.write_records(out, {"train": [helpers.quadrant_marker_image(9)],
+                                "val": [helpers.quadrant_marker_image(i) for i in range(3)]})
+    return out
+
+
+def test_evaluate_fixed_output_model_exact(tmp_path, records):
+    model_dir = helpers.write_model_dir(
+        str(tmp_path / "model"), helpers.fixed_output_model(S, [0.1, 0.6, 0.2, 0.1]), S)
+    result = evaluation.evaluate(model_dir, records, split="val", batch_size=5, tta=True,
+                                 num_bins=10)
+    # 3 images x 4 orientations; the model always says "90".
+    assert result["num_images"] == 3 and result["num_examples"] == 12
+    assert result["accuracy"] == 0.25
+    assert result["per_class_accuracy"] == {"0": 0.0, "90": 1.0, "180": 0.0, "270": 0.0}
+    assert result["confusion_matrix"] == [[0, 3, 0, 0]] * 4
+    assert result["calibration"]["ece"] == pytest.approx(0.35, abs=1e-6)
+    assert [b["count"] for b in result["calibration"]["bins"]][5] == 12
+    rows = {r["threshold"]: r for r in result["coverage"]}
+    assert rows[0.5]["left_alone"] == 0.0 and rows[0.5]["error_acted"] == 0.75
+    assert rows[0.7]["left_alone"] == 1.0 and rows[0.7]["error_acted"] is None
+    # A constant output shifted back by 0..3 points at four different classes: no
+    # agreement, and the log-mean over the four shifts is uniform.
+    assert result["tta"]["agreement"] == 0.0
+    # Files: JSON (default path), coverage JSON and three PNG charts.
+    with open(os.path.join(model_dir, "eval_val.json")) as f:
+        assert json.load(f)["accuracy"] == 0.25
+    for key in ("confusion_png", "reliability_png", "coverage_png"):
+        with Image.open(result["files"][key]) as im:
+            assert im.size[0] > 100
+    with open(result["files"]["coverage_json"]) as f:
+        assert len(json.load(f)["coverage"]) == len(evaluation.DEFAULT_THRESHOLDS)
+    summary = evaluation.format_summary(result)
+    assert "accuracy 25.00 %" in summary and "agree on 0.00 %" in summary
+
+
+def test_evaluate_perfect_and_upright_only_models_with_tta(tmp_path, records):
+    perfect = serve.load_model_dir(helpers.write_model_dir(
+        str(tmp_path / "perfect"), helpers.corner_model(S), S))
+    result = evaluation.evaluate(str(tmp_path / "perfect"), records, tta=True, plots=False,
+                                 predictor=perfect)
+    assert result["accuracy"] == 1.0 and result["tta"]["accuracy"] == 1.0
+    assert result["tta"]["agreement"] == 1.0
+    assert result["confusion_matrix"] == [[3, 0, 0, 0], [0, 3, 0, 0], [0, 0, 3, 0], [0, 0, 0, 3]]
+
+    # Knows only what upright looks like: plain accuracy suffers, but among the
+    # four views exactly one is upright, and shifting it back names the label.
+    model_dir = helpers.write_model_dir(str(tmp_path / "upright"),
+                                        helpers.upright_only_model(S), S)
+    result = evaluation.evaluate(model_dir, records, tta=True, plots=False)
+    assert result["per_class_accuracy"]["0"] == 1.0
+    assert result["accuracy"] < 1.0
+    assert result["tta"]["accuracy"] == 1.0
+    assert result["tta"]["per_class_accuracy"] == {"0": 1.0, "90": 1.0, "180": 1.0, "270": 1.0}
+
+
+def test_evaluate_tool_bad_input_is_one_line(tmp_path, records):
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-m", "upright.tools.evaluate", "--model",
+                           str(tmp_path / "nope"), "--records", records],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr

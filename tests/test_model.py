@@ -1,0 +1,145 @@
+"""pipeline/model.py: backbones, heads, input scaling, freezing by block, weights files."""
+import os
+
+import keras
+import numpy as np
+import pytest
+
+from upright.pipeline import model as model_lib
+
+
+def _images(n=2, size=32, seed=0):
+    return np.random.default_rng(seed).uniform(0, 255, (n, size, size, 3)).astype("float32")
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    return model_lib.build_model(backbone="resnet50", image_size=32, weights=None, head="dense")
+
+
+@pytest.fixture(scope="module")
+def effnet():
+    return model_lib.build_model(backbone="efficientnetb0", image_size=32, head="dense")
+
+
+@pytest.mark.parametrize("backbone, head", [("tiny", "dense"), ("tiny", "linear"),
+                                            ("mobilenetv3small", "linear")])
+def test_model_maps_0_255_images_to_float32_probabilities(backbone, head):
+    net = model_lib.build_model(backbone=backbone, image_size=32, weights=None, head=head,
+                                dropout=0.1)
+    probs = np.asarray(net(_images(), training=False))
+    assert probs.shape == (2, 4) and probs.dtype == np.float32
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    assert (probs > 0).all()
+    names = [layer.name for layer in net.layers]
+    assert ("head_dense" in names) == (head == "dense")
+    assert ("head_bn" in names) == (head == "dense")
+    assert names[-1] == "probs"
+
+
+def test_resnet50_scaling_equals_keras_preprocess_input(resnet):
+    net = resnet
+    x = _images(3)
+    ours = np.asarray(net.get_layer("resnet50_preprocess")(x))
+    expected = keras.applications.resnet50.preprocess_input(x.copy())
+    np.testing.assert_allclose(ours, expected, atol=1e-4)
+    model_lib.set_trainable(net, freeze_below_block=0, train_batchnorm=True)
+    assert not net.get_layer("resnet50_preprocess").trainable
+
+
+def test_output_stays_float32_under_mixed_precision():
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        net = model_lib.build_model(backbone="tiny", image_size=32, head="dense")
+        probs = net(_images())
+    finally:
+        keras.config.set_dtype_policy(previous)
+    assert probs.dtype == "float32"
+    assert net.get_layer("head_logits").compute_dtype == "float16"
+
+
+def test_saved_model_loads_without_custom_objects(tmp_path, resnet):
+    net = resnet
+    path = str(tmp_path / "m.keras")
+    net.save(path)
+    loaded = keras.saving.load_model(path, compile=False)
+    x = _images(2)
+    np.testing.assert_allclose(np.asarray(loaded(x)), np.asarray(net(x)), atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(backbone="vgg16"), "unknown backbone 'vgg16'; known: efficientnetb0"),
+    (dict(backbone="efficientnetb1", image_size=31), "too small for backbone"),
+    (dict(backbone="tiny", image_size=8), "too small for backbone"),
+    (dict(head="mlp"), "unknown head 'mlp'"),
+    (dict(dropout=1.0), "dropout must be in [0, 1)"),
+    (dict(weights="/no/such/file.h5"), "does not exist"),
+    (dict(weights="imagenet"), "no imagenet weights"),
+])
+def test_bad_choices_fail_with_one_line(kwargs, message):
+    args = dict(backbone="tiny", image_size=32, weights=None, head="dense", dropout=0.0)
+    args.update(kwargs)
+    with pytest.raises(model_lib.ModelError) as e:
+        model_lib.build_model(**args)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_efficientnet_blocks_follow_layer_names(effnet):
+    net = effnet
+    probs = np.asarray(net(_images(), training=False))
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    blocks = {layer.name: block for layer, block in model_lib.layer_blocks(net)}
+    assert blocks["stem_conv"] == 1 and blocks["block1a_dwconv"] == 1
+    assert blocks["block4c_project_conv"] == 4 and blocks["block5a_expand_conv"] == 5
+    assert blocks["block7a_project_bn"] == 7 and blocks["top_conv"] == 8
+    info = model_lib.set_trainable(net, freeze_below_block=5, train_batchnorm=False)
+    backbone = model_lib.get_backbone(net)
+    for layer in backbone.layers:
+        frozen_block = blocks[layer.name] < 5
+        assert layer.trainable == (not frozen_block), layer.name
+    assert net.get_layer("head_dense").trainable
+    assert info["frozen_layers"] > 0 and info["trainable_layers"] > 0
+    # The article's stage 1: BatchNorm layers of frozen blocks keep training.
+    model_lib.set_trainable(net, freeze_below_block=5, train_batchnorm=True)
+    assert backbone.get_layer("block2a_expand_bn").trainable
+    assert not backbone.get_layer("block2a_expand_conv").trainable
+    assert backbone.get_layer("block5a_expand_conv").trainable
+
+
+def test_resnet_mobilenet_and_tiny_blocks(resnet):
+    blocks = {layer.name: b for layer, b in model_lib.layer_blocks(resnet)}
+    assert blocks["conv1_conv"] == 1 and blocks["conv2_block1_1_conv"] == 2
+    assert blocks["conv5_block3_out"] == 5
+    assert model_lib.max_block(resnet) == 5
+    mobile = model_lib.build_model(backbone="mobilenetv3small", image_size=32, head="linear")
+    blocks = {layer.name: b for layer, b in model_lib.layer_blocks(mobile)}
+    assert blocks["conv"] == 1 and blocks["expanded_conv_depthwise"] == 1
+    assert blocks["expanded_conv_1_expand"] == 2 and blocks["expanded_conv_10_project"] == 11
+    assert blocks["conv_1"] == 12 == model_lib.max_block(mobile)
+    tiny = model_lib.build_model(backbone="tiny", image_size=32, head="linear")
+    assert {b for _, b in model_lib.layer_blocks(tiny)} == {1, 2, 3, 4}
+    with pytest.raises(model_lib.ModelError, match=r"outside \[0, 5\]"):
+        model_lib.set_trainable(tiny, freeze_below_block=6, train_batchnorm=False)
+    info = model_lib.set_trainable(tiny, freeze_below_block=5, train_batchnorm=False)
+    assert info["trainable_layers"] == 0   # whole backbone frozen; only the head trains
+    assert tiny.get_layer("head_logits").trainable
+
+
+def test_weights_file_loads_and_wrong_architecture_is_refused(tmp_path):
+    source = model_lib.build_model(backbone="tiny", image_size=32, head="linear")
+    path = str(tmp_path / "tiny_backbone.weights.h5")
+    model_lib.get_backbone(source).save_weights(path)
+    loaded = model_lib.build_model(backbone="tiny", image_size=32, weights=path, head="linear")
+    for a, b in zip(model_lib.get_backbone(source).get_weights(),
+                    model_lib.get_backbone(loaded).get_weights()):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(model_lib.ModelError, match="does not fit backbone MobileNetV3Small"):
+        model_lib.build_model(backbone="mobilenetv3small", image_size=32, weights=path)
+    with pytest.raises(model_lib.ModelError, match="does not fit"):
+        model_lib.check_weights_file(backbone="mobilenetv3small", image_size=32, path=path)
+    garbage = tmp_path / "garbage.h5"
+    garbage.write_bytes(b"not a weights file")
+    with pytest.raises(model_lib.ModelError, match="does not fit backbone tiny"):
+        model_lib.build_model(backbone="tiny", image_size=32, weights=str(garbage))
+    assert os.path.exists(path)

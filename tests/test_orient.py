@@ -1,0 +1,254 @@
+"""orient: predictions on real files, upright copies (lossless JPEG), EXIF, reruns."""
+import csv
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image, ImageOps
+
+from upright.pipeline import orient, serve
+from tests import helpers
+
+S = 16
+JPEGTRAN = shutil.which("jpegtran")
+
+
+def decode(path_or_bytes):
+    data = path_or_bytes if isinstance(path_or_bytes, bytes) else open(path_or_bytes, "rb").read()
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def save(path, array, fmt="jpeg", exif_orientation=None, **kwargs):
+    image = Image.fromarray(array)
+    if exif_orientation is not None:
+        exif = Image.Exif()
+        exif[orient.EXIF_ORIENTATION] = exif_orientation
+        kwargs["exif"] = exif.tobytes()
+    image.save(path, "JPEG" if fmt == "jpeg" else "PNG",
+               **({"quality": 92} if fmt == "jpeg" else {}), **kwargs)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def predictor(tmp_path_factory):
+    model_dir = helpers.write_model_dir(str(tmp_path_factory.mktemp("model")),
+                                        helpers.corner_model(S), S)
+    return serve.load_model_dir(model_dir)
+
+
+def config(tmp_path, paths, **kwargs):
+    kwargs.setdefault("progress", False)
+    return orient.OrientConfig(model_dir=str(tmp_path / "unused"), paths=tuple(paths), **kwargs)
+
+
+def test_transforms_match_pillow_and_exif_table():
+    probe = np.arange(24, dtype=np.uint8).reshape(4, 6)
+    for name, (fn, pil_name, _) in orient.TRANSFORMS.items():
+        if pil_name:
+            pil = np.asarray(Image.fromarray(probe).transpose(getattr(Image.Transpose, pil_name)))
+            np.testing.assert_array_equal(fn(probe), pil, err_msg=name)
+    # The EXIF table is Pillow's exif_transpose, value by value.
+    for value, name in orient.EXIF_TRANSFORM.items():
+        buf = io.BytesIO()
+        exif = Image.Exif()
+        exif[orient.EXIF_ORIENTATION] = value
+        Image.fromarray(probe).save(buf, "PNG", exif=exif.tobytes())
+        with Image.open(io.BytesIO(buf.getvalue())) as im:
+            seen = np.asarray(ImageOps.exif_transpose(im))
+        np.testing.assert_array_equal(orient.TRANSFORMS[name][0](probe), seen, err_msg=str(value))
+    # Repairs undo the label's turn; composing EXIF then repair is one transform.
+    for k, name in orient.REPAIR_TRANSFORM.items():
+        np.testing.assert_array_equal(orient.TRANSFORMS[name][0](np.rot90(probe, k)), probe)
+    assert orient.stored_to_upright(6, 3) == "identity"
+    assert orient.stored_to_upright(None, 1) == "rotate_cw_90"
+    assert orient.stored_to_upright(1, 2) == "rotate_180"
+    # Transposed pixels (tag 5) shown turned 90 ccw: transpose, then 90 cw = mirror.
+    assert orient.stored_to_upright(5, 1) == "flip_horizontal"
+    np.testing.assert_array_equal(np.rot90(probe.swapaxes(0, 1), -1), probe[:, ::-1])
+
+
+def test_reset_jpeg_orientation_patches_exif_and_xmp_in_place():
+    xmp = b'<x:xmpmeta><rdf:Description tiff:Orientation="6"/></x:xmpmeta>'
+    buf = io.BytesIO()
+    exif = Image.Exif()
+    exif[orient.EXIF_ORIENTATION] = 6
+    exif[0x010F] = "camera"
+    Image.fromarray(helpers.upright_image(0, 16, 32)).save(buf, "JPEG", exif=exif.tobytes(),
+                                                           xmp=xmp)
+    data = buf.getvalue()
+    patched = orient.reset_jpeg_orientation(data)
+    assert len(patched) == len(data)
+    assert sum(a != b for a, b in zip(data, patched)) == 2   # the EXIF value, the XMP digit
+    with Image.open(io.BytesIO(patched)) as im:
+        assert im.getexif()[orient.EXIF_ORIENTATION] == 1
+        assert im.getexif()[0x010F] == "camera"
+        assert b'tiff:Orientation="1"' in im.info["xmp"]
+    # A JPEG without EXIF is returned unchanged.
+    plain = helpers.encode(helpers.upright_image(1, 16, 16))
+    assert orient.reset_jpeg_orientation(plain) == plain
+
+
+@pytest.mark.parametrize("lossless", [True, False])
+def test_fix_turns_back_upright_leaves_unsure_alone_and_skips_bad_files(
+        tmp_path, predictor, lossless):
+    if lossless and not JPEGTRAN:
+        pytest.skip("jpegtran not installed (apt-get install libjpeg-turbo-progs)")
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    upright = helpers.quadrant_marker_image(0, 64)
+    save(src / "turned90.jpg", np.rot90(upright, 1))
+    save(src / "sub" / "turned180.png", np.rot90(helpers.quadrant_marker_image(1, 40), 2), "png")
+    save(src / "upright.jpg", upright)
+    save(src / "gray.png", np.full((32, 32, 3), 128, np.uint8), "png")
+    (src / "garbage.jpg").write_bytes(b"this is not a jpeg")
+    (src / "truncated.jpg").write_bytes(helpers.encode(upright)[:300])
+    (src / "notes.txt").write_text("not an image, not listed")
+    dst = tmp_path / "dst"
+    report = tmp_path / "report.csv"
+    cfg = config(tmp_path, [str(src)], fix=True, dst=str(dst), report=str(report),
+                 batch_size=4, lossless=lossless)
+    result = orient.run(cfg, predictor=predictor)
+    rows = {os.path.relpath(r["path"], src): r for r in result["rows"]}
+    assert set(rows) == {"turned90.jpg", "sub/turned180.png", "upright.jpg", "gray.png",
+                         "garbage.jpg", "truncated.jpg"}
+
+    row = rows["turned90.jpg"]
+    assert (row["action"], row["angle_ccw"], row["repair_cw"]) == ("turn", 90, 90)
+    assert row["confidence"] > 0.99
+    source = decode(str(src / "turned90.jpg"))
+    fixed = decode(str(dst / "turned90.jpg"))
+    assert fixed.shape == (64, 64, 3)
+    if lossless:
+        assert row["method"] == "lossless (jpegtran)"
+        # Lossless: turning the copy back in the DCT domain restores the source's
+        # coefficients, so it decodes to exactly the source's pixels. (Decoded
+        # pixels of a DCT-domain turn match np.rot90 of the decoded source only to
+        # within the decoder's integer-IDCT rounding, a few levels.)
+        back = subprocess.run([JPEGTRAN, "-rotate", "270", "-perfect", str(dst / "turned90.jpg")],
+                              capture_output=True, check=True).stdout
+        np.testing.assert_array_equal(decode(back), source)
+        assert np.abs(fixed.astype(int) - np.rot90(source, -1)).max() <= 8
+    else:
+        assert row["method"].startswith("re-encoded (JPEG quality 95)")
+        assert np.abs(fixed.astype(int) - np.rot90(source, -1)).mean() < 3
+    # The copy is upright: the model says so too.
+    assert np.argmax(predictor.predict_images(predictor.preprocess(
+        (dst / "turned90.jpg").read_bytes())[None])) == 0
+
+    # PNG: re-encoded losslessly, exact pixels, same relative path.
+    assert rows["sub/turned180.png"]["repair_cw"] == 180
+    np.testing.assert_array_equal(decode(str(dst / "sub" / "turned180.png")),
+                                  helpers.quadrant_marker_image(1, 40))
+    # Upright and unsure images are left alone: nothing written.
+    assert rows["upright.jpg"]["action"] == "none"
+    assert rows["gray.png"]["action"] == "unsure" and rows["gray.png"]["confidence"] < 0.5
+    assert not (dst / "upright.jpg").exists() and not (dst / "gray.png").exists()
+    assert result["summary"]["unsure_files"] == [str(src / "gray.png")]
+    # Bad files: reported, skipped, not fatal.
+    assert rows["garbage.jpg"]["status"] == "error"
+    assert rows["garbage.jpg"]["message"].startswith("not an image")
+    assert rows["truncated.jpg"]["status"] == "error"
+    assert result["summary"]["errors"] == 2 and result["summary"]["written"] == 2
+
+    with open(report) as f:
+        csv_rows = {os.path.relpath(r["path"], src): r for r in csv.DictReader(f)}
+    assert csv_rows["turned90.jpg"]["repair_cw"] == "90"
+    assert csv_rows["gray.png"]["action"] == "unsure"
+    table = orient.format_table(result["rows"])
+    assert "turn 90cw" in table and "unsure" in table
+
+    # A rerun skips what is done and rewrites nothing.
+    mtime = os.stat(dst / "turned90.jpg").st_mtime_ns
+    again = orient.run(cfg, predictor=predictor)
+    again_rows = {os.path.relpath(r["path"], src): r for r in again["rows"]}
+    assert again_rows["turned90.jpg"]["status"] == "done"
+    assert again_rows["sub/turned180.png"]["status"] == "done"
+    assert os.stat(dst / "turned90.jpg").st_mtime_ns == mtime
+    # ...but redoes a file whose copy was removed.
+    os.remove(dst / "turned90.jpg")
+    third = orient.run(cfg, predictor=predictor)
+    third_rows = {os.path.relpath(r["path"], src): r for r in third["rows"]}
+    assert third_rows["turned90.jpg"]["status"] == "ok"
+    assert (dst / "turned90.jpg").exists()
+
+
+def test_exif_tag_disagreement_is_flagged_and_the_copy_keeps_metadata(tmp_path, predictor):
+    upright = helpers.quadrant_marker_image(2, 64)
+    src = tmp_path / "src"
+    src.mkdir()
+    # Pixels stored upright, but a tag that tells viewers to turn them 90 cw:
+    # what a person sees is turned, and the tag is wrong.
+    wrong = save(src / "wrong_tag.jpg", upright, exif_orientation=6)
+    # Pixels stored turned 90 ccw with the tag that correctly turns them back.
+    right = save(src / "right_tag.jpg", np.rot90(upright, 1), exif_orientation=6)
+    dst = tmp_path / "dst"
+    result = orient.run(config(tmp_path, [wrong, right], fix=True, dst=str(dst),
+                               report=str(tmp_path / "r.json"), lossless=bool(JPEGTRAN)),
+                        predictor=predictor)
+    rows = {os.path.basename(r["path"]): r for r in result["rows"]}
+    assert rows["wrong_tag.jpg"]["exif_orientation"] == 6
+    assert rows["wrong_tag.jpg"]["angle_ccw"] == 270 and rows["wrong_tag.jpg"]["exif_disagrees"]
+    assert rows["right_tag.jpg"]["action"] == "none"
+    assert not rows["right_tag.jpg"]["exif_disagrees"]
+    # The copy: the stored (upright) pixels, tag reset to 1, other metadata kept.
+    with Image.open(dst / "wrong_tag.jpg") as im:
+        assert im.getexif()[orient.EXIF_ORIENTATION] == 1
+        fixed = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+    source = decode(wrong)
+    if JPEGTRAN:
+        np.testing.assert_array_equal(fixed, source)   # identity transform, lossless
+    else:
+        assert np.abs(fixed.astype(int) - source).mean() < 3
+    with open(tmp_path / "r.json") as f:
+        assert json.load(f)["summary"]["exif_disagrees"] == 1
+
+
+@pytest.mark.skipif(not JPEGTRAN, reason="jpegtran not installed")
+def test_jpeg_that_jpegtran_cannot_turn_perfectly_falls_back_to_reencode(tmp_path, predictor):
+    # Stored 40 x 56 with 4:2:0 chroma: a partial row of 16 x 16 blocks at the
+    # bottom, which a 90 degree clockwise turn would move to the left edge.
+    path = save(tmp_path / "odd.jpg", np.rot90(helpers.quadrant_marker_image(3, 64)[:56, :40], 1))
+    result = orient.run(config(tmp_path, [path], fix=True, dst=str(tmp_path / "dst")),
+                        predictor=predictor)
+    row = result["rows"][0]
+    assert row["status"] == "ok" and row["repair_cw"] == 90
+    assert row["method"].startswith("re-encoded (JPEG quality 95); jpegtran refused")
+    fixed = decode(str(tmp_path / "dst" / "odd.jpg"))
+    assert np.abs(fixed.astype(int) - np.rot90(decode(path), -1)).mean() < 3
+    # trim_edges: lossless anyway, without the partial block row (40 = 2 x 16 + 8).
+    result = orient.run(config(tmp_path, [path], fix=True, dst=str(tmp_path / "trim"),
+                               trim_edges=True), predictor=predictor)
+    assert result["rows"][0]["method"] == "lossless (jpegtran -trim: 56x40 -> 32x56)"
+    trimmed = decode(str(tmp_path / "trim" / "odd.jpg"))
+    assert trimmed.shape == (56, 32, 3)
+    assert np.abs(trimmed.astype(int) - np.rot90(decode(path)[:32], -1)).max() <= 8
+
+
+def test_config_errors_are_clear(tmp_path, predictor):
+    with pytest.raises(orient.OrientError, match="--dst"):
+        orient.run(config(tmp_path, [str(tmp_path)], fix=True), predictor=predictor)
+    with pytest.raises(orient.OrientError, match="source folder"):
+        orient.run(config(tmp_path, [str(tmp_path)], fix=True, dst=str(tmp_path)),
+                   predictor=predictor)
+    with pytest.raises(orient.OrientError, match="no such file"):
+        orient.run(config(tmp_path, [str(tmp_path / "missing")]), predictor=predictor)
+
+
+def test_orient_tool_end_to_end(tmp_path):
+    model_dir = helpers.write_model_dir(str(tmp_path / "model"), helpers.corner_model(S), S)
+    image = save(tmp_path / "a.png", np.rot90(helpers.quadrant_marker_image(4, 32), 3), "png")
+    proc = subprocess.run([sys.executable, "-m", "upright.tools.orient", "--model", model_dir,
+                           image, "--report", str(tmp_path / "r.csv")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "turn 270cw" in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "upright.tools.orient", "--model", model_dir,
+                           str(tmp_path), "--fix"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("orient: fix needs")
