@@ -37,6 +37,11 @@ DEFAULT_MAX_SIDE = 512
 DEFAULT_JPEG_QUALITY = 95
 DEFAULT_MAX_PIXELS = 128_000_000   # declared width * height above this: refused unread
 MAX_FILE_BYTES = 1 << 30           # files above 1 GiB are not read into memory
+# Animated decoders (libwebp's, Pillow's GIF/APNG) hold several full canvases
+# (measured: a 1 KB animated WebP declaring 11000x11000 took 1.9 GB, 16 bytes a
+# pixel, inside Pillow's load()): animated files count this many times their
+# pixels against max_pixels.
+ANIMATED_PIXEL_COST = 4
 
 # Extensions that name an image format this reader does not decode: reported as
 # "unsupported format" rather than "not an image".
@@ -153,7 +158,19 @@ def open_image(data: bytes, path, max_pixels: int) -> Image.Image:
     if width < 1 or height < 1:
         image.close()
         raise SkipImage(f"corrupt: declares size {width}x{height}")
+    if width * height * ANIMATED_PIXEL_COST > max_pixels and _is_animated(image):
+        image.close()
+        raise SkipImage(f"decompression bomb: animated, declares {width}x{height} = "
+                        f"{width * height / 1e6:.0f} MP > limit "
+                        f"{max_pixels / ANIMATED_PIXEL_COST / 1e6:.0f} MP for animated files")
     return image
+
+
+def _is_animated(image: Image.Image) -> bool:
+    try:
+        return bool(getattr(image, "is_animated", False))
+    except Exception:  # a broken second frame: convert_image reads the first one only
+        return False
 
 
 def convert_image(image: Image.Image, data: bytes, *, max_side: int,
@@ -165,7 +182,7 @@ def convert_image(image: Image.Image, data: bytes, *, max_side: int,
     if orientation not in (None, 1):
         notes.append(f"exif_orientation={orientation}")
     # is_animated looks for a second frame only; n_frames would walk them all.
-    if getattr(image, "is_animated", False):
+    if _is_animated(image):
         notes.append("animated: first frame")
     if image.mode != "RGB":
         notes.append(f"mode={image.mode}")
@@ -238,9 +255,14 @@ def to_rgb(image: Image.Image) -> Image.Image:
         mode in ("P", "L", "RGB", "1") and "transparency" in image.info)
     try:
         if has_alpha:
-            rgba = image.convert("RGBA")
-            background = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
-            return Image.alpha_composite(background, rgba).convert("RGB")
+            # Pasting through the alpha channel onto an RGB background is the
+            # same "over" blend as alpha_composite on an opaque background, with
+            # two image buffers instead of four: a file that declares a huge
+            # canvas (within max_pixels) costs 7 bytes a pixel, not 15.
+            rgba = image if mode == "RGBA" else image.convert("RGBA")
+            rgb = Image.new("RGB", rgba.size, BACKGROUND)
+            rgb.paste(rgba, mask=rgba)
+            return rgb
         return image.convert("RGB")
     except ValueError as e:
         raise SkipImage(f"unsupported mode {mode}: {_short(e)}") from None
@@ -253,16 +275,24 @@ def _wide_gray_to_rgb(image: Image.Image) -> Image.Image:
     turns most 16-bit images white. 16-bit data is scaled by 255/65535; 32-bit
     integers and floats are scaled by their own range when it exceeds 0..255.
     """
-    array = np.asarray(image, dtype=np.float64)
+    # Scaled in blocks of about a million pixels: a whole float64 copy would
+    # cost 8 bytes a pixel (1 GB for a 128 MP file that declares a huge size).
+    width, height = image.size
+    scale, offset = 1.0, 0.0
     if image.mode.startswith("I;16"):
-        array = array * (255.0 / 65535.0)
+        scale = 255.0 / 65535.0
     else:
-        lo, hi = float(array.min()), float(array.max())
+        lo, hi = (float(v) for v in image.getextrema())
         if image.mode == "F" and hi <= 1.0 and lo >= 0.0:
-            array = array * 255.0
+            scale = 255.0
         elif lo < 0.0 or hi > 255.0:
-            array = (array - lo) * (255.0 / max(hi - lo, 1e-12))
-    gray = np.clip(np.rint(array), 0, 255).astype(np.uint8)
+            scale, offset = 255.0 / max(hi - lo, 1e-12), lo
+    gray = np.empty((height, width), np.uint8)
+    rows = max(1, (1 << 20) // width)
+    for top in range(0, height, rows):
+        bottom = min(height, top + rows)
+        block = np.asarray(image.crop((0, top, width, bottom)), dtype=np.float64)
+        gray[top:bottom] = np.clip(np.rint((block - offset) * scale), 0, 255).astype(np.uint8)
     return Image.fromarray(gray, "L").convert("RGB")
 
 

@@ -16,7 +16,10 @@ info.json (schema version 1):
     schema_version   int, == schema.SCHEMA_VERSION
     convention       schema.convention()
     splits           {split: {"num_examples": int, "shards": [file names],
-                              "shard_examples": [int per shard]}}
+                              "shard_examples": [int per shard],
+                              "shard_bytes": [int per shard]}}
+                     (shard_bytes: optional for readers; when present, load_info
+                     refuses a shard of another size: truncated or changed)
     anything else    provenance written by the producer (source, flags, image
                      statistics, skipped files, duplicates); readers ignore it.
 """
@@ -42,13 +45,14 @@ def write_split(out_dir: str, split: str, examples, num_shards: int) -> dict:
       num_shards: >= 1. Example i goes to shard i * num_shards // len(examples),
         so shards are contiguous runs of the list and differ in size by <= 1.
     Returns:
-      the split's entry for info.json: num_examples, shards, shard_examples.
+      the split's entry for info.json: num_examples, shards, shard_examples,
+      shard_bytes.
     """
     import tensorflow as tf
     if num_shards < 1:
         raise ValueError(f"num_shards must be >= 1, got {num_shards}")
     n = len(examples)
-    names, counts = [], []
+    names, counts, sizes = [], [], []
     for index in range(num_shards):
         lo, hi = index * n // num_shards, (index + 1) * n // num_shards
         name = schema.shard_name(split, index, num_shards)
@@ -57,10 +61,12 @@ def write_split(out_dir: str, split: str, examples, num_shards: int) -> dict:
             for serialized in examples[lo:hi]:
                 writer.write(serialized)
         _fsync(tmp)
+        sizes.append(os.path.getsize(tmp))
         os.replace(tmp, os.path.join(out_dir, name))
         names.append(name)
         counts.append(hi - lo)
-    return {"num_examples": n, "shards": names, "shard_examples": counts}
+    return {"num_examples": n, "shards": names, "shard_examples": counts,
+            "shard_bytes": sizes}
 
 
 def write_info(out_dir: str, splits: dict, **provenance) -> dict:
@@ -86,7 +92,9 @@ def load_info(records_dir: str) -> dict:
     """Reads and checks info.json of a records folder.
 
     Checks: the folder and info.json exist, the schema version matches, the
-    convention is the project's, and every listed shard file exists.
+    convention is the project's, and every listed shard file exists (and has
+    the size info.json gives, when it gives one: a cheap check that catches
+    truncated shards before any record is read).
     Raises:
       RecordsError with a message that says what is wrong and what to do.
     """
@@ -110,11 +118,18 @@ def load_info(records_dir: str) -> dict:
     if info.get("convention", {}).get("class_names") != list(schema.CLASS_NAMES):
         raise RecordsError(f"{path}: rotation convention differs from this code's")
     for split, entry in info.get("splits", {}).items():
-        for name in entry.get("shards", []):
-            if not os.path.exists(os.path.join(records_dir, name)):
+        sizes = entry.get("shard_bytes") or [None] * len(entry.get("shards", []))
+        for name, size in zip(entry.get("shards", []), sizes):
+            shard = os.path.join(records_dir, name)
+            if not os.path.exists(shard):
                 raise RecordsError(
                     f"{records_dir!r}: shard {name} of split {split!r} listed in "
                     f"{schema.INFO_FILE} is missing")
+            actual = os.path.getsize(shard)
+            if size is not None and actual != size:
+                raise RecordsError(
+                    f"{shard}: damaged shard (truncated or changed): {actual} bytes, "
+                    f"{schema.INFO_FILE} says {size}; run make_records again")
     return info
 
 

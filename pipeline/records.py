@@ -11,7 +11,10 @@ make_records, step by step:
   2. Walks SRC recursively on bytes paths (any file name works, valid UTF-8
      or not), following symlinks but never into a folder it is already inside
      (symlink loops are reported, not followed). Hidden entries (".name") are
-     ignored and counted.
+     ignored and counted. Symlinks to files or folders OUTSIDE SRC are followed
+     (a folder of links is a common way to assemble a data set without
+     copying) and listed with their targets in info.json
+     ("links_outside_source"), since the records then depend on those files.
   3. Reads every candidate file in `workers` processes (forked, or from a
      forkserver once TensorFlow is imported, which must not be forked)
      with `imageio.read_upright`; each stored image is spilled to a scratch
@@ -32,12 +35,14 @@ make_records, step by step:
   6. Refuses to write (raises MakeRecordsError, previous output left intact)
      when there are no images, when more than max_skipped_fraction of the
      candidates were skipped, or when a split would be empty.
-  7. Writes: removes the previous info.json first (from then on no reader
-     accepts the folder), then old shards, then new shards (temporary name,
-     rename), info.json last. Examples are ordered by sha256 within a split, so
-     the bytes are identical whatever the number of workers, and each shard is
-     a random mix of the folder. Shards hold 100-200 MB each (one shard
-     below 200 MB).
+  7. Writes the new shards and info.json complete into OUT/.make_records.new/
+     while the previous output stays readable (a full disk or any write error
+     leaves it intact), then swaps by renames alone: removes the previous
+     info.json first (from then on no reader accepts the folder), then old
+     shards, moves the new shards in, info.json last. Examples are ordered by
+     sha256 within a split, so the bytes are identical whatever the number of
+     workers, and each shard is a random mix of the folder. Shards hold
+     100-200 MB each (one shard below 200 MB).
 
 Files that fail are "skipped" (an image file that cannot be stored: counts
 against max_skipped_fraction) or "ignored" (not an image at all, e.g. notes.txt,
@@ -66,7 +71,9 @@ from upright.pipeline import imageio, recordio, schema
 
 LOCK_FILE = ".make_records.lock"
 SCRATCH_FILE = ".make_records.scratch"
+STAGING_DIR = ".make_records.new"  # the next output, complete before it replaces the previous
 SHARD_BYTES = 100 * 1000 * 1000   # shards hold [SHARD_BYTES, 2 * SHARD_BYTES) bytes
+RUNNERS = ("local", "beam")
 _SHARD_RE = re.compile(r"^(train|val)\.tfrecord-\d{5}-of-\d{5}$")
 
 
@@ -108,13 +115,16 @@ def make_records(*, src: str, out: str, val_fraction: float = 0.2,
                  workers: int = None, overwrite: bool = False,
                  max_skipped_fraction: float = 0.1,
                  max_pixels: int = imageio.DEFAULT_MAX_PIXELS,
-                 progress: bool = True, arguments: dict = None) -> dict:
+                 progress: bool = True, arguments: dict = None,
+                 num_shards: int = 0, runner: str = "local",
+                 beam_options: list = None) -> dict:
     """Turns the upright images under `src` into a records folder `out`.
 
     Args:
       src: folder of upright images (searched recursively).
       out: records folder to write (created if needed).
-      val_fraction: in (0, 1), the expected share of pictures in "val".
+      val_fraction: in (0, 1], the expected share of pictures in "val"; 1 writes
+        an evaluation-only folder with a "val" split and no "train" split.
       max_side: longest side of stored images in pixels; 0 keeps sizes.
       jpeg_quality: 1..100 for re-encoded images.
       workers: reader processes; None: all usable cores; 1: in this process.
@@ -125,6 +135,14 @@ def make_records(*, src: str, out: str, val_fraction: float = 0.2,
       progress: show a tqdm progress bar on stderr.
       arguments: the command-line flags to record in info.json (default: the
         keyword arguments above).
+      num_shards: shards per split; 0 (default) sizes them by bytes (100-200 MB
+        each). Write at least as many as there will be input pipelines
+        (training workers): each pipeline reads whole shard files.
+      runner: "local" (processes on this machine) or "beam": the same per-file
+        function, `read_one`, runs on Apache Beam (see records_beam.py); the
+        planning and the shards are then written here exactly as in local mode.
+      beam_options: Beam pipeline options for runner="beam", e.g.
+        ["--runner=DirectRunner", "--direct_num_workers=2"].
     Returns:
       the info dict written to OUT/info.json.
     Raises:
@@ -132,13 +150,23 @@ def make_records(*, src: str, out: str, val_fraction: float = 0.2,
     """
     _check_arguments(val_fraction, max_side, jpeg_quality, workers, max_skipped_fraction,
                      max_pixels)
+    if num_shards < 0:
+        raise MakeRecordsError(f"num_shards must be >= 0 (0 = by size), got {num_shards}")
+    if runner not in RUNNERS:
+        raise MakeRecordsError(f"runner must be one of {', '.join(RUNNERS)}, got {runner!r}")
     src_b, out_b = _check_folders(src, out, overwrite)
     if arguments is None:
         arguments = dict(val_fraction=val_fraction, max_side=max_side,
                          jpeg_quality=jpeg_quality, workers=workers, overwrite=overwrite,
-                         max_skipped_fraction=max_skipped_fraction, max_pixels=max_pixels)
-    os.makedirs(out_b, exist_ok=True)
-    lock = _lock(out_b)
+                         max_skipped_fraction=max_skipped_fraction, max_pixels=max_pixels,
+                         num_shards=num_shards, runner=runner)
+    try:
+        os.makedirs(out_b, exist_ok=True)
+        lock = _lock(out_b)
+    except OSError as e:   # read-only filesystem, no permission, disk full
+        raise MakeRecordsError(
+            f"cannot write into the output folder {_show(out_b)}: {_describe_os_error(e)}; "
+            "choose another --out") from None
     try:
         walk = find_files(src_b)
         if not walk.files:
@@ -149,13 +177,29 @@ def make_records(*, src: str, out: str, val_fraction: float = 0.2,
         scratch_path = os.path.join(out_b, os.fsencode(SCRATCH_FILE))
         try:
             with open(scratch_path, "w+b") as scratch:
-                results, spans = _read_all(src_b, walk.files, options, scratch,
-                                           workers=workers, progress=progress)
+                if runner == "beam":
+                    from upright.pipeline import records_beam
+                    results, spans = records_beam.read_all(
+                        src_b, walk.files, options, scratch, out_b=out_b,
+                        beam_options=beam_options, progress=progress)
+                else:
+                    results, spans = _read_all(src_b, walk.files, options, scratch,
+                                               workers=workers, progress=progress,
+                                               lock_fd=lock)
                 plan = _plan(results, walk, val_fraction=val_fraction,
                              max_skipped_fraction=max_skipped_fraction, src_b=src_b)
-                return _write(out_b, plan, spans, scratch, src_b=src_b, arguments=arguments)
+                _check_num_shards(plan, num_shards)
+                return _write(out_b, plan, spans, scratch, src_b=src_b, arguments=arguments,
+                              num_shards=num_shards)
+        except OSError as e:
+            # The scratch file (disk full, quota, file size limit): nothing of
+            # OUT's previous output has been touched yet.
+            raise MakeRecordsError(
+                f"cannot write into {_show(out_b)}: {_describe_os_error(e)}; the previous "
+                "output there (if any) is untouched; free space and run again",
+                refused=True) from None
         finally:
-            os.remove(scratch_path)
+            _remove_quietly(scratch_path)
     finally:
         _unlock(lock)
 
@@ -165,8 +209,8 @@ def make_records(*, src: str, out: str, val_fraction: float = 0.2,
 
 def _check_arguments(val_fraction, max_side, jpeg_quality, workers, max_skipped_fraction,
                      max_pixels):
-    if not 0.0 < val_fraction < 1.0:
-        raise MakeRecordsError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    if not 0.0 < val_fraction <= 1.0:
+        raise MakeRecordsError(f"val_fraction must be in (0, 1], got {val_fraction}")
     if max_side < 0:
         raise MakeRecordsError(f"max_side must be >= 0 (0 keeps sizes), got {max_side}")
     if not 1 <= jpeg_quality <= 100:
@@ -209,7 +253,7 @@ def _is_own_file(name: bytes) -> bool:
     """Files make_records itself puts into OUT."""
     text = name.decode("utf-8", "replace")
     base = text[:-len(recordio.TMP_SUFFIX)] if text.endswith(recordio.TMP_SUFFIX) else text
-    return (base in (schema.INFO_FILE, LOCK_FILE, SCRATCH_FILE)
+    return (base in (schema.INFO_FILE, LOCK_FILE, SCRATCH_FILE, STAGING_DIR)
             or _SHARD_RE.match(base) is not None)
 
 
@@ -248,6 +292,10 @@ class Walk:
     skipped: list      # [(rel bytes, reason)]: image candidates that cannot be read
     ignored: list      # [(rel bytes, reason)]: entries that are not candidates
     hidden: int = 0    # hidden entries (".name") not looked into
+    # [(rel bytes, real target bytes)]: symlinks whose target is outside SRC
+    # (followed, and listed in info.json: the records depend on those files too).
+    outside: list = dataclasses.field(default_factory=list)
+    real_src: bytes = b""
 
 
 def find_files(src_b: bytes) -> Walk:
@@ -257,12 +305,13 @@ def find_files(src_b: bytes) -> Walk:
     (skipped) when it is one of its own ancestors, else as a second path to a
     folder already walked (ignored: its files were read once already).
     """
-    walk = Walk(files=[], skipped=[], ignored=[])
+    walk = Walk(files=[], skipped=[], ignored=[], real_src=os.path.realpath(src_b))
     top = os.stat(src_b)
     visited = {(top.st_dev, top.st_ino): b"."}
     _walk_folder(src_b, b"", ((top.st_dev, top.st_ino),), visited, walk)
     walk.files.sort()
     walk.skipped.sort()
+    walk.outside.sort()
     walk.ignored.sort()
     return walk
 
@@ -290,6 +339,10 @@ def _walk_folder(src_b, rel_dir, ancestors, visited, walk):
                 walk.skipped.append((rel, f"unreadable: {e.strerror}"))
             continue
         key = (st.st_dev, st.st_ino)
+        if entry.is_symlink():
+            target = os.path.realpath(entry.path)
+            if not (target + b"/").startswith(walk.real_src.rstrip(b"/") + b"/"):
+                walk.outside.append((rel, target))
         if stat.S_ISDIR(st.st_mode):
             if key in ancestors:
                 walk.skipped.append(
@@ -347,8 +400,11 @@ def _looks_like_image(path) -> bool:
         return False
 
 
-def _read_all(src_b, files, options, scratch, *, workers, progress):
-    """Reads all files; returns (results sorted by path, {rel: (offset, length)})."""
+def _read_all(src_b, files, options, scratch, *, workers, progress, lock_fd=None):
+    """Reads all files; returns (results sorted by path, {rel: (offset, length)}).
+
+    lock_fd: the OUT lock's descriptor, closed in forked readers so that only
+    this process holds the lock (see `_init_reader`)."""
     import tqdm
     workers = workers or _usable_cores()
     workers = max(1, min(workers, len(files)))
@@ -359,7 +415,10 @@ def _read_all(src_b, files, options, scratch, *, workers, progress):
         iterator = map(task, files)
     else:
         # Started before the progress bar, whose monitor thread must not be forked.
-        executor = concurrent.futures.ProcessPoolExecutor(workers, mp_context=_context())
+        context = _context()
+        executor = concurrent.futures.ProcessPoolExecutor(
+            workers, mp_context=context, initializer=_init_reader,
+            initargs=(lock_fd if context.get_start_method() == "fork" else None,))
         # Chunks amortise inter-process traffic; small enough to balance the tail.
         chunk = max(1, min(16, len(files) // (workers * 8)))
         iterator = executor.map(task, files, chunksize=chunk)
@@ -398,6 +457,32 @@ def _read_all(src_b, files, options, scratch, *, workers, progress):
             bar_file.close()
     results.sort(key=lambda r: r.rel)
     return results, spans
+
+
+def _init_reader(lock_fd):
+    """Runs first in every reader process.
+
+    A forked reader inherits the OUT lock (flock belongs to the open file, which
+    it shares): it closes its copy, so the lock dies with the main process. And
+    readers must not outlive the main process: killed with SIGKILL, it cannot
+    stop them, and they would wait forever for work while holding memory (and,
+    without the close, the lock, so every rerun would be refused). A daemon
+    thread ends the reader within a quarter second of its parent's death.
+    """
+    if lock_fd is not None:
+        try:
+            os.close(lock_fd)
+        except OSError:
+            pass
+    parent = os.getppid()
+
+    def watch_parent():
+        import time
+        while os.getppid() == parent:
+            time.sleep(0.25)
+        os._exit(1)
+
+    threading.Thread(target=watch_parent, name="watch-parent", daemon=True).start()
 
 
 def _import_tensorflow(quiet: bool):
@@ -448,6 +533,7 @@ class _Plan:
     duplicates: list        # [(rel, rel of the kept copy)]
     groups: list            # [[rel, ...]] near-duplicate groups of >= 2 kept images
     candidates: int
+    outside: list = ()      # [(rel, target)] symlinks to files/folders outside SRC
 
 
 def _plan(results, walk, *, val_fraction, max_skipped_fraction, src_b) -> _Plan:
@@ -477,7 +563,8 @@ def _plan(results, walk, *, val_fraction, max_skipped_fraction, src_b) -> _Plan:
             "fix or remove them (reasons above), or raise --max_skipped_fraction",
             details, refused=True)
     groups = group_near_duplicates([r.image.signature for r in kept])
-    splits = {s: [] for s in schema.SPLITS}
+    # val_fraction=1 makes an evaluation-only folder (e.g. a held-out set): no train split.
+    splits = {s: [] for s in (("val",) if val_fraction >= 1.0 else schema.SPLITS)}
     for members in groups:
         anchor = min(members, key=lambda i: _unit_hash(b"anchor", kept[i].sha256))
         split = "val" if _unit_hash(b"split", kept[anchor].sha256) < val_fraction else "train"
@@ -493,7 +580,7 @@ def _plan(results, walk, *, val_fraction, max_skipped_fraction, src_b) -> _Plan:
     near_groups = [sorted(kept[i].rel for i in g) for g in groups if len(g) > 1]
     return _Plan(splits=splits, skipped=sorted(skipped), ignored=sorted(ignored),
                  hidden=walk.hidden, duplicates=duplicates, groups=sorted(near_groups),
-                 candidates=candidates)
+                 candidates=candidates, outside=list(walk.outside))
 
 
 def _unit_hash(salt: bytes, sha256_hex: str) -> float:
@@ -582,16 +669,58 @@ def num_shards_for(total_bytes: int) -> int:
     return max(1, total_bytes // SHARD_BYTES)
 
 
-def _write(out_b, plan, spans, scratch, *, src_b, arguments) -> dict:
-    _remove_previous_output(out_b)
-    entries = {}
-    out = os.fsdecode(out_b)
-    for split in schema.SPLITS:
-        items = plan.splits[split]
-        total = sum(spans[r.rel][1] + 200 for r in items)   # + proto/record overhead
-        entries[split] = recordio.write_split(
-            out, split, _LazyExamples(items, spans, scratch), num_shards_for(total))
-    kept = [r for split in schema.SPLITS for r in plan.splits[split]]
+def _check_num_shards(plan, num_shards):
+    """Every shard must hold at least one image: an input pipeline given only
+    empty files would stop while the other workers wait for it."""
+    for split in plan.splits:
+        if num_shards > len(plan.splits[split]):
+            raise MakeRecordsError(
+                f"num_shards={num_shards} but split {split!r} has only "
+                f"{len(plan.splits[split])} images; lower --num_shards", refused=True)
+
+
+def _write(out_b, plan, spans, scratch, *, src_b, arguments, num_shards=0) -> dict:
+    """Writes the new output beside the previous one, then swaps it in.
+
+    All new shards and info.json are first written complete into OUT/STAGING_DIR
+    while the previous output stays untouched and readable: running out of space
+    (or any other write error) there leaves it intact. Only then `_commit`
+    swaps, by removals and renames alone, which need no free space.
+    """
+    import tensorflow as tf
+    staging_b = os.path.join(out_b, os.fsencode(STAGING_DIR))
+    try:
+        _remove_tree(staging_b)           # left behind by a killed run
+        os.mkdir(staging_b)
+        staging = os.fsdecode(staging_b)
+        entries = {}
+        for split in plan.splits:
+            items = plan.splits[split]
+            total = sum(spans[r.rel][1] + 200 for r in items)   # + proto/record overhead
+            entries[split] = recordio.write_split(
+                staging, split, _LazyExamples(items, spans, scratch),
+                num_shards or num_shards_for(total))
+        info = recordio.write_info(staging, entries,
+                                   **_provenance(plan, spans, src_b=src_b, arguments=arguments))
+    except (OSError, tf.errors.OpError) as e:
+        _remove_tree(staging_b)
+        raise MakeRecordsError(
+            f"cannot write the records into {_show(out_b)}: {_describe_os_error(e)}; "
+            "the previous output there (if any) is untouched; free space and run again",
+            refused=True) from None
+    try:
+        _commit(out_b, staging_b, entries)
+    except OSError as e:
+        raise MakeRecordsError(
+            f"cannot move the new records into place in {_show(out_b)}: "
+            f"{_describe_os_error(e)}; it holds no output a reader accepts now; "
+            "run again", refused=True) from None
+    return info
+
+
+def _provenance(plan, spans, *, src_b, arguments) -> dict:
+    """info.json's provenance fields (everything but the splits)."""
+    kept = [r for items in plan.splits.values() for r in items]
     provenance = {
         "created_by": "make_records",
         "source": _show(os.path.abspath(src_b)),
@@ -599,8 +728,8 @@ def _write(out_b, plan, spans, scratch, *, src_b, arguments) -> dict:
         "counts": {
             "candidates": plan.candidates,
             "stored": len(kept),
-            "train": len(plan.splits["train"]),
-            "val": len(plan.splits["val"]),
+            "train": len(plan.splits.get("train", [])),
+            "val": len(plan.splits.get("val", [])),
             "skipped": len(plan.skipped),
             "ignored": len(plan.ignored),
             "hidden_ignored": plan.hidden,
@@ -615,7 +744,10 @@ def _write(out_b, plan, spans, scratch, *, src_b, arguments) -> dict:
             "animated_first_frame": sum("animated: first frame" in r.image.notes
                                         for r in kept),
             "resized": sum("resized" in r.image.notes for r in kept),
+            "links_outside_source": len(plan.outside),
         },
+        "links_outside_source": [{"path": _show(rel), "target": _show(target)}
+                                 for rel, target in plan.outside],
         "image_stats": _image_stats(kept, spans),
         "skipped": [{"path": _show(rel), "reason": reason} for rel, reason in plan.skipped],
         "ignored": [{"path": _show(rel), "reason": reason} for rel, reason in plan.ignored],
@@ -628,7 +760,51 @@ def _write(out_b, plan, spans, scratch, *, src_b, arguments) -> dict:
                          "unchanged_sources": "RGB JPEGs without an EXIF turn and within "
                                               "max_side are stored byte for byte"},
     }
-    return recordio.write_info(out, entries, **provenance)
+    return provenance
+
+
+def _commit(out_b, staging_b, entries):
+    """Replaces OUT's previous output by the complete one in staging.
+
+    Order: the previous info.json goes first (from then on no reader accepts
+    the folder), then the previous shards; the new shards move in, info.json
+    last. A kill at any point leaves the previous output, a folder readers
+    refuse, or the new output.
+    """
+    _remove_previous_output(out_b)
+    for split in entries:
+        for name in entries[split]["shards"]:
+            name_b = os.fsencode(name)
+            os.replace(os.path.join(staging_b, name_b), os.path.join(out_b, name_b))
+    info_b = os.fsencode(schema.INFO_FILE)
+    os.replace(os.path.join(staging_b, info_b), os.path.join(out_b, info_b))
+    recordio._fsync_dir(out_b)
+    _remove_tree(staging_b)
+
+
+def _remove_tree(path_b):
+    """Removes the (flat) staging folder if it exists."""
+    if not os.path.isdir(path_b):
+        return
+    for name in os.listdir(path_b):
+        os.remove(os.path.join(path_b, name))
+    os.rmdir(path_b)
+
+
+def _remove_quietly(path_b):
+    try:
+        os.remove(path_b)
+    except FileNotFoundError:
+        pass
+
+
+def _describe_os_error(e) -> str:
+    """'No space left on device (path)' for an OSError or TensorFlow's OpError."""
+    if isinstance(e, OSError):
+        where = f" ({_show(e.filename)})" if e.filename else ""
+        return f"{e.strerror or e}{where}"
+    lines = (getattr(e, "message", "") or str(e)).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
 
 
 def _remove_previous_output(out_b):
@@ -639,7 +815,7 @@ def _remove_previous_output(out_b):
         recordio._fsync_dir(out_b)
     for name in os.listdir(out_b):
         text = name.decode("utf-8", "replace")
-        if _is_own_file(name) and text not in (LOCK_FILE, SCRATCH_FILE):
+        if _is_own_file(name) and text not in (LOCK_FILE, SCRATCH_FILE, STAGING_DIR):
             os.remove(os.path.join(out_b, name))
 
 
@@ -692,9 +868,9 @@ def format_summary(info: dict) -> str:
     c = info["counts"]
     splits = info["splits"]
     lines = [
-        f"wrote {c['stored']} images: train {c['train']} in "
-        f"{len(splits['train']['shards'])} shard(s), val {c['val']} in "
-        f"{len(splits['val']['shards'])} shard(s)",
+        f"wrote {c['stored']} images: " + ", ".join(
+            f"{split} {entry['num_examples']} in {len(entry['shards'])} shard(s)"
+            for split, entry in sorted(splits.items(), key=lambda kv: kv[0] != "train")),
         f"skipped {c['skipped']}, ignored {c['ignored']} (+{c['hidden_ignored']} hidden), "
         f"exact duplicates {c['duplicates']}, near-duplicate groups "
         f"{c['near_duplicate_groups']} ({c['images_in_near_duplicate_groups']} images)",
@@ -732,9 +908,11 @@ def inspect_records(records_dir: str) -> dict:
     formats = collections.Counter()
     heights, widths = [], []
     summary = {"splits": {}}
-    for split in schema.SPLITS:
-        if split not in info["splits"]:
-            raise recordio.RecordsError(f"{records_dir!r}: info.json has no split {split!r}")
+    if "val" not in info["splits"]:
+        raise recordio.RecordsError(f"{records_dir!r}: info.json has no split 'val'")
+    for split in info["splits"]:
+        if split not in schema.SPLITS:
+            raise recordio.RecordsError(f"{records_dir!r}: info.json has an unknown split {split!r}")
         entry = info["splits"][split]
         shards = entry.get("shards", [])
         expected = entry.get("shard_examples", [None] * len(shards))
@@ -836,8 +1014,9 @@ def draw_contact_sheet(records_dir: str, path: str, *, num_images: int = 6,
     import io
     info = recordio.load_info(records_dir)
     records = []
-    for split in schema.SPLITS:
-        share = num_images - num_images // 2 if split == "train" else num_images // 2
+    present = [split for split in schema.SPLITS if split in info["splits"]]
+    for i, split in enumerate(present):   # spread evenly over the splits present
+        share = (num_images + i) // len(present)
         records += [(split, r) for r in _sample_records(records_dir, info, split, share)]
     caption, pad = 18, 6
     cell = thumb_side + 2 * pad

@@ -83,6 +83,7 @@ class TrainConfig:
     weights: str | None = "imagenet"   # "imagenet", None, or a backbone weights file
     head: str = "dense"
     dropout: float = 0.0
+    bn_momentum: float = 0.0           # 0 keeps the backbone's BatchNorm momentum
     # Stages.
     stage1_epochs: int = 15
     stage1_lr: float = 1e-3
@@ -97,6 +98,7 @@ class TrainConfig:
     # Speed and scale.
     mixed_precision: bool = False
     jit_compile: str = "auto"
+    data_service: str = ""          # grpc://HOST:PORT of a tf.data service; "" = local input
     strategy: str = "auto"
     deterministic: bool = False     # tf.config.experimental.enable_op_determinism
     # Hygiene.
@@ -141,7 +143,7 @@ def check_config(config: TrainConfig) -> dict:
         raise ConfigError(str(e)) from None
     model_lib.check_choices(backbone=config.backbone, image_size=config.image_size,
                             weights=config.weights, head=config.head,
-                            dropout=config.dropout)
+                            dropout=config.dropout, bn_momentum=config.bn_momentum)
     if config.weights not in (None, "imagenet"):
         # Builds the backbone alone and loads the file: a wrong architecture fails
         # here, in seconds, not after the data pipeline started.
@@ -149,6 +151,12 @@ def check_config(config: TrainConfig) -> dict:
                                      path=config.weights)
     _check_choice("augment_on", config.augment_on, AUGMENT_ON)
     _check_choice("strategy", config.strategy, STRATEGIES)
+    if config.data_service:
+        from upright.pipeline import data_service
+        try:
+            data_service.check_address(config.data_service)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     _check_choice("jit_compile", str(config.jit_compile).lower(), JIT_COMPILE)
     _check_choice("resize", config.resize, RESIZE)
     if config.batch_size < 1:
@@ -215,6 +223,10 @@ def train_and_evaluate(config: TrainConfig) -> dict:
         raise ConfigError("jit_compile=true cannot compile the AugmentLayer of augment_on=device "
                           "(ImageProjectiveTransformV3 and dynamic_partition have no XLA "
                           "kernels); use --jit_compile=auto or --augment_on=host")
+    if config.strategy == "multi_worker":
+        # Non-chief workers write under model_dir/workers/worker-<i>/: one backup each.
+        from upright.pipeline import cluster
+        config = dataclasses.replace(config, model_dir=cluster.worker_dir(config.model_dir))
     _pin_config(config)
     if config.mixed_precision:
         keras.config.set_dtype_policy(
@@ -255,6 +267,8 @@ def make_strategy(name: str):
     if name == "mirrored":
         return tf.distribute.MirroredStrategy()
     if name == "multi_worker":
+        from upright.pipeline import cluster
+        cluster.patch_keras_for_multi_worker()   # Keras 3.15 fit() fails with >1 worker
         return tf.distribute.MultiWorkerMirroredStrategy()
     if name == "tpu":
         resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu="")
@@ -275,7 +289,8 @@ def resolve_augment_on(value: str) -> str:
 
 def _build_classifier(config, weights):
     return model_lib.build_model(backbone=config.backbone, image_size=config.image_size,
-                                 weights=weights, head=config.head, dropout=config.dropout)
+                                 weights=weights, head=config.head, dropout=config.dropout,
+                                 bn_momentum=config.bn_momentum)
 
 
 def _training_model(classifier, config, augment_on):
@@ -388,6 +403,7 @@ class _Run:
 
     def _fit_stage(self, stage, s):
         import keras
+        from upright.pipeline import cluster
         config = self.config
         freezing = model_lib.set_trainable(self.classifier,
                                            freeze_below_block=s["freeze_below_block"],
@@ -406,6 +422,8 @@ class _Run:
         callbacks = [
             _callback("StopOnNaN")(stage),     # first: nothing saves a NaN epoch
             _callback("ResetRandomState")(config.seed, stage),
+            # Multi-worker: average BatchNorm statistics so workers do not drift.
+            cluster.average_non_trainable_callback(self.train_model, self.strategy),
             _callback("SaveBest")(self.classifier, self._path("checkpoints"), stage),
             _callback("AddStage")(stage),
             keras.callbacks.CSVLogger(self._path("history.csv"), append=True),
@@ -470,9 +488,23 @@ class _Run:
 
     def _train_data(self, stage, start):
         """The stage's training stream from epoch `start` on (see train_stream)."""
-        return self._distribute(lambda ctx: train_stream(
-            self.config, stage=stage, skip_batches=start * self.steps,
-            augment_on=self.augment_on, input_context=ctx))
+        config = self.config
+        if not config.data_service:
+            return self._distribute(lambda ctx: train_stream(
+                config, stage=stage, skip_batches=start * self.steps,
+                augment_on=self.augment_on, input_context=ctx))
+        from upright.pipeline import data_service
+
+        def dataset_fn(ctx):
+            # All consumers share one service job: no file sharding here, and no
+            # skip on resume (the service's batch order is not reproducible anyway).
+            batch = ctx.get_per_replica_batch_size(config.batch_size) if ctx else config.batch_size
+            ds = train_stream(dataclasses.replace(config, batch_size=batch), stage=stage,
+                              augment_on=self.augment_on, input_context=None)
+            return data_service.maybe_distribute(
+                ds, config.data_service,
+                job_name=data_service.job_name(config.model_dir, stage, start))
+        return self._distribute(dataset_fn)
 
     def _val_data(self):
         from upright.pipeline import inputs

@@ -189,9 +189,19 @@ def test_refusals(tmp_path):
     recordio.load_info(str(foreign))
     with pytest.raises(records.MakeRecordsError, match="split 'val' would be empty"):
         run(src, tmp_path / "one", val_fraction=0.001)
-    for value, flag in [(0.0, "val_fraction"), (1.0, "val_fraction")]:
+    for value, flag in [(0.0, "val_fraction"), (1.5, "val_fraction")]:
         with pytest.raises(records.MakeRecordsError, match=flag):
             run(src, tmp_path / "x", val_fraction=value)
+
+
+def test_val_fraction_one_makes_an_evaluation_only_folder(tmp_path):
+    src = tmp_path / "src"
+    make_good_folder(src, range(6))
+    info = run(src, tmp_path / "holdout", val_fraction=1.0)
+    assert sorted(info["splits"]) == ["val"]
+    assert info["splits"]["val"]["num_examples"] == 6
+    assert records.inspect_records(str(tmp_path / "holdout"))["splits"]["val"]["num_examples"] == 6
+    assert "val 6 in 1 shard(s)" in records.format_summary(info)
 
 
 def test_too_many_skipped_refuses_and_keeps_the_previous_output(tmp_path):
@@ -244,14 +254,20 @@ def test_a_killed_run_leaves_nothing_a_reader_accepts_and_a_rerun_succeeds(tmp_p
     src = tmp_path / "src"
     make_good_folder(src, range(12))
     out = tmp_path / "out"
-    run(src, out)                       # a complete earlier output...
+    before = run(src, out)              # a complete earlier output...
     make_good_folder(src, range(12, 20))
     proc = subprocess.run([sys.executable, "-c", KILLER, str(src), str(out)],
                           capture_output=True, timeout=120)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
-    assert any(n.startswith("train.tfrecord") for n in os.listdir(out))
+    # The new train shard was written beside the earlier output (staging), which
+    # is still complete and accepted; the half-new one is not visible to readers.
+    assert any(n.startswith("train.tfrecord")
+               for n in os.listdir(out / records.STAGING_DIR))
+    assert recordio.load_info(str(out)) == before
+    shutil.rmtree(out / records.STAGING_DIR)
+    os.remove(out / schema.INFO_FILE)   # an earlier kill during the swap:
     with pytest.raises(recordio.RecordsError, match="no info.json"):
-        recordio.load_info(str(out))    # ...is gone, and the half-new one is not accepted
+        recordio.load_info(str(out))    # ...the folder is refused
     info = run(src, out)
     assert info["counts"]["stored"] == 20
     records.inspect_records(str(out))

@@ -2,6 +2,8 @@
 
     make_records --src photos/                      # writes records/photos/
     make_records --src photos/ --out /data/rec --max_side 384 --workers 8
+    make_records --src photos/ --num_shards 16      # >= the number of training workers
+    make_records --src photos/ --runner beam --beam_pipeline_options="--direct_num_workers=2"
 
 Walks --src recursively and writes --out/train.tfrecord-NNNNN-of-NNNNN,
 --out/val.tfrecord-... and --out/info.json (written last). Every image is
@@ -17,6 +19,7 @@ split, no images, OUT in use); 2 bad arguments or folders. Nothing a reader
 accepts is left behind by a refused or killed run.
 """
 import os
+import shlex
 import sys
 
 from absl import app
@@ -27,7 +30,8 @@ _OUT = flags.DEFINE_string(
     "out", None, "Records folder to write. Default: records/<name of --src>/ "
     "(relative to the current folder). Must not be inside --src.")
 _VAL_FRACTION = flags.DEFINE_float(
-    "val_fraction", 0.2, "Share of pictures in the val split, in (0, 1); chosen by a "
+    "val_fraction", 0.2, "Share of pictures in the val split, in (0, 1]; 1 makes an evaluation-only "
+    "folder (a held-out set, no train split). Chosen by a "
     "stable hash of each file's bytes, so adding images never moves old ones.")
 _MAX_SIDE = flags.DEFINE_integer(
     "max_side", 512, "Longest side of stored images in pixels; larger images are "
@@ -46,6 +50,19 @@ _MAX_PIXELS = flags.DEFINE_integer(
     "max_pixels", 128_000_000, "Images whose header declares more pixels are skipped "
     "as decompression bombs, before any pixel is decoded.")
 _PROGRESS = flags.DEFINE_boolean("progress", True, "Show a progress bar on stderr.")
+_NUM_SHARDS = flags.DEFINE_integer(
+    "num_shards", 0, "Shards per split. 0: by size (100-200 MB each). Multi-worker "
+    "training and tf.data service read whole shard files per input pipeline, so write "
+    "at least as many shards as pipelines (a multiple of their number balances them).",
+    lower_bound=0)
+_RUNNER = flags.DEFINE_enum(
+    "runner", "local", ["local", "beam"], "local: reader processes on this machine. "
+    "beam: the same per-image work on Apache Beam (pip install 'upright-orientation[beam]'); "
+    "choose the Beam runner with --beam_pipeline_options.")
+_BEAM_OPTIONS = flags.DEFINE_string(
+    "beam_pipeline_options", "", "With --runner=beam: Beam pipeline options, space-separated, "
+    "e.g. \"--runner=FlinkRunner --flink_master=host:8081 --environment_type=LOOPBACK\". "
+    "Default: DirectRunner on this machine.")
 
 
 def default_out(src: str) -> str:
@@ -66,14 +83,19 @@ def main(argv):
                  "max_side": _MAX_SIDE.value, "jpeg_quality": _JPEG_QUALITY.value,
                  "workers": _WORKERS.value, "overwrite": _OVERWRITE.value,
                  "max_skipped_fraction": _MAX_SKIPPED_FRACTION.value,
-                 "max_pixels": _MAX_PIXELS.value}
+                 "max_pixels": _MAX_PIXELS.value, "num_shards": _NUM_SHARDS.value,
+                 "runner": _RUNNER.value}
+    beam_options = shlex.split(_BEAM_OPTIONS.value)
+    if beam_options and _RUNNER.value != "beam":
+        raise app.UsageError("--beam_pipeline_options needs --runner=beam")
     try:
         info = records.make_records(
             src=_SRC.value, out=out, val_fraction=_VAL_FRACTION.value,
             max_side=_MAX_SIDE.value, jpeg_quality=_JPEG_QUALITY.value,
             workers=_WORKERS.value, overwrite=_OVERWRITE.value,
             max_skipped_fraction=_MAX_SKIPPED_FRACTION.value, max_pixels=_MAX_PIXELS.value,
-            progress=_PROGRESS.value, arguments=arguments)
+            progress=_PROGRESS.value, arguments=arguments, num_shards=_NUM_SHARDS.value,
+            runner=_RUNNER.value, beam_options=beam_options)
     except KeyboardInterrupt:
         print(f"make_records: interrupted; {out} holds its previous output or none that "
               "a reader accepts; run again to finish", file=sys.stderr)

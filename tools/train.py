@@ -43,6 +43,9 @@ _WEIGHTS = flags.DEFINE_string("weights", _D.weights,
 _HEAD = flags.DEFINE_enum("head", _D.head, model_lib.HEADS,
                           "dense: Dense(256)+LeakyReLU+BN+Dense(4); linear: Dense(4).")
 _DROPOUT = flags.DEFINE_float("dropout", _D.dropout, "Dropout on the pooled features.")
+_BN_MOMENTUM = flags.DEFINE_float(
+    "bn_momentum", _D.bn_momentum, "Momentum of the backbone's BatchNorm layers; 0 keeps "
+    "the backbone's own. Short runs from random init (--weights=none) need about 0.9.")
 # Stages.
 _S1_EPOCHS = flags.DEFINE_integer("stage1_epochs", _D.stage1_epochs,
                                   "Stage 1 epochs (0 skips the stage).")
@@ -69,6 +72,9 @@ _MIXED = flags.DEFINE_bool("mixed_precision", _D.mixed_precision,
 _JIT = flags.DEFINE_enum("jit_compile", _D.jit_compile, train.JIT_COMPILE, "XLA compilation.")
 _STRATEGY = flags.DEFINE_enum("strategy", _D.strategy, train.STRATEGIES,
                               "tf.distribute strategy; auto = several GPUs -> mirrored.")
+_DATA_SERVICE = flags.DEFINE_string(
+    "data_service", _D.data_service, "grpc://HOST:PORT of a tf.data service dispatcher (see "
+    "the data_service command) that runs the input pipeline; empty = local input pipeline.")
 _DETERMINISTIC = flags.DEFINE_bool("deterministic", _D.deterministic,
                                    "tf.config.experimental.enable_op_determinism (slower).")
 # Hygiene.
@@ -105,13 +111,14 @@ def build_config() -> train.TrainConfig:
         batch_size=_BATCH_SIZE.value, image_size=_IMAGE_SIZE.value, seed=_SEED.value,
         augment_policy=_AUGMENT_POLICY.value, augment_on=_AUGMENT_ON.value,
         resize=_RESIZE.value, backbone=_BACKBONE.value.lower(), weights=weights,
-        head=_HEAD.value, dropout=_DROPOUT.value,
+        head=_HEAD.value, dropout=_DROPOUT.value, bn_momentum=_BN_MOMENTUM.value,
         stage1_epochs=_S1_EPOCHS.value, stage1_lr=_S1_LR.value,
         stage1_freeze_below_block=_S1_FREEZE.value, stage1_train_batchnorm=_S1_BN.value,
         stage2_epochs=_S2_EPOCHS.value, stage2_lr=_S2_LR.value,
         stage2_freeze_below_block=_S2_FREEZE.value, stage2_train_batchnorm=_S2_BN.value,
         steps_per_epoch=_STEPS.value, validation_steps=_VAL_STEPS.value,
         mixed_precision=_MIXED.value, jit_compile=_JIT.value, strategy=_STRATEGY.value,
+        data_service=_DATA_SERVICE.value,
         deterministic=_DETERMINISTIC.value,
         early_stopping_patience=_EARLY.value, reduce_lr_patience=_REDUCE.value,
         reduce_lr_factor=_REDUCE_FACTOR.value, min_lr=_MIN_LR.value, export=_EXPORT.value,

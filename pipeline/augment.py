@@ -1,0 +1,624 @@
+"""Batched, per-image, seeded augmentation: policies, placements, the Keras layer.
+
+Every op (see augment_ops.py for the leaves) is a callable
+
+    op(images, labels, seeds) -> (images, labels)
+    images float32 [B, S, S, 3] in [0, 255] (outputs clipped to [0, 255]),
+    labels int32 [B] in [0, 4), seeds int32 [B, 2] (one stateless seed per image).
+
+Random parameters are drawn PER IMAGE from that image's seed (with a constant
+per op position folded in), so an image's result never depends on the rest of
+its batch. Composition: Sequential([...]), OneOf([...]) (each image picks its
+own branch), Sometimes(p, op). How a step runs is chosen for speed on a CPU,
+never changing the values beyond float rounding:
+  * a OneOf whose branches are all fusible (pointwise colour/contrast ops,
+    additive noise) runs every branch on every image and selects per image,
+    in ONE XLA-compiled kernel (elementwise chains fuse into one pass);
+  * a Sometimes of a fusible op, or of rotate, runs on the whole batch with
+    the op masked off (x + chosen * (op(x) - x); angle 0) for the others;
+  * any other OneOf computes a branch only for the images that chose it:
+    rows are grouped by choice with one gather, and a Sequential restores the
+    batch order once, at its end.
+
+Policy spec strings (`parse_policy`)
+------------------------------------
+    "default"   the source article's sequence (DEFAULT_SPEC below)
+    "none"      identity
+    otherwise   steps separated by ';' run in order; alternatives separated
+                by '|' form a OneOf (uniform choice per image); each
+                alternative is `name` or `name(arg, ...)` with numbers;
+                `sometimes(p, STEPS)` applies STEPS to a fraction p of images;
+                `default` and `none` may appear as steps.
+    e.g. "add(-20,20)|multiply; gaussian_blur(0.5,1); sometimes(0.5, jpeg(60,80))"
+    Arguments are positional and optional (defaults below); one number for a
+    range op fixes it: "add(10)" adds exactly 10.
+An unknown name raises ValueError listing the known op names.
+
+Ops, arguments and defaults (ranges in OUTPUT pixels, see mapping):
+    add(lo=-15, hi=15)            multiply(lo=0.8, hi=1.2)
+    hue_saturation(lo=0.8, hi=1.1)
+    gaussian_noise(lo=0.02, hi=12.75, per_channel=0.5)    scale, grey levels
+    laplace_noise(lo=0.02, hi=12.75, per_channel=0.5)
+    poisson_noise(lo=8, hi=16, per_channel=0.5)           lam
+    dropout(p=0.005)  pepper(p=0.005)  salt(p=0.01)
+    frequency_blend(mul_lo=0.9, mul_hi=1.1, con_lo=0.8, con_hi=1.2, exp_lo=-1, exp_hi=2)
+    gaussian_blur(lo=0.5, hi=1)   sigma     average_blur(lo=3, hi=lo)  odd size
+    motion_blur(lo=3, hi=5)       length, any angle     median_blur(k=3)  3, 5 or 7
+    jpeg(lo=60, hi=80)            quality (host only)
+    gamma(lo=0.7, hi=1.3)  channel_gamma(lo=0.7, hi=1.3)
+    sigmoid_contrast(lo=5, hi=8, cut_lo=0.3, cut_hi=0.6)  log_contrast(lo=0.6, hi=1)
+    linear_contrast(lo=0.6, hi=1.4)   rotate(lo=-2, hi=2) degrees, edge fill
+    identity
+
+Mapping from the article's full-resolution ranges to output pixels
+------------------------------------------------------------------
+The article augmented 0.3-1.2 MP photos (longest side ~640-1280 px) and then
+resized to 128 with cv2.resize (bilinear, no anti-aliasing), a factor d of
+~5-10. Through that resize:
+  * per-pixel noise and salt/pepper/dropout survive almost unchanged (each
+    output pixel is interpolated from only 2x2 source pixels), so their
+    ranges are kept as stated, in output grey levels and per output pixel;
+  * colour and contrast ops are resolution-free: kept as stated;
+  * blur kernels shrink by d: sigma 0.5-1 and kernels 3-7 become 0.05-1.4 px,
+    i.e. mostly nothing. Scaling them literally would make every blur a
+    no-op; keeping them literal at 128 px would blur 5-10x more than the
+    article's model ever saw (a 7x7 median at 128 px wipes out the fine
+    detail an orientation cue may live in). So each blur gets the SMALLEST
+    KERNEL THAT STILL ACTS at the output resolution: gaussian sigma 0.5-1
+    (kept), average k 3 (from 3-5), motion length 3-5 (from 5-7), median k 3
+    (from 5-7). Larger kernels stay available through the spec string.
+  * the +-2 degree rotation is an angle: kept.
+
+Placement and JPEG
+------------------
+JPEG encode/decode has no GPU kernel, so `split_policy(op)` returns
+(host_op, device_op): host_op runs in tf.data, device_op wherever the caller
+wants (tf.data for "host" placement, the AugmentLayer for "device"). host_op
+then device_op is exactly the whole policy (ops keep their seeds): every step
+up to the last host-only one runs on the host. So that the device gets all
+the rest, the default policy puts
+sometimes(0.5, jpeg(60, 80)) FIRST (the article had it after the blurs). A
+second reason for that order: rotate90_random runs before the policy, so any
+8x8 JPEG block grid the compression adds is anchored at the ROTATED image's
+top-left corner -- the same corner for every label, hence no orientation cue
+-- and the noise and blurs that follow blur it further.
+
+Note on the source: its `sometimes = lambda aug: iaa.Sometimes(0.5)` drops
+`aug`, so the article's frequency blend, JPEG and small rotation never ran.
+We follow the intended sequence (design notes), with p = 0.5 for each.
+"""
+import copy
+import time
+
+import keras
+import tensorflow as tf
+
+from upright.pipeline import augment_ops
+from upright.pipeline.augment_ops import (Identity, Op, apply_partitioned, call_unordered,
+                                         fold_seeds, restore_order, run_grouped, salt_of,
+                                         uniforms)
+
+DEFAULT_SPEC = (
+    "sometimes(0.5, jpeg(60,80)); "
+    "add(-15,15) | multiply(0.8,1.2) | hue_saturation(0.8,1.1); "
+    "gaussian_noise(0.02,12.75,0.5) | laplace_noise(0.02,12.75,0.5) | poisson_noise(8,16,0.5); "
+    "dropout(0.005) | pepper(0.005) | salt(0.01); "
+    "sometimes(0.5, frequency_blend(0.9,1.1,0.8,1.2,-1,2)); "
+    "gaussian_blur(0.5,1) | average_blur(3,3) | motion_blur(3,5) | median_blur(3); "
+    "gamma(0.7,1.3) | channel_gamma(0.7,1.3) | sigmoid_contrast(5,8,0.3,0.6) | "
+    "log_contrast(0.6,1) | linear_contrast(0.6,1.4); "
+    "sometimes(0.5, rotate(-2,2))")
+
+
+# ---------------------------------------------------------------- composition
+
+# XLA-compiled kernels of fused OneOf / Sometimes steps, shared by every policy
+# object with the same spec and seed path (parse_policy is called by the input
+# function and the trainer alike): each compiles once per process and shape.
+_XLA_CACHE = {}
+
+class Sequential(Op):
+    """Applies its ops in order."""
+    name = "sequential"
+
+    def __init__(self, ops, _bind=True):
+        super().__init__()
+        # Copies: one op object placed twice would otherwise share its seed.
+        self.ops = [copy.deepcopy(op) for op in ops] if _bind else list(ops)
+        self.host = any(op.host for op in self.ops)
+        if _bind:
+            self.bind(self.name)
+
+    def bind(self, path):
+        self.salt = salt_of(path)
+        for i, op in enumerate(self.ops):
+            op.bind(f"{path}/{i}.{op.name}")
+
+    def call_unordered(self, images, labels, seeds, index):
+        for op in self.ops:
+            images, labels, seeds, index = call_unordered(op, images, labels, seeds, index)
+        return images, labels, seeds, index
+
+    @augment_ops.plain
+    def __call__(self, images, labels, seeds):
+        images = tf.convert_to_tensor(images, tf.float32)
+        if not any(hasattr(op, "call_unordered") for op in self.ops):
+            for op in self.ops:
+                images, labels = op(images, labels, seeds)
+            return images, labels
+        # Rows may be regrouped by every OneOf inside; put them back once.
+        index = tf.range(tf.shape(images)[0])
+        images, labels, _, index = self.call_unordered(images, labels, seeds, index)
+        return restore_order(images, labels, index)
+
+    def spec(self):
+        return "; ".join(op.spec() if not isinstance(op, Sequential) else f"({op.spec()})"
+                         for op in self.ops) or "none"
+
+
+class OneOf(Op):
+    """Each image picks one of `ops` (probabilities `weights`, default uniform).
+
+    If every branch is fusible (pointwise ops, additive noise), all branches
+    run on every image and a per-image select picks the result, in one XLA
+    kernel. Otherwise rows are grouped by choice and each branch runs on its
+    own images only (run_grouped); the order is restored at the end.
+    """
+    name = "one_of"
+
+    def __init__(self, ops, weights=None):
+        super().__init__()
+        self.ops = [copy.deepcopy(op) for op in ops]
+        if not self.ops:
+            raise ValueError("OneOf needs at least one op")
+        weights = [1.0] * len(self.ops) if weights is None else [float(w) for w in weights]
+        if len(weights) != len(self.ops) or min(weights) < 0 or sum(weights) <= 0:
+            raise ValueError(f"bad OneOf weights {weights}")
+        total = sum(weights)
+        self.weights = [w / total for w in weights]
+        self.host = any(op.host for op in self.ops)
+        self.bind(self.name)
+
+    def bind(self, path):
+        self.salt = salt_of(path)
+        for i, op in enumerate(self.ops):
+            op.bind(f"{path}/{i}.{op.name}")
+
+    def choose(self, seeds):
+        """Branch index per image, int32 [B]."""
+        u = uniforms(fold_seeds(seeds, self.salt), 1)[:, 0]
+        edges, acc = [], 0.0
+        for w in self.weights[:-1]:
+            acc += w
+            edges.append(acc)
+        if not edges:
+            return tf.zeros_like(u, tf.int32)
+        return tf.reduce_sum(tf.cast(u[:, None] >= tf.constant(edges)[None, :], tf.int32), 1)
+
+    def _pointwise(self):
+        return all(getattr(op, "fusible", False) for op in self.ops)
+
+    def _dense(self, images, labels, seeds):
+        """All (pointwise) branches on every image, then a per-image select,
+        in one XLA kernel: the elementwise chains fuse into one pass, which on
+        a CPU beats regrouping the batch for cheap branches."""
+        key = ("dense", self.spec(), self.salt)
+        if key not in _XLA_CACHE:
+            ops = self.ops
+
+            @tf.function(jit_compile=True, reduce_retracing=True, autograph=False)
+            def dense(images, seeds, choice):
+                labels = tf.zeros(tf.shape(images)[:1], tf.int32)
+
+                def run(op):
+                    return getattr(op, "dense", op)(images, labels, seeds)[0]
+
+                out = run(ops[-1])
+                for i in range(len(ops) - 2, -1, -1):
+                    pick = tf.reshape(tf.equal(choice, i), [-1, 1, 1, 1])
+                    out = tf.where(pick, run(ops[i]), out)
+                return out
+
+            _XLA_CACHE[key] = dense
+        return _XLA_CACHE[key](images, seeds, self.choose(seeds)), labels
+
+    def _sparse(self, images):
+        return all(hasattr(op, "hits") and op.sparse_ok(images) for op in self.ops)
+
+    def _scatter(self, images, labels, seeds):
+        """Sparse branches (dropout/pepper/salt): every branch lists the hits of
+        its own images, and one scatter writes them all (no regrouping)."""
+        choice = self.choose(seeds)
+        hit_lists = [op.hits(images, seeds, tf.equal(choice, i)) for i, op in enumerate(self.ops)]
+        return augment_ops.scatter_hits(images, hit_lists), labels
+
+    def call_unordered(self, images, labels, seeds, index):
+        images = tf.convert_to_tensor(images, tf.float32)
+        if self._pointwise():
+            return (*self._dense(images, labels, seeds), seeds, index)
+        if self._sparse(images):
+            return (*self._scatter(images, labels, seeds), seeds, index)
+        return run_grouped(self.ops, self.choose(seeds), images, labels, seeds, index)
+
+    @augment_ops.plain
+    def __call__(self, images, labels, seeds):
+        images = tf.convert_to_tensor(images, tf.float32)
+        if self._pointwise():
+            return self._dense(images, labels, seeds)
+        if self._sparse(images):
+            return self._scatter(images, labels, seeds)
+        return apply_partitioned(self.ops, self.choose(seeds), images, labels, seeds)
+
+    def spec(self):
+        # A nested Sequential or OneOf has no syntax of its own inside '|':
+        # sometimes(1, ...) groups it (always applied).
+        return " | ".join(f"sometimes(1, {op.spec()})" if type(op) in (Sequential, OneOf)
+                          else op.spec() for op in self.ops)
+
+
+class Sometimes(OneOf):
+    """Applies `op` to a fraction p of the images (chosen per image)."""
+    name = "sometimes"
+
+    def __init__(self, p, op):
+        p = float(p)
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"sometimes: p={p} not in [0, 1]")
+        super().__init__([op, Identity()], [p, 1.0 - p] if p < 1.0 else [1.0, 0.0])
+        self.p = p
+
+    def _masked(self, images, labels, seeds):
+        """op on the chosen images, identity on the others, over the whole
+        batch: the op's own masked form (Rotate), or for a fusible op
+        x + chosen * (op(x) - x) in one XLA kernel (exact for the others)."""
+        op = self.ops[0]
+        chosen = tf.equal(self.choose(seeds), 0)
+        if hasattr(op, "call_masked"):
+            return op.call_masked(images, labels, seeds, chosen)
+        key = ("masked", self.spec(), self.salt)
+        if key not in _XLA_CACHE:
+
+            @tf.function(jit_compile=True, reduce_retracing=True, autograph=False)
+            def masked(images, seeds, chosen):
+                out = op(images, tf.zeros(tf.shape(images)[:1], tf.int32), seeds)[0]
+                weight = tf.reshape(tf.cast(chosen, tf.float32), [-1, 1, 1, 1])
+                return images + weight * (out - images)
+
+            _XLA_CACHE[key] = masked
+        return _XLA_CACHE[key](images, seeds, chosen), labels
+
+    def _whole_batch(self):
+        op = self.ops[0]
+        return hasattr(op, "call_masked") or getattr(op, "fusible", False)
+
+    def call_unordered(self, images, labels, seeds, index):
+        if self._whole_batch():
+            images = tf.convert_to_tensor(images, tf.float32)
+            return (*self._masked(images, labels, seeds), seeds, index)
+        return super().call_unordered(images, labels, seeds, index)
+
+    @augment_ops.plain
+    def __call__(self, images, labels, seeds):
+        if self._whole_batch():
+            return self._masked(tf.convert_to_tensor(images, tf.float32), labels, seeds)
+        return super().__call__(images, labels, seeds)
+
+    def spec(self):
+        return f"sometimes({self.p:g}, {self.ops[0].spec()})"
+
+
+# ---------------------------------------------------------------- rotation labels
+
+_ROT90_SALT = salt_of("rotate90_random")
+
+
+@augment_ops.plain
+def rotate90_random(images, labels, seeds):
+    """Turns each image by a uniform random k in {0,1,2,3} quarter turns CCW.
+
+    images float32 (or any dtype) [B, S, S, C] (square); labels ignored;
+    seeds int32 [B, 2]. Returns (tf.image.rot90(image_b, k_b) per image,
+    labels int32 [B] = k). k comes only from each image's seed.
+    """
+    images = tf.convert_to_tensor(images)
+    if images.shape[1] is not None and images.shape[1] != images.shape[2]:
+        raise ValueError(f"rotate90_random needs square images, got {images.shape}")
+    k = augment_ops.randint(0, 3, uniforms(fold_seeds(seeds, _ROT90_SALT), 1)[:, 0])
+    return _rot90_per_image(images, k), k
+
+
+@tf.function(jit_compile=True, reduce_retracing=True, autograph=False)
+def _rot90_per_image(images, k):
+    """tf.image.rot90(images[b], k[b]) for every b, exactly (a permutation of
+    pixels). All four turns and a per-image select fuse into one XLA pass,
+    about 3x cheaper on a CPU than grouping the batch by k."""
+    pick = tf.reshape(k, [-1, 1, 1, 1])
+    out = images
+    for q in range(1, 4):
+        out = tf.where(tf.equal(pick, q), tf.image.rot90(images, q), out)
+    return out
+
+
+# ---------------------------------------------------------------- policies
+
+def default_policy() -> Op:
+    """The source article's sequence at the training resolution (DEFAULT_SPEC)."""
+    return parse_policy(DEFAULT_SPEC)
+
+
+def split_policy(op: Op):
+    """(host_op, device_op): host_op holds the ops with no GPU kernel (JPEG).
+
+    host_op followed by device_op gives exactly op's result (each op keeps its
+    seed). For a Sequential, every step up to and including the last one that
+    holds a host-only op goes to the host part, the rest to the device part.
+    """
+    if not op.host:
+        return Identity(), op
+    if not isinstance(op, Sequential):
+        return op, Identity()
+    last = max(i for i, child in enumerate(op.ops) if child.host)
+    # Device-capable ops before the last host op stay on the host: the order
+    # (and so the result) is kept; put host ops first to move more to the device.
+    host, device = op.ops[:last + 1], op.ops[last + 1:]
+    return Sequential(host, _bind=False), Sequential(device, _bind=False)
+
+
+# ---------------------------------------------------------------- spec parser
+
+def known_ops():
+    """Names accepted in spec strings."""
+    return sorted(set(augment_ops.OPS) | {"sometimes", "default", "none"})
+
+
+def _tokenize(spec):
+    tokens, i = [], 0
+    while i < len(spec):
+        ch = spec[i]
+        if ch.isspace():
+            i += 1
+        elif ch in "();|,":
+            tokens.append(ch)
+            i += 1
+        elif ch.isalpha() or ch == "_":
+            j = i
+            while j < len(spec) and (spec[j].isalnum() or spec[j] == "_"):
+                j += 1
+            tokens.append(spec[i:j].lower())
+            i = j
+        elif ch.isdigit() or ch in "+-.":
+            j = i + 1
+            while j < len(spec) and (spec[j].isdigit() or spec[j] in ".eE" or
+                                     (spec[j] in "+-" and spec[j - 1] in "eE")):
+                j += 1
+            try:
+                tokens.append(float(spec[i:j]))
+            except ValueError:
+                raise ValueError(f"bad number {spec[i:j]!r} in policy spec {spec!r}") from None
+            i = j
+        else:
+            raise ValueError(f"unexpected character {ch!r} in policy spec {spec!r}")
+    return tokens
+
+
+class _Parser:
+    def __init__(self, spec):
+        self.spec = spec
+        self.tokens = _tokenize(spec)
+        self.pos = 0
+
+    def peek(self):
+        return self.tokens[self.pos] if self.pos < len(self.tokens) else None
+
+    def take(self, expected=None):
+        tok = self.peek()
+        if tok is None or (expected is not None and tok != expected):
+            want = f"{expected!r}" if expected else "more"
+            raise ValueError(f"policy spec {self.spec!r}: expected {want}, got "
+                             f"{'end' if tok is None else repr(tok)}")
+        self.pos += 1
+        return tok
+
+    def steps(self):
+        ops = [self.alternatives()]
+        while self.peek() == ";":
+            self.take(";")
+            if self.peek() in (None, ")"):
+                break  # tolerate a trailing ';'
+            ops.append(self.alternatives())
+        return ops[0] if len(ops) == 1 else Sequential(ops)
+
+    def alternatives(self):
+        ops = [self.term()]
+        while self.peek() == "|":
+            self.take("|")
+            ops.append(self.term())
+        return ops[0] if len(ops) == 1 else OneOf(ops)
+
+    def term(self):
+        name = self.take()
+        if not isinstance(name, str) or name in "();|,":
+            raise ValueError(f"policy spec {self.spec!r}: expected an op name, got {name!r}")
+        if name not in known_ops():
+            raise ValueError(f"unknown augmentation op {name!r} in policy spec {self.spec!r}; "
+                             f"known ops: {', '.join(known_ops())}")
+        if name == "sometimes":
+            self.take("(")
+            p = self.take()
+            if not isinstance(p, float):
+                raise ValueError(f"policy spec {self.spec!r}: sometimes(p, steps) needs a number p")
+            self.take(",")
+            inner = self.steps()
+            self.take(")")
+            return Sometimes(p, inner)
+        args = []
+        if self.peek() == "(":
+            self.take("(")
+            while self.peek() != ")":
+                arg = self.take()
+                if not isinstance(arg, float):
+                    raise ValueError(f"policy spec {self.spec!r}: arguments of {name} must be "
+                                     f"numbers, got {arg!r}")
+                args.append(arg)
+                if self.peek() == ",":
+                    self.take(",")
+            self.take(")")
+        if name == "default":
+            if args:
+                raise ValueError("'default' takes no arguments")
+            return _Parser(DEFAULT_SPEC).parse()
+        if name == "none":
+            return Identity()
+        cls = augment_ops.OPS[name]
+        try:
+            return cls(*args)
+        except TypeError as e:
+            raise ValueError(f"policy spec {self.spec!r}: bad arguments for {name}: {e}") from None
+
+    def parse(self):
+        op = self.steps()
+        if self.peek() is not None:
+            raise ValueError(f"policy spec {self.spec!r}: unexpected {self.peek()!r}")
+        return op
+
+
+def parse_policy(spec: str) -> Op:
+    """A policy from a spec string ("default", "none" or steps; see module doc).
+
+    The result is always a Sequential (so that split_policy and seed paths are
+    uniform). Raises ValueError on syntax errors and unknown op names.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"empty policy spec {spec!r}; use 'none' for no augmentation")
+    op = _Parser(spec).parse()
+    return op if isinstance(op, Sequential) else Sequential([op])
+
+
+# ---------------------------------------------------------------- Keras layer
+
+@keras.saving.register_keras_serializable(package="upright")
+class AugmentLayer(keras.layers.Layer):
+    """The device part of a policy, in front of a model, active in training.
+
+    call({"images": float32 [B, S, S, 3] in [0, 255], "seeds": int32 [B, 2]},
+    training) -> images: the device part of `policy_spec` when training,
+    the images unchanged otherwise. Feed it the dataset of
+    input_fn(..., augment_on="device"), whose images already went through
+    rotate90_random and the host part.
+    """
+
+    def __init__(self, policy_spec: str = "default", **kwargs):
+        # float32 even under a mixed-precision policy: augmenting float16
+        # pixels would round them (steps of 0.125 above 128) before the ops.
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        self.policy_spec = policy_spec
+        self._device_op = split_policy(parse_policy(policy_spec))[1]
+        # The policy groups images by their random branch (data-dependent
+        # shapes), which XLA cannot compile: tell Keras, so that
+        # jit_compile="auto" falls back to a plain tf.function.
+        self.supports_jit = False
+
+    def call(self, inputs, training=None):
+        images = tf.cast(inputs["images"], tf.float32)
+        if not training:
+            return images
+        seeds = tf.cast(inputs["seeds"], tf.int32)
+        labels = tf.zeros(tf.shape(images)[:1], tf.int32)  # pixel ops ignore them
+        return self._device_op(images, labels, seeds)[0]
+
+    def compute_output_shape(self, input_shape):
+        return input_shape["images"]
+
+    def get_config(self):
+        return {**super().get_config(), "policy_spec": self.policy_spec}
+
+
+# ---------------------------------------------------------------- benchmark
+
+def _leaves(op, prefix=""):
+    """(label, op) for every leaf op of a policy, in order."""
+    if isinstance(op, (Sequential, OneOf)):
+        out = []
+        for child in op.ops:
+            out.extend(_leaves(child))
+        return out
+    return [] if isinstance(op, Identity) else [(op.spec(), op)]
+
+
+def time_op(op, images, seeds, *, num_batches=20, warmup=3, num_parallel_calls=None):
+    """Speed of `op` mapped over batches inside a tf.data pipeline.
+
+    images float32 [B, S, S, 3] in [0, 255] (already decoded: one batch reused,
+    with fresh seeds for every batch); seeds int32 [B, 2].
+    Returns (images per second of wall time, CPU milliseconds per image). The
+    CPU time counts this process only, so it stays meaningful when other
+    processes share the cores; cores / (CPU s per image) bounds images/s.
+    """
+    images = tf.convert_to_tensor(images, tf.float32)
+    seeds = tf.convert_to_tensor(seeds, tf.int32)
+    labels = tf.zeros(tf.shape(images)[:1], tf.int32)
+    batch = int(images.shape[0])
+
+    def make(i):
+        step = tf.cast(i, tf.int32) * tf.constant([1, 7919], tf.int32)
+        return images, labels, seeds + step
+
+    ds = (tf.data.Dataset.range(warmup + num_batches)
+          .map(make)
+          .map(op, num_parallel_calls=num_parallel_calls or tf.data.AUTOTUNE)
+          .prefetch(2))
+    it = iter(ds)
+    for _ in range(warmup):
+        next(it)
+    wall, cpu = time.perf_counter(), time.process_time()
+    for _ in range(num_batches):
+        next(it)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    n = batch * num_batches
+    return n / wall, 1000.0 * cpu / n
+
+
+def benchmark_ops(images, seeds, *, spec="default", num_batches=20, warmup=10,
+                  num_parallel_calls=None, leaves=True):
+    """A per-op cost table for a policy: list of (label, images/s, CPU ms/image).
+
+    Rows: rotate90_random; every leaf op alone on all images (if `leaves`);
+    every top-level step as it sits in the policy (a OneOf/Sometimes costs
+    only its chosen share); the host part, the device part and the whole
+    policy; then rotate90_random + whole policy (what input_fn runs per batch
+    after decoding). Measured inside tf.data (batch-level map, parallel calls)
+    on the given decoded batch, e.g. 64 images at S = 128. The warm-up
+    batches also absorb XLA compilation (one per bucketed group size).
+    """
+    policy = parse_policy(spec)
+    rows = []
+
+    def add(label, op):
+        rows.append((label, *time_op(op, images, seeds, num_batches=num_batches, warmup=warmup,
+                                      num_parallel_calls=num_parallel_calls)))
+
+    add("rotate90_random", rotate90_random)
+    if leaves:
+        for label, op in _leaves(policy):
+            add(f"alone: {label}", op)
+    for step in policy.ops:
+        add(f"step: {step.spec()}", step)
+    host, device = split_policy(policy)
+    add("host part", host)
+    add("device part", device)
+    add(f"policy {spec!r}", policy)
+
+    @augment_ops.plain
+    def rotate_and_augment(x, y, s):
+        return policy(*rotate90_random(x, y, s), s)
+
+    add(f"rotate90_random + policy {spec!r}", rotate_and_augment)
+    return rows
+
+
+def format_cost_table(rows) -> str:
+    """The rows of benchmark_ops as an aligned text table."""
+    lines = [f"{'images/s':>9} {'CPU ms/img':>10}  op"]
+    lines += [f"{ips:9.0f} {cpu:10.3f}  {label}" for label, ips, cpu in rows]
+    return "\n".join(lines)

@@ -1,0 +1,207 @@
+"""Fault injection for tests/test_faults*.py: a make_records driver that can be
+killed at a chosen step, folder snapshots, and the image fuzzer's driver.
+
+Run as a module in a subprocess:
+
+    python -m tests.fault_tools make SRC OUT [--kill-at-step N] [--count-steps FILE]
+        [--shard-bytes B] [--workers W]
+    python -m tests.fault_tools fuzz --examples N --seed S --report FILE
+        [--per-input-seconds T] [--max-rss-mb M]
+
+`make` runs records.make_records (library call, arguments=None so that
+info.json does not depend on OUT's path). A "step" is one change of OUT's
+directory entries made by make_records (os.mkdir, os.rmdir, os.remove,
+os.replace of a path under OUT); --kill-at-step N sends SIGKILL to the process
+just before step N (1-based), --count-steps writes how many steps a full run
+takes.
+"""
+import argparse
+import json
+import os
+import signal
+import sys
+
+from upright.pipeline import recordio, schema
+
+
+# ---------------------------------------------------------------- folders
+
+def snapshot(out) -> dict:
+    """{file name: bytes} of info.json and every shard it lists (a complete output)."""
+    info = recordio.load_info(str(out))
+    names = [schema.INFO_FILE] + [n for s in info["splits"].values() for n in s["shards"]]
+    result = {}
+    for name in names:
+        with open(os.path.join(str(out), name), "rb") as f:
+            result[name] = f.read()
+    return result
+
+
+def state_of(out, references: dict):
+    """Classifies a records folder: the name of the reference snapshot it equals
+    byte for byte, or ("refused", message) when load_info refuses it.
+
+    Raises AssertionError when a reader accepts a folder that matches no reference
+    (a mix, or a half-written output)."""
+    try:
+        snap = snapshot(out)
+    except recordio.RecordsError as e:
+        return "refused", str(e)
+    for name, ref in references.items():
+        if snap == ref:
+            return name, ""
+    differing = sorted(n for n in set(snap) | set(next(iter(references.values())))
+                       if all(snap.get(n) != r.get(n) for r in references.values()))
+    raise AssertionError(f"{out}: a reader accepts a folder that is none of "
+                         f"{sorted(references)}; differing files: {differing}")
+
+
+def lock_is_free(out, wait_seconds: float = 3.0) -> bool:
+    """True when OUT's make_records lock can be taken within wait_seconds."""
+    import fcntl
+    import time
+    path = os.path.join(str(out), ".make_records.lock")
+    if not os.path.exists(path):
+        return True
+    deadline = time.monotonic() + wait_seconds
+    fd = os.open(path, os.O_RDWR)
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                return True
+            except OSError:
+                if time.monotonic() > deadline:
+                    return False
+                time.sleep(0.05)
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------- make driver
+
+def _instrument(out, kill_at, counter):
+    """Wraps os's directory-changing calls: count those under OUT, die at kill_at."""
+    prefix = os.path.realpath(out)
+
+    def wrap(name):
+        real = getattr(os, name)
+
+        def wrapper(path, *args, **kwargs):
+            p = os.fsdecode(path) if isinstance(path, (str, bytes, os.PathLike)) else ""
+            if p and os.path.realpath(p).startswith(prefix) and os.getpid() == counter["pid"]:
+                counter["steps"] += 1
+                if counter["steps"] == kill_at:
+                    os.kill(os.getpid(), signal.SIGKILL)
+            return real(path, *args, **kwargs)
+        setattr(os, name, wrapper)
+
+    for name in ("mkdir", "rmdir", "remove", "replace", "unlink"):
+        wrap(name)
+
+
+def main_make(args):
+    from upright.pipeline import records
+    if args.shard_bytes:
+        records.SHARD_BYTES = args.shard_bytes
+    counter = {"steps": 0, "pid": os.getpid()}
+    _instrument(args.out, args.kill_at_step, counter)
+    try:
+        records.make_records(src=args.src, out=args.out, workers=args.workers,
+                             progress=False, max_side=args.max_side)
+    except records.MakeRecordsError as e:
+        print(f"make_records: error: {e}", file=sys.stderr)
+        sys.exit(1 if e.refused else 2)
+    if args.count_steps:
+        with open(args.count_steps, "w") as f:
+            f.write(str(counter["steps"]))
+
+
+# ---------------------------------------------------------------- fuzz driver
+
+def main_fuzz(args):
+    """Runs the image fuzzer in this process, under a per-input watchdog and a
+    memory limit; writes a JSON report. Exit 0 when every input was stored or
+    skipped with a reason, 1 otherwise. When one input takes longer than
+    --per-input-seconds, the watchdog (faulthandler, a C thread that works even
+    when Python is stuck in C code) prints every thread's traceback and ends
+    the process without a report; the input is left in current_input.bin."""
+    import faulthandler
+    import resource
+    import time
+    from tests import fuzz_images
+    limit = args.max_rss_mb * 1024 * 1024
+    # Address space limit: an input that tries to allocate far beyond it gets
+    # MemoryError (a failure the fuzzer reports) instead of swapping the machine.
+    resource.setrlimit(resource.RLIMIT_AS, (limit, resource.RLIM_INFINITY))
+    current = os.path.join(os.path.dirname(args.report), "current_input.bin")
+    stats = {"examples": 0, "stored": 0, "skipped": 0, "reasons": {}, "slowest_s": 0.0,
+             "kinds": {}}
+
+    def before(data, kind):
+        with open(current, "wb") as f:   # the input that hangs is kept for the report
+            f.write(data)
+        stats["_last"] = data
+        faulthandler.dump_traceback_later(args.per_input_seconds, exit=True)
+
+    def after(outcome, kind, seconds):
+        faulthandler.cancel_dump_traceback_later()
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        if rss > stats.setdefault("peak_rss_mb", 0.0) + 1:   # this input raised the peak
+            stats["peak_rss_mb"] = round(rss, 1)
+            stats["peak_rss_input"] = {"kind": kind, "outcome": outcome[:120],
+                                       "seconds": round(seconds, 3), "size": len(stats["_last"]),
+                                       "head_hex": stats["_last"][:48].hex()}
+        if seconds > stats["slowest_s"]:
+            stats["slowest_input"] = {"kind": kind, "outcome": outcome[:120]}
+        stats["examples"] += 1
+        stats["kinds"][kind] = stats["kinds"].get(kind, 0) + 1
+        stats["slowest_s"] = max(stats["slowest_s"], round(seconds, 3))
+        if outcome.startswith("stored"):
+            stats["stored"] += 1
+        else:
+            stats["skipped"] += 1
+            word = outcome.split(":", 1)[0]
+            stats["reasons"][word] = stats["reasons"].get(word, 0) + 1
+
+    start = time.monotonic()
+    failures = fuzz_images.run_fuzz(examples=args.examples, seed=args.seed, before=before,
+                                    after=after)
+    stats["seconds"] = round(time.monotonic() - start, 1)
+    stats["failures"] = failures
+    stats["max_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    # The stored images must decode in TensorFlow exactly as inspect_records and
+    # the input pipeline decode them. TensorFlow needs more address space.
+    resource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    stats["tf_checked"], tf_failures = fuzz_images.check_stored_with_tensorflow()
+    stats["failures"] += tf_failures
+    stats.pop("_last", None)
+    with open(args.report, "w") as f:
+        json.dump(stats, f, indent=2)
+    sys.exit(1 if stats["failures"] else 0)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command", required=True)
+    make = sub.add_parser("make")
+    make.add_argument("src")
+    make.add_argument("out")
+    make.add_argument("--kill-at-step", type=int, default=0)
+    make.add_argument("--count-steps")
+    make.add_argument("--shard-bytes", type=int, default=0)
+    make.add_argument("--workers", type=int, default=2)
+    make.add_argument("--max-side", type=int, default=64)
+    fuzz = sub.add_parser("fuzz")
+    fuzz.add_argument("--examples", type=int, required=True)
+    fuzz.add_argument("--seed", type=int, default=0)
+    fuzz.add_argument("--report", required=True)
+    fuzz.add_argument("--per-input-seconds", type=float, default=20.0)
+    fuzz.add_argument("--max-rss-mb", type=int, default=3072)
+    args = parser.parse_args(argv)
+    {"make": main_make, "fuzz": main_fuzz}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""make_records at scale: --num_shards, and the Beam runner against the local one."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests import helpers
+from upright.pipeline import inputs, recordio, records, schema
+
+try:
+    import apache_beam  # noqa: F401
+    HAVE_BEAM = True
+except ImportError:
+    HAVE_BEAM = False
+
+needs_beam = pytest.mark.skipif(
+    not HAVE_BEAM, reason="apache_beam is not installed (pip install '.[beam]')")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """16 distinct JPEG and PNG images, one sideways by EXIF, one not an image."""
+    src = tmp_path_factory.mktemp("src")
+    os.makedirs(src / "sub")
+    for i in range(16):
+        fmt = "png" if i % 4 == 0 else "jpeg"
+        where = src / "sub" if i % 3 == 0 else src
+        helpers.write_image_file(str(where / f"img{i:02d}.{'png' if fmt == 'png' else 'jpg'}"),
+                                 helpers.distinct_image(100 + i, 40 + i, 56), fmt=fmt)
+    (src / "notes.txt").write_text("not an image")
+    return str(src)
+
+
+def _examples(out, split):
+    import tensorflow as tf
+    return [schema.decode_example(s.numpy())
+            for s in tf.data.TFRecordDataset(recordio.shard_paths(out, split))]
+
+
+def test_num_shards_writes_that_many_per_split(folder, tmp_path):
+    out = str(tmp_path / "rec")
+    info = records.make_records(src=folder, out=out, workers=1, progress=False,
+                                num_shards=3, val_fraction=0.3)
+    for split in schema.SPLITS:
+        entry = info["splits"][split]
+        assert len(entry["shards"]) == 3
+        assert sum(entry["shard_examples"]) == entry["num_examples"]
+        assert min(entry["shard_examples"]) >= 1
+    assert info["arguments"]["num_shards"] == 3
+    # Three pipelines read disjoint, complete thirds of the train split.
+    import tensorflow as tf
+    seen = []
+    for pid in range(3):
+        ctx = tf.distribute.InputContext(num_input_pipelines=3, input_pipeline_id=pid)
+        seen.append(inputs.shard_files(recordio.shard_paths(out, "train"), ctx))
+    assert sorted(sum(seen, [])) == sorted(recordio.shard_paths(out, "train"))
+
+
+def test_num_shards_more_than_images_is_refused(folder, tmp_path):
+    with pytest.raises(records.MakeRecordsError, match="num_shards=40.*lower --num_shards"):
+        records.make_records(src=folder, out=str(tmp_path / "rec"), workers=1,
+                             progress=False, num_shards=40)
+
+
+def test_fewer_shards_than_pipelines_names_the_flag(tmp_path):
+    import tensorflow as tf
+    out = str(tmp_path / "rec")
+    helpers.write_records(out, {"train": [helpers.upright_image(i) for i in range(4)],
+                                "val": [helpers.upright_image(9)]})
+    ctx = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=0)
+    with pytest.raises(ValueError, match=r"make_records --num_shards=2"):
+        inputs.input_fn(out, split="train", batch_size=2, image_size=8, training=True,
+                        seed=0, input_context=ctx)
+
+
+def _run_tool(*args):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    return subprocess.run([sys.executable, "-m", "upright.tools.make_records", *args],
+                          capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_make_records_tool_num_shards_flag(folder, tmp_path):
+    out = tmp_path / "rec"
+    done = _run_tool(f"--src={folder}", f"--out={out}", "--num_shards=2", "--workers=1",
+                     "--noprogress")
+    assert done.returncode == 0, done.stderr
+    info = json.loads((out / "info.json").read_text())
+    assert [len(info["splits"][s]["shards"]) for s in schema.SPLITS] == [2, 2]
+    bad = _run_tool(f"--src={folder}", f"--out={tmp_path / 'x'}", "--num_shards=-1")
+    assert bad.returncode != 0 and "num_shards" in bad.stderr
+
+
+@pytest.mark.skipif(HAVE_BEAM, reason="checks the message shown when Beam is missing")
+def test_beam_runner_without_apache_beam_says_how_to_install(folder, tmp_path):
+    done = _run_tool(f"--src={folder}", f"--out={tmp_path / 'rec'}", "--runner=beam",
+                     "--noprogress")
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert "pip install" in lines[-1] and "beam" in lines[-1]
+
+
+@needs_beam
+def test_beam_and_local_make_the_same_records(folder, tmp_path):
+    local, beam = str(tmp_path / "local"), str(tmp_path / "beam")
+    info_local = records.make_records(src=folder, out=local, workers=1, progress=False,
+                                      num_shards=2, val_fraction=0.3)
+    info_beam = records.make_records(src=folder, out=beam, progress=False, num_shards=2,
+                                     val_fraction=0.3, runner="beam",
+                                     beam_options=["--runner=DirectRunner"])
+    assert info_local["counts"]["stored"] == 16
+    for split in schema.SPLITS:
+        a, b = _examples(local, split), _examples(beam, split)
+        assert [r.source_id for r in a] == [r.source_id for r in b]
+        assert a == b      # same stored bytes, formats, sizes, digests, order
+        # Same examples in the same order and shard count: the shard files too.
+        for pa, pb in zip(recordio.shard_paths(local, split), recordio.shard_paths(beam, split)):
+            with open(pa, "rb") as fa, open(pb, "rb") as fb:
+                assert fa.read() == fb.read()
+    # info.json: equal except the arguments that choose how the work ran.
+    assert info_local["arguments"].pop("runner") == "local"
+    assert info_beam["arguments"].pop("runner") == "beam"
+    info_local["arguments"].pop("workers"), info_beam["arguments"].pop("workers")
+    info_local.pop("source"), info_beam.pop("source")
+    assert info_local == info_beam
+    assert records.inspect_records(beam)["splits"]["train"]["num_examples"] == \
+        info_local["counts"]["train"]
+
+
+@needs_beam
+def test_beam_runner_through_the_tool(folder, tmp_path):
+    out = tmp_path / "rec"
+    done = _run_tool(f"--src={folder}", f"--out={out}", "--runner=beam",
+                     "--beam_pipeline_options=--direct_num_workers=2 "
+                     "--direct_running_mode=multi_threading", "--noprogress")
+    assert done.returncode == 0, done.stderr
+    info = json.loads((out / "info.json").read_text())
+    assert info["counts"]["stored"] == 16 and info["arguments"]["runner"] == "beam"
+    assert not any(n.startswith(".make_records.scratch") for n in os.listdir(out))
