@@ -21,6 +21,8 @@ import time
 from absl import app
 from absl import flags
 
+from upright import tools
+
 _RECORDS = flags.DEFINE_string("records", None, "Records folder written by make_records.")
 _SPLIT = flags.DEFINE_string("split", "train", "Split to read.")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 128, "Output side S.", lower_bound=8)
@@ -146,7 +148,7 @@ def main(argv):
 
 
 def run():
-    app.run(main)
+    tools.run_tool(main, __name__)
 
 
 if __name__ == "__main__":

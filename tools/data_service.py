@@ -16,6 +16,8 @@ import time
 from absl import app
 from absl import flags
 
+from upright import tools
+
 _ROLE = flags.DEFINE_enum("role", None, ["dispatcher", "worker"], "Which server to run.")
 _PORT = flags.DEFINE_integer("port", None, "TCP port to serve on (0: a free port, printed).",
                              lower_bound=0, upper_bound=65535)
@@ -65,7 +67,7 @@ def main(argv):
 
 
 def run():
-    app.run(main)
+    tools.run_tool(main, __name__)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ import sys
 
 from absl import app, flags
 
+from upright import tools
+
 _MODEL = flags.DEFINE_string("model", None, "model_dir written by train (or a SavedModel "
                              "export folder).")
 _RECORDS = flags.DEFINE_string("records", None, "records folder written by make_records.")
@@ -49,7 +51,7 @@ def main(argv):
 
 
 def run():
-    app.run(main)
+    tools.run_tool(main, __name__)
 
 
 if __name__ == "__main__":

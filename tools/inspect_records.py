@@ -22,6 +22,8 @@ import sys
 from absl import app
 from absl import flags
 
+from upright import tools
+
 _CONTACT_SHEET = flags.DEFINE_string(
     "contact_sheet", None, "Also write a PNG grid of sample images, each in its four "
     "labelled orientations, to this file.")
@@ -66,7 +68,7 @@ def main(argv):
 
 
 def run():
-    app.run(main)
+    tools.run_tool(main, __name__)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ import sys
 from absl import app
 from absl import flags
 
+from upright import tools
+
 from upright.pipeline import demo
 
 _OUT = flags.DEFINE_string("out", "demo_data/scenes", "Folder to write the JPEG scenes into.")
@@ -31,7 +33,7 @@ def main(argv):
 
 
 def run():
-    app.run(main)
+    tools.run_tool(main, __name__)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ import sys
 from absl import app
 from absl import flags
 
+from upright import tools
+
 _SRC = flags.DEFINE_string("src", None, "Folder of upright images, searched recursively.")
 _OUT = flags.DEFINE_string(
     "out", None, "Records folder to write. Default: records/<name of --src>/ "
@@ -113,7 +115,7 @@ def main(argv):
 
 def run():
     flags.mark_flag_as_required("src")
-    app.run(main)
+    tools.run_tool(main, __name__)
 
 
 if __name__ == "__main__":

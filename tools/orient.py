@@ -16,6 +16,8 @@ import sys
 
 from absl import app, flags
 
+from upright import tools
+
 _MODEL = flags.DEFINE_string("model", None, "model_dir written by train (or a SavedModel "
                              "export folder).")
 _FIX = flags.DEFINE_boolean("fix", False, "write upright copies of the images to turn "
@@ -63,7 +65,7 @@ def main(argv):
 
 
 def run():
-    app.run(main)
+    tools.run_tool(main, __name__)
 
 
 if __name__ == "__main__":
