@@ -1,6 +1,6 @@
 """Benchmark: make_records throughput against one process doing the bare pixel work.
 
-    python benchmarks/bench_make_records.py --src /tmp/photos/train --limit 1000
+    python benchmarks/bench_make_records.py --src PHOTOS [--limit 1000] [--workers N]
 
 Picks --limit files spread evenly over --src (sorted names), links them into a
 temporary folder, then measures
@@ -58,7 +58,7 @@ def baseline(files, max_side=512, quality=95):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--src", default="/tmp/photos/train")
+    parser.add_argument("--src", required=True, help="folder of photos")
     parser.add_argument("--limit", type=int, default=1000)
     parser.add_argument("--workers", type=int, default=None)
     args = parser.parse_args()
