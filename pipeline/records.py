@@ -436,12 +436,7 @@ def _read_all(src_b, files, options, scratch, *, workers, progress, lock_fd=None
     try:
         with bar:
             for result in iterator:
-                if result.status == "ok":
-                    data = result.image.encoded
-                    spans[result.rel] = (scratch.tell(), len(data))
-                    scratch.write(data)
-                    result.image = dataclasses.replace(result.image, encoded=b"")
-                results.append(result)
+                results.append(spool_result(result, scratch, spans))
                 bar.update(1)
     except concurrent.futures.process.BrokenProcessPool:
         raise MakeRecordsError(
@@ -581,6 +576,21 @@ def _plan(results, walk, *, val_fraction, max_skipped_fraction, src_b) -> _Plan:
     return _Plan(splits=splits, skipped=sorted(skipped), ignored=sorted(ignored),
                  hidden=walk.hidden, duplicates=duplicates, groups=sorted(near_groups),
                  candidates=candidates, outside=list(walk.outside))
+
+
+def spool_result(result, scratch, spans: dict):
+    """Moves a read result's stored bytes to the scratch file; returns the result.
+
+    Keeps memory flat: only (offset, length) stays in `spans[result.rel]`, and
+    the result's image keeps its metadata with `encoded=b""`. Shared by the
+    local and the Beam runner.
+    """
+    if result.status == "ok":
+        data = result.image.encoded
+        spans[result.rel] = (scratch.tell(), len(data))
+        scratch.write(data)
+        result.image = dataclasses.replace(result.image, encoded=b"")
+    return result
 
 
 def _unit_hash(salt: bytes, sha256_hex: str) -> float:

@@ -109,21 +109,13 @@ def read_all(src_b: bytes, files: list, options, scratch, *, out_b: bytes,
 def collect_results(prefix: str, scratch):
     """Reads the pickled read_one results back; spills stored images to scratch.
 
-    Same bookkeeping as records._read_all: each stored image's bytes go to the
-    scratch file (memory stays flat), the result keeps an empty `encoded`.
+    Same bookkeeping as the local runner (records.spool_result).
     """
-    import dataclasses
     import glob
     import tensorflow as tf
     paths = sorted(glob.glob(glob.escape(prefix) + "*"))
     results, spans = [], {}
     for serialized in tf.data.TFRecordDataset(paths):
-        result = pickle.loads(serialized.numpy())
-        if result.status == "ok":
-            data = result.image.encoded
-            spans[result.rel] = (scratch.tell(), len(data))
-            scratch.write(data)
-            result.image = dataclasses.replace(result.image, encoded=b"")
-        results.append(result)
+        results.append(records.spool_result(pickle.loads(serialized.numpy()), scratch, spans))
     results.sort(key=lambda r: r.rel)
     return results, spans
