@@ -268,16 +268,18 @@ def predict_split(predictor, records: str, *, split: str = "val", batch_size: in
     if limit_batches:
         ds = ds.take(limit_batches)
     probs, labels, by_turn = [], [], [[] for _ in range(schema.NUM_CLASSES)]
-    for images, batch_labels in ds:
-        labels.append(batch_labels.numpy())
-        turns = range(schema.NUM_CLASSES) if tta else (0,)
-        for j in turns:
-            rotated = images if j == 0 else tf.image.rot90(images, j)
-            p = predictor.predict_images(rotated.numpy())
-            if j == 0:
-                probs.append(p)
-            if tta:
-                by_turn[j].append(p)
+    # A damaged shard stops the read with an error naming the file and record.
+    with inputs.naming_damaged_records(records, split):
+        for images, batch_labels in ds:
+            labels.append(batch_labels.numpy())
+            turns = range(schema.NUM_CLASSES) if tta else (0,)
+            for j in turns:
+                rotated = images if j == 0 else tf.image.rot90(images, j)
+                p = predictor.predict_images(rotated.numpy())
+                if j == 0:
+                    probs.append(p)
+                if tta:
+                    by_turn[j].append(p)
     if not labels:
         raise ValueError(f"split {split!r} of {records} yielded no examples")
     out = {"probs": np.concatenate(probs).astype(np.float32),

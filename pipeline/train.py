@@ -15,11 +15,18 @@ stage with 0 epochs is skipped.
 
 Nothing lost. A run killed at any moment and restarted with the same config
 continues from the last completed epoch of the stage it was in:
-  * per stage, keras.callbacks.BackupAndRestore(model_dir/backup/stage<k>)
-    saves weights + optimizer state + epoch at every epoch end;
+  * per stage, a keras.callbacks.BackupAndRestore (model_dir/backup/stage<k>)
+    saves weights + optimizer state + epoch at every epoch end, atomically:
+    the weights go to a temporary name, are renamed to epoch<e>.weights.h5,
+    and training_metadata.json (the epoch and the name of its weights file,
+    written to a temporary name and renamed) is the commit point. So a kill at
+    any instant leaves either the previous epoch's backup or the new one,
+    never new weights under the old epoch number or a half-written file
+    (Keras' own callback writes both in place);
   * a finished stage leaves model_dir/stages/stage<k>.done.json and its final
-    weights stage<k>.weights.npz, so a restart skips it and starts the next
-    stage from exactly those weights;
+    weights stage<k>.weights.npz (written first), so a restart skips it and
+    starts the next stage from exactly those weights; the stage's backup is
+    removed only after its marker exists;
   * the data stream is resumable: one seeded input_fn stream per stage, every
     epoch exactly `steps_per_epoch` batches of it, so a run resumed at epoch e
     skips e x steps batches (decoding only; augmentation is applied after the
@@ -37,14 +44,33 @@ of the optimizer state and is restored.
 NaN: a NaN or infinite training loss stops the run at once with
 TrainingDiverged; the last good epoch's backup and the best checkpoint stay.
 
+Full disk: every file of model_dir is written under a temporary name and
+renamed, so a failed write (no space, file size limit, read-only) leaves the
+earlier best checkpoint, backup and stage files as they were; the run stops
+with OutputError (one line) and the same command resumes once there is room.
+A damaged shard met while training or validating stops the run with
+recordio.RecordsError naming the shard file and the record
+(inputs.naming_damaged_records), within the read of that record.
+
+Test-only fault injection: the environment variable UPRIGHT_TEST_KILL_AT
+(read only by _test_kill_point) makes the process SIGKILL itself at a named
+point: "stage<k>_epoch<e>" (after the first batch of epoch e of stage k,
+counted from 0), "stage<k>_backup<n>" (inside the backup made after n epochs:
+its weights file renamed in, its metadata not yet), "between_stages" (after
+stage 1's done marker, before stage 2 starts). Unset, nothing changes.
+
 A model_dir after a run (see BUILD.md):
     config.json, model.keras (best epoch by val accuracy, float32, no
     AugmentLayer), model_info.json, metrics.json, history.csv, logs/ (TensorBoard),
     checkpoints/best.keras + best.json, stages/, export/ and model.tflite (serve).
 """
+import contextlib
 import dataclasses
+import errno
 import json
 import os
+import shutil
+import signal
 import time
 
 import numpy as np
@@ -64,6 +90,14 @@ class ConfigError(ValueError):
 
 class TrainingDiverged(RuntimeError):
     """The training loss became NaN or infinite."""
+
+
+class OutputError(RuntimeError):
+    """Writing into model_dir failed (full disk, file size limit, read-only);
+    str(e) is one line. Everything written before is intact."""
+
+
+TEST_KILL_ENV = "UPRIGHT_TEST_KILL_AT"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,7 +261,8 @@ def train_and_evaluate(config: TrainConfig) -> dict:
         # Non-chief workers write under model_dir/workers/worker-<i>/: one backup each.
         from upright.pipeline import cluster
         config = dataclasses.replace(config, model_dir=cluster.worker_dir(config.model_dir))
-    _pin_config(config)
+    with _reporting_write_failures(config.model_dir):
+        _pin_config(config)
     if config.mixed_precision:
         keras.config.set_dtype_policy(
             "mixed_bfloat16" if isinstance(strategy, tf.distribute.TPUStrategy)
@@ -236,16 +271,45 @@ def train_and_evaluate(config: TrainConfig) -> dict:
         with strategy.scope():
             classifier = _build_classifier(config, config.weights)
             train_model = _training_model(classifier, config, augment_on)
-        run = _Run(config, info, strategy, classifier, train_model, augment_on)
-        stages = {}
-        for stage in (1, 2):
-            stages[str(stage)] = run.stage(stage)
-        metrics = run.finish(stages)
+        with _reporting_write_failures(config.model_dir):
+            run = _Run(config, info, strategy, classifier, train_model, augment_on)
+            stages = {}
+            for stage in (1, 2):
+                stages[str(stage)] = run.stage(stage)
+            metrics = run.finish(stages)
+            metrics["seconds_total_this_process"] = round(time.time() - started, 1)
+            _write_json(os.path.join(config.model_dir, "metrics.json"), metrics)
     finally:
         keras.config.set_dtype_policy(previous_policy)
-    metrics["seconds_total_this_process"] = round(time.time() - started, 1)
-    _write_json(os.path.join(config.model_dir, "metrics.json"), metrics)
     return metrics
+
+
+# errno values and TensorFlow message fragments of a write that cannot succeed.
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS)
+_WRITE_TEXTS = ("No space left on device", "File too large", "Disk quota exceeded",
+                "Read-only file system", "errno = 28", "errno = 27")
+
+
+@contextlib.contextmanager
+def _reporting_write_failures(model_dir):
+    """Turns a failed write into model_dir (OSError from Python, h5py or zipfile;
+    a TensorFlow OpError from its own writers) into one-line OutputError."""
+    import tensorflow as tf
+    try:
+        yield
+    except (OSError, tf.errors.OpError) as e:
+        text = " ".join(str(e).split())
+        if not (getattr(e, "errno", None) in _WRITE_ERRNOS
+                or any(t in text for t in _WRITE_TEXTS)):
+            raise
+        reason = next((t for t in _WRITE_TEXTS[:4] if t in text), None) or (
+            os.strerror(e.errno) if getattr(e, "errno", None) else text[:200])
+        where = getattr(e, "filename", None)
+        raise OutputError(
+            f"cannot write into model_dir {model_dir}"
+            f"{f' ({where})' if where else ''}: {reason}; everything written before "
+            "(finished stages, the last epoch's backup, checkpoints/best.keras) is "
+            "intact; free space and run the same command again to resume") from e
 
 
 def make_strategy(name: str):
@@ -397,8 +461,11 @@ class _Run:
             _load_npz(self.classifier, self.done_weights)
         summary = self._fit_stage(stage, settings)
         _save_npz(self.classifier, weights_file)
-        _write_json(marker, summary)
+        _write_json(marker, summary)   # commit point of the stage
         self.done_weights = weights_file
+        shutil.rmtree(self._path("backup", f"stage{stage}"), ignore_errors=True)
+        if stage == 1:
+            _test_kill_point("between_stages")
         return summary
 
     def _fit_stage(self, stage, s):
@@ -429,6 +496,8 @@ class _Run:
             keras.callbacks.CSVLogger(self._path("history.csv"), append=True),
             timer,
         ]
+        if _test_kill_at():
+            callbacks.append(_callback("TestKill")(stage))
         if _have_tensorboard():
             callbacks.append(keras.callbacks.TensorBoard(
                 self._path("logs", f"stage{stage}"), write_graph=False, profile_batch=0))
@@ -444,7 +513,7 @@ class _Run:
                 monitor="val_loss", factor=config.reduce_lr_factor,
                 patience=config.reduce_lr_patience, min_lr=config.min_lr))
         # Last: the backup of an epoch is written after everything above saw it.
-        callbacks.append(keras.callbacks.BackupAndRestore(backup_dir))
+        callbacks.append(_callback("AtomicBackup")(backup_dir, stage))
         train_data = self._train_data(stage, start)
         val_data = self._val_data()
         self.train_model._initial_epoch = None   # left set by a previous stage's restore
@@ -454,11 +523,12 @@ class _Run:
              f"{freezing['trainable_params']} trainable params), augment on {self.augment_on}")
         t0 = time.time()
         try:
-            history = self.train_model.fit(
-                train_data, epochs=s["epochs"], initial_epoch=start,
-                steps_per_epoch=self.steps, validation_data=val_data,
-                validation_steps=self.val_steps, shuffle=False,
-                callbacks=callbacks, verbose=config.verbose)
+            with self._naming_damaged_records():
+                history = self.train_model.fit(
+                    train_data, epochs=s["epochs"], initial_epoch=start,
+                    steps_per_epoch=self.steps, validation_data=val_data,
+                    validation_steps=self.val_steps, shuffle=False,
+                    callbacks=callbacks, verbose=config.verbose)
         except _NaNLoss as e:
             best = self._path("checkpoints", "best.keras")
             kept = [f"the last good epoch in {backup_dir}" if _backup_epoch(backup_dir) else "",
@@ -466,8 +536,9 @@ class _Run:
             kept = " and ".join(k for k in kept if k) or "no epoch finished before it"
             raise TrainingDiverged(f"{e}; stopped. Kept: {kept}. Lower --stage{stage}_lr "
                                    "or check the data") from None
-        logs = self.train_model.evaluate(self._val_data(), steps=self.val_steps,
-                                         verbose=0, return_dict=True)
+        with self._naming_damaged_records():
+            logs = self.train_model.evaluate(self._val_data(), steps=self.val_steps,
+                                             verbose=0, return_dict=True)
         epochs_run = len(history.history.get("loss", []))
         return {"epochs": s["epochs"], "lr": s["lr"],
                 "freeze_below_block": s["freeze_below_block"],
@@ -479,6 +550,16 @@ class _Run:
                 "seconds_this_process": round(time.time() - t0, 1)}
 
     # -- data -----------------------------------------------------------------
+    def _naming_damaged_records(self):
+        """A DataLossError of a damaged train or val shard -> RecordsError naming
+        the shard file and the record (the inner context looks at val, the outer
+        at train: a damage in train passes the inner one unnamed)."""
+        from upright.pipeline import inputs
+        stack = contextlib.ExitStack()
+        stack.enter_context(inputs.naming_damaged_records(self.config.records, "train"))
+        stack.enter_context(inputs.naming_damaged_records(self.config.records, "val"))
+        return stack
+
     def _distribute(self, dataset_fn):
         # Without a strategy Keras takes the plain dataset; with one, each input
         # pipeline builds its own dataset from its InputContext.
@@ -573,9 +654,10 @@ def evaluate_model(model, config) -> dict:
     ds = inputs.input_fn(config.records, split="val", batch_size=config.batch_size,
                          image_size=config.image_size, training=False, resize=config.resize)
     labels, probs = [], []
-    for images, y in ds:
-        probs.append(np.asarray(model.predict_on_batch(images), np.float64))
-        labels.append(y.numpy())
+    with inputs.naming_damaged_records(config.records, "val"):
+        for images, y in ds:
+            probs.append(np.asarray(model.predict_on_batch(images), np.float64))
+            labels.append(y.numpy())
     labels, probs = np.concatenate(labels), np.concatenate(probs)
     preds = np.argmax(probs, axis=-1)
     per_class = {name: float(np.mean(preds[labels == k] == k)) if np.any(labels == k) else None
@@ -759,8 +841,70 @@ def _define_callbacks() -> dict:
         def images_per_s(self):
             return round(self.steps * self.batch_size / self.seconds, 2) if self.seconds else None
 
+    class _AtomicBackup(keras.callbacks.BackupAndRestore):
+        """BackupAndRestore whose backup is one complete epoch at every instant.
+
+        backup_dir holds epoch<e>.weights.h5 (weights + optimizer state) and
+        training_metadata.json {"epoch": e, "batch": 0, "weights": name}. Saving
+        writes the weights under a temporary name, renames them, then replaces
+        the metadata (the commit point) and removes older weights files; loading
+        reads the weights file the metadata names. The backup is kept after
+        fit() (the stage removes it once its done marker exists).
+        """
+
+        def __init__(self, backup_dir, stage):
+            super().__init__(backup_dir, delete_checkpoint=False)
+            self.stage = stage
+
+        def on_train_begin(self, logs=None):
+            self._load_model()
+
+        def _load_model(self):
+            state = _read_backup(self.backup_dir)
+            if state is None:
+                return
+            if self.model.optimizer is not None and not self.model.optimizer.built:
+                self.model.optimizer.build(self.model.trainable_variables)
+            self.model.load_weights(state["weights_path"])
+            self.model._initial_epoch = state["epoch"]
+
+        def _save_model(self):
+            os.makedirs(self.backup_dir, exist_ok=True)
+            name = f"epoch{self._current_epoch}.weights.h5"
+            path = os.path.join(self.backup_dir, name)
+            tmp = os.path.join(self.backup_dir, f"epoch{self._current_epoch}.tmp.weights.h5")
+            with _removed_on_error(tmp):
+                self.model.save_weights(tmp, overwrite=True)
+                os.replace(tmp, path)
+            _test_kill_point(f"stage{self.stage}_backup{self._current_epoch}")
+            with _removed_on_error(path):
+                _write_json(os.path.join(self.backup_dir, "training_metadata.json"),
+                            {"epoch": self._current_epoch, "batch": 0, "weights": name})
+            for other in os.listdir(self.backup_dir):
+                if other.endswith(".weights.h5") and other != name:
+                    os.remove(os.path.join(self.backup_dir, other))
+
+        def on_train_end(self, logs=None):
+            pass
+
+    class _TestKill(keras.callbacks.Callback):
+        """Test-only: SIGKILL after the first batch of the epoch UPRIGHT_TEST_KILL_AT names."""
+
+        def __init__(self, stage):
+            super().__init__()
+            self.stage = stage
+            self.epoch = 0
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epoch = epoch
+
+        def on_train_batch_end(self, batch, logs=None):
+            if batch == 0:
+                _test_kill_point(f"stage{self.stage}_epoch{self.epoch}")
+
     return {"StopOnNaN": _StopOnNaN, "ResetRandomState": _ResetRandomState,
-            "SaveBest": _SaveBest, "AddStage": _AddStage, "Throughput": _Throughput}
+            "SaveBest": _SaveBest, "AddStage": _AddStage, "Throughput": _Throughput,
+            "AtomicBackup": _AtomicBackup, "TestKill": _TestKill}
 
 
 # ----------------------------------------------------------------------------
@@ -780,13 +924,49 @@ def _have_tensorboard() -> bool:
     return importlib.util.find_spec("tensorboard") is not None
 
 
-def _backup_epoch(backup_dir) -> int:
-    """The epoch BackupAndRestore will resume at (0 without a backup)."""
+def _read_backup(backup_dir):
+    """{"epoch", "weights_path"} of the backup in backup_dir, or None.
+
+    training_metadata.json names its weights file; a backup of Keras' own
+    BackupAndRestore (no name) uses latest.weights.h5.
+    """
     path = os.path.join(backup_dir, "training_metadata.json")
-    weights = os.path.join(backup_dir, "latest.weights.h5")
-    if not (os.path.exists(weights) and os.path.exists(path)):
-        return 0
-    return int(_read_json(path)["epoch"])
+    if not os.path.exists(path):
+        return None
+    meta = _read_json(path)
+    weights = os.path.join(backup_dir, meta.get("weights", "latest.weights.h5"))
+    if not os.path.exists(weights):
+        return None
+    return {"epoch": int(meta["epoch"]), "weights_path": weights}
+
+
+def _backup_epoch(backup_dir) -> int:
+    """The epoch the stage's backup resumes at (0 without a backup)."""
+    state = _read_backup(backup_dir)
+    return state["epoch"] if state else 0
+
+
+def _test_kill_at() -> str:
+    """Test-only: the kill point named by UPRIGHT_TEST_KILL_AT ("" when unset).
+    The only place that reads the variable (see the module docstring)."""
+    return os.environ.get(TEST_KILL_ENV, "")
+
+
+def _test_kill_point(name):
+    """Test-only: SIGKILL this process when UPRIGHT_TEST_KILL_AT == name."""
+    if _test_kill_at() == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def _removed_on_error(path):
+    """Removes the (temporary) file `path` when the block fails, then re-raises."""
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(path)
+        raise
 
 
 def _pin_config(config):
@@ -824,8 +1004,9 @@ def _as_float32(model, config):
 
 def _save_npz(model, path):
     tmp = path + ".tmp.npz"
-    np.savez(tmp, *model.get_weights())
-    os.replace(tmp, path)
+    with _removed_on_error(tmp):
+        np.savez(tmp, *model.get_weights())
+        os.replace(tmp, path)
 
 
 def _load_npz(model, path):
@@ -835,16 +1016,18 @@ def _load_npz(model, path):
 
 def _save_keras_atomic(model, path):
     tmp = path[:-len(".keras")] + ".tmp.keras"
-    model.save(tmp)
-    os.replace(tmp, path)
+    with _removed_on_error(tmp):
+        model.save(tmp)
+        os.replace(tmp, path)
 
 
 def _write_json(path, obj):
     tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    with _removed_on_error(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, path)
 
 
 def _read_json(path):

@@ -178,3 +178,20 @@ def test_evaluate_tool_bad_input_is_one_line(tmp_path, records):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_evaluate_names_a_damaged_shard(tmp_path, records):
+    """Flipped bytes inside a val record (size unchanged, so info.json's size
+    check passes): evaluate stops with the shard file and the record index."""
+    import shutil
+    from upright.pipeline import recordio
+    damaged = tmp_path / "damaged"
+    shutil.copytree(records, damaged)
+    shard = recordio.shard_paths(str(damaged), "val")[0]
+    data = bytearray(open(shard, "rb").read())
+    data[len(data) // 2] ^= 0x5A
+    open(shard, "wb").write(bytes(data))
+    model_dir = helpers.write_model_dir(
+        str(tmp_path / "model"), helpers.fixed_output_model(S, [0.1, 0.6, 0.2, 0.1]), S)
+    with pytest.raises(recordio.RecordsError, match=r"val\.tfrecord-00000-of-00001: record \d is damaged"):
+        evaluation.evaluate(model_dir, str(damaged), split="val", batch_size=5, plots=False)

@@ -2,6 +2,7 @@
 
 Real code paths on tiny real records (32 px, the "tiny" backbone, 2 steps per epoch).
 """
+import contextlib
 import dataclasses
 import json
 import os
@@ -225,10 +226,10 @@ def test_stream_seeds_differ_per_stage_and_epoch():
 
 # ---------------------------------------------------------------- tools/train.py
 
-def _tool(*args, cwd=REPO):
+def _tool(*args, cwd=REPO, timeout=300):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     return subprocess.run([sys.executable, "-m", "upright.tools.train", *args], cwd=cwd,
-                          env=env, capture_output=True, text=True, timeout=300)
+                          env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def _error_lines(result):
@@ -346,3 +347,306 @@ def test_sigkilled_tool_resumes_in_stage_2_and_matches(records, tmp_path):
     b = _npz(str(killed / "stages" / "stage2.weights.npz"))
     for x, y in zip(a, b):
         np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------- faults (issue 6)
+# Real SIGKILLs at named moments through the test-only hook UPRIGHT_TEST_KILL_AT
+# (pipeline/train.py, _test_kill_point), a full disk under model_dir, and a
+# damaged shard met while training.
+
+KILL_ENV = train.TEST_KILL_ENV
+
+
+def _run_killed(code_args, kill_at, timeout=240):
+    """Runs train_and_evaluate(tiny_config(*code_args)) in a fresh process that
+    SIGKILLs itself at `kill_at`; returns the CompletedProcess."""
+    code = ("import sys; from tests import test_train as t; from upright.pipeline import train; "
+            "train.train_and_evaluate(t.tiny_config(sys.argv[1], sys.argv[2]))")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO, **{KILL_ENV: kill_at})
+    return subprocess.run([sys.executable, "-c", code, *code_args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _snapshot(folder, names):
+    return {name: open(os.path.join(folder, name), "rb").read() for name in names}
+
+
+def _assert_same_run(model_dir, reference_dir, metrics, reference_metrics):
+    for stage in ("stage1", "stage2"):
+        a = _npz(os.path.join(reference_dir, "stages", f"{stage}.weights.npz"))
+        b = _npz(os.path.join(model_dir, "stages", f"{stage}.weights.npz"))
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+    for stage in ("1", "2"):
+        for key in ("val_loss", "val_accuracy"):
+            assert metrics["stages"][stage][key] == pytest.approx(
+                reference_metrics["stages"][stage][key], rel=1e-4), (stage, key)
+    assert metrics["final"]["val_accuracy"] == pytest.approx(
+        reference_metrics["final"]["val_accuracy"])
+    assert metrics["best"]["val_accuracy"] == pytest.approx(
+        reference_metrics["best"]["val_accuracy"])
+
+
+def _limited_tool(limit_bytes, *args):
+    """tools/train.py with RLIMIT_FSIZE: every write past limit_bytes fails (EFBIG),
+    the path a full disk takes, without root."""
+    code = ("import resource, signal, sys\n"
+            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+            f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit_bytes}, {limit_bytes}))\n"
+            "from upright.tools import train\n"
+            "sys.argv = ['train'] + sys.argv[1:]\n"
+            "train.run()\n")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO)
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def _config_flags(config):
+    """tools/train.py flags that build exactly `config` (see tiny_config)."""
+    return [f"--records={config.records}", f"--model_dir={config.model_dir}",
+            f"--batch_size={config.batch_size}", f"--image_size={config.image_size}",
+            f"--seed={config.seed}", f"--augment_policy={config.augment_policy}",
+            f"--augment_on={config.augment_on}", f"--backbone={config.backbone}",
+            "--weights=none", f"--head={config.head}", f"--dropout={config.dropout}",
+            f"--stage1_epochs={config.stage1_epochs}", f"--stage1_lr={config.stage1_lr}",
+            f"--stage1_freeze_below_block={config.stage1_freeze_below_block}",
+            "--nostage1_train_batchnorm",
+            f"--stage2_epochs={config.stage2_epochs}", f"--stage2_lr={config.stage2_lr}",
+            f"--stage2_freeze_below_block={config.stage2_freeze_below_block}",
+            f"--steps_per_epoch={config.steps_per_epoch}", "--noexport", "--verbose=0"]
+
+
+KEPT = ["stages/stage1.done.json", "stages/stage1.weights.npz",
+        "checkpoints/best.keras", "checkpoints/best.json"]
+
+
+def _tmp_leftovers(model_dir):
+    return [os.path.join(root, n) for root, _, names in os.walk(model_dir)
+            for n in names if ".tmp" in n]
+
+
+@contextlib.contextmanager
+def _small_disk(tmp_path):
+    """-> (model_dir, fill(), make_room()): model_dir on a 64 MB tmpfs when root may
+    mount one (fill() shrinks it to 100 KB of free room), else on tmp_path with
+    fill() = None (use RLIMIT_FSIZE instead)."""
+    from tests.test_faults import _mount_tmpfs
+    disk = tmp_path / "disk"
+    mounted = os.geteuid() == 0 and _mount_tmpfs(disk, "64m")
+
+    def remount(size):
+        assert subprocess.run(["mount", "-o", f"remount,size={size}", str(disk)]).returncode == 0
+
+    def fill():
+        st = os.statvfs(disk)
+        remount((st.f_blocks - st.f_bfree) * st.f_frsize + 100_000)
+
+    try:
+        yield str(disk / "run"), (fill if mounted else None), (lambda: remount("64m"))
+    finally:
+        if mounted:   # lazily: this process may still hold a TensorBoard event file there
+            subprocess.run(["umount", "-l", str(disk)])
+
+
+@contextlib.contextmanager
+def _file_size_limit(limit):
+    """In this process: every write past `limit` bytes fails with EFBIG."""
+    import resource
+    import signal
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    old = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, old[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old)
+        signal.signal(signal.SIGXFSZ, old_handler)
+
+
+def test_sigkill_between_stages_then_full_disk_then_rerun_matches(reference, records, tmp_path):
+    """A real SIGKILL after stage 1's done marker, before stage 2's first epoch;
+    then the same run on a disk with no room left: OutputError (one line), the
+    earlier files byte for byte, no temporary files; then, with room again, the
+    same run finishes and equals the uninterrupted run."""
+    ref_config, ref_metrics = reference
+    with _small_disk(tmp_path) as (model_dir, fill, make_room):
+        killed = _run_killed([records, model_dir], "between_stages")
+        assert killed.returncode == -9, killed.stderr[-2000:]
+        before = _snapshot(model_dir, KEPT)
+        assert not os.path.exists(os.path.join(model_dir, "backup", "stage1"))
+        assert not os.path.exists(os.path.join(model_dir, "backup", "stage2"))
+        config = tiny_config(records, model_dir)
+        if fill:       # a real full filesystem: room for a few KB, not for a backup
+            fill()
+            limit, reason = contextlib.nullcontext(), "No space left on device"
+        else:          # no root: every write past 100 KB fails
+            limit, reason = _file_size_limit(100_000), "File too large"
+        with limit, pytest.raises(train.OutputError) as caught:
+            train.train_and_evaluate(config)
+        message = str(caught.value)
+        assert message.startswith(f"cannot write into model_dir {model_dir}")
+        assert reason in message and "\n" not in message, message
+        assert _snapshot(model_dir, KEPT) == before
+        assert not _tmp_leftovers(model_dir)
+        if fill:
+            make_room()
+        again = train.train_and_evaluate(config)   # the same run, room again
+        assert again["stages"]["1"] == json.loads(before["stages/stage1.done.json"])
+        assert again["stages"]["2"]["resumed_at_epoch"] == 0
+        _assert_same_run(model_dir, ref_config.model_dir, again, ref_metrics)
+
+
+@pytest.mark.slow
+def test_full_disk_through_the_tool_gives_one_line_and_keeps_files(reference, records,
+                                                                   tmp_path):
+    """tools/train.py resumed mid-stage 2 on a full disk: `train: error: ...`,
+    exit 1, no traceback (h5py's destructor noise included); the stage 2 backup
+    of epoch 1, the best checkpoint and stage 1's files stay byte for byte;
+    with room again the same command finishes and equals the uninterrupted run."""
+    ref_config, ref_metrics = reference
+    with _small_disk(tmp_path) as (model_dir, fill, make_room):
+        killed = _run_killed([records, model_dir], "stage2_epoch1")
+        assert killed.returncode == -9, killed.stderr[-2000:]
+        backup = ["backup/stage2/training_metadata.json", "backup/stage2/epoch1.weights.h5"]
+        before = _snapshot(model_dir, KEPT + backup)
+        flags = _config_flags(tiny_config(records, model_dir))
+        if fill:
+            fill()
+            full, reason = _limited_tool(2**40, *flags), "No space left on device"
+        else:
+            full, reason = _limited_tool(100_000, *flags), "File too large"
+        assert full.returncode == 1, full.stderr[-3000:]
+        lines = _error_lines(full)
+        assert len(lines) == 1 and reason in lines[0], full.stderr[-3000:]
+        assert f"cannot write into model_dir {model_dir}" in lines[0]
+        assert "Traceback" not in full.stderr and "Exception ignored" not in full.stderr, \
+            full.stderr[-3000:]
+        assert _snapshot(model_dir, KEPT + backup) == before
+        assert not _tmp_leftovers(model_dir)
+        if fill:
+            make_room()
+        again = _tool(*flags)
+        assert again.returncode == 0, again.stderr[-3000:]
+        metrics = json.loads(open(os.path.join(model_dir, "metrics.json")).read())
+        assert metrics["stages"]["2"]["resumed_at_epoch"] == 1
+        _assert_same_run(model_dir, ref_config.model_dir, metrics, ref_metrics)
+
+
+@pytest.fixture(scope="module")
+def sharded_records(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("sharded") / "rec")
+    helpers.write_records(out, {
+        "train": [helpers.upright_image(i, 40, 48) for i in range(24)],
+        "val": [helpers.upright_image(1000 + i, 40, 48) for i in range(8)],
+    }, shards_per_split=3)
+    return out
+
+
+def _damaged_copy(sharded_records, tmp_path, split, how, legacy=False):
+    """A copy of the records with shard 1 of `split` damaged; -> (folder, shard, record).
+    legacy: info.json without shard_bytes (written before that field existed), so
+    that load_info cannot refuse a truncated shard up front."""
+    import shutil
+    from tests.test_faults import damage
+    from upright.pipeline import recordio
+    out = str(tmp_path / f"{split}_{how}")
+    shutil.copytree(sharded_records, out)
+    if legacy:
+        path = os.path.join(out, "info.json")
+        info = json.load(open(path))
+        for entry in info["splits"].values():
+            entry.pop("shard_bytes", None)
+        json.dump(info, open(path, "w"))
+    shard = recordio.shard_paths(out, split)[1]
+    return out, shard, damage(shard, how)
+
+
+def test_truncated_train_shard_through_the_tool_names_file_and_record(sharded_records,
+                                                                     tmp_path):
+    """A truncated train shard in a folder whose info.json has no shard sizes
+    (written before that field existed), so only reading finds it: one line
+    naming the shard and the record, exit 1; the subprocess timeout fails a hang."""
+    import time
+    out, shard, index = _damaged_copy(sharded_records, tmp_path, "train", "truncate",
+                                      legacy=True)
+    start = time.monotonic()
+    result = _tool(f"--records={out}", f"--model_dir={tmp_path / 'run'}", "--backbone=tiny",
+                   "--weights=none", "--image_size=32", "--batch_size=8",
+                   "--stage1_epochs=1", "--stage1_freeze_below_block=3", "--stage2_epochs=0",
+                   "--steps_per_epoch=3", "--augment_policy=none", "--noexport", "--verbose=0",
+                   timeout=120)
+    seconds = time.monotonic() - start
+    assert result.returncode == 1, result.stderr[-3000:]
+    lines = _error_lines(result)
+    assert len(lines) == 1, result.stderr[-3000:]
+    assert lines[0].startswith(f"train: error: {shard}: record {index} is damaged "
+                               "(truncated or corrupted shard: "), lines
+    assert lines[0].endswith("restore the file or run make_records again"), lines
+    assert "Traceback" not in result.stderr
+    assert seconds < 60, seconds
+
+
+def test_truncated_shard_with_known_size_is_refused_before_any_work(sharded_records,
+                                                                    tmp_path):
+    out, shard, _ = _damaged_copy(sharded_records, tmp_path, "train", "truncate")
+    with pytest.raises(train.ConfigError, match=f"{shard}: damaged shard"):
+        train.train_and_evaluate(tiny_config(out, str(tmp_path / "run")))
+    assert not os.path.exists(tmp_path / "run")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("split, how", [("train", "flip"), ("val", "flip"),
+                                        ("val", "truncate")])
+def test_damaged_shard_met_by_fit_or_validation_is_named(sharded_records, tmp_path, split,
+                                                         how):
+    """Flipped bytes (the size is unchanged) or a truncated shard of a folder
+    without sizes, in the train split (met by fit) or the val split (met by
+    fit's validation): RecordsError naming the shard file and the record."""
+    from upright.pipeline import recordio
+    out, shard, index = _damaged_copy(sharded_records, tmp_path, split, how, legacy=True)
+    config = tiny_config(out, str(tmp_path / "run"), stage2_epochs=0, steps_per_epoch=3,
+                         augment_policy="none")
+    with pytest.raises(recordio.RecordsError) as caught:
+        train.train_and_evaluate(config)
+    assert str(caught.value).startswith(f"{shard}: record {index} is damaged"), caught.value
+
+
+# Slow: every moment, through the real tool, rerun with the same command.
+KILL_ARGS = ["--backbone=tiny", "--weights=none", "--image_size=32", "--batch_size=8",
+             "--stage1_epochs=2", "--stage1_freeze_below_block=3", "--stage2_epochs=3",
+             "--steps_per_epoch=3", f"--augment_policy={POLICY}", "--dropout=0.25",
+             "--noexport", "--verbose=0", "--seed=5"]
+
+
+@pytest.fixture(scope="module")
+def whole_run(records, tmp_path_factory):
+    model_dir = tmp_path_factory.mktemp("whole") / "run"
+    result = _tool(f"--records={records}", *KILL_ARGS, f"--model_dir={model_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return str(model_dir), json.loads((model_dir / "metrics.json").read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_at, resumed_stage, resumed_at", [
+    ("stage1_epoch1", "1", 1),      # during stage 1, mid-epoch (after its first batch)
+    ("stage1_backup2", "1", 1),     # inside stage 1's last backup: weights in, metadata not
+    ("between_stages", "2", 0),     # after stage1.done.json, before stage 2's first epoch
+    ("stage2_epoch1", "2", 1),      # during stage 2, mid-epoch
+    ("stage2_backup2", "2", 1),     # inside a stage 2 backup
+])
+def test_sigkill_at_each_moment_then_rerun_matches(records, whole_run, tmp_path, kill_at,
+                                                   resumed_stage, resumed_at):
+    whole_dir, whole_metrics = whole_run
+    model_dir = tmp_path / "killed"
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", **{KILL_ENV: kill_at})
+    killed = subprocess.run([sys.executable, "-m", "upright.tools.train",
+                             f"--records={records}", *KILL_ARGS, f"--model_dir={model_dir}"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert not (model_dir / "metrics.json").exists()
+    again = _tool(f"--flagfile={model_dir / 'flags.txt'}")   # the same command again
+    assert again.returncode == 0, again.stderr[-3000:]
+    metrics = json.loads((model_dir / "metrics.json").read_text())
+    assert metrics["stages"][resumed_stage]["resumed_at_epoch"] == resumed_at
+    _assert_same_run(str(model_dir), whole_dir, metrics, whole_metrics)

@@ -9,13 +9,16 @@ on stderr and exit status 2. The resolved flags are written to
 MODEL_DIR/flags.txt, so `train --flagfile=MODEL_DIR/flags.txt` replays the run;
 run the same command again after a crash and it resumes from the last
 completed epoch of the stage it was in. A NaN loss stops the run (exit 1).
+A full disk (or any failed write into MODEL_DIR) and a damaged records shard
+met while training each give one line, `train: error: ...`, and exit status 1;
+the files written before are intact, and the same command resumes.
 """
 import sys
 
 from absl import app, flags
 
 from upright.pipeline import model as model_lib
-from upright.pipeline import train
+from upright.pipeline import recordio, train
 
 _D = train.TrainConfig()   # the defaults are the b1 recipe
 
@@ -140,10 +143,11 @@ def write_flags_file(model_dir: str) -> str:
     return path
 
 
-def _fail(message: str):
-    """One line on stderr, exit status 2: the flags need changing."""
+def _fail(message: str, status: int = 2):
+    """One line on stderr and exit `status` (2: the flags need changing; 1: the
+    run could not go on: a full disk, a damaged shard)."""
     print(f"train: error: {str(message).splitlines()[0]}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(status)
 
 
 def main(argv):
@@ -159,11 +163,21 @@ def main(argv):
         for key, value in dataclasses.asdict(config).items():
             print(f"{key} = {value!r}")
         return 0
-    write_flags_file(config.model_dir)
+    try:
+        write_flags_file(config.model_dir)
+    except OSError as e:
+        _fail(f"cannot write into model_dir {config.model_dir}: {e}", status=1)
     try:
         metrics = train.train_and_evaluate(config)
     except (train.ConfigError, model_lib.ModelError) as e:
         _fail(str(e))
+    except (train.OutputError, recordio.RecordsError) as e:
+        # h5py objects of a failed write still hang off the exception; their
+        # destructors would print "Exception ignored ... Traceback" at exit
+        # (Cython prints through sys.excepthook, then sys.unraisablehook).
+        sys.unraisablehook = lambda unraisable: None
+        sys.excepthook = lambda *exc_info: None
+        _fail(str(e), status=1)
     except train.TrainingDiverged as e:
         print(f"train: {e}", file=sys.stderr)
         sys.exit(1)
