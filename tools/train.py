@@ -15,8 +15,9 @@ the files written before are intact, and the same command resumes.
 """
 import sys
 
-from absl import app, flags
+from absl import flags
 
+from upright import tools
 from upright.pipeline import model as model_lib
 from upright.pipeline import recordio, train
 
@@ -188,7 +189,7 @@ def main(argv):
 
 
 def run():
-    app.run(main)
+    tools.run_tool(main, __name__)
 
 
 if __name__ == "__main__":
