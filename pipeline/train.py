@@ -743,8 +743,8 @@ def _callback(name):
 def _define_callbacks() -> dict:
     import keras
 
-    class _StopOnNaN(keras.callbacks.Callback):
-        """Raises at the first NaN/inf batch loss, before the epoch's backups run."""
+    class _StageEpoch(keras.callbacks.Callback):
+        """Knows its stage and the epoch it is in."""
 
         def __init__(self, stage):
             super().__init__()
@@ -753,6 +753,9 @@ def _define_callbacks() -> dict:
 
         def on_epoch_begin(self, epoch, logs=None):
             self.epoch = epoch
+
+    class _StopOnNaN(_StageEpoch):
+        """Raises at the first NaN/inf batch loss, before the epoch's backups run."""
 
         def on_train_batch_end(self, batch, logs=None):
             loss = (logs or {}).get("loss")
@@ -887,16 +890,8 @@ def _define_callbacks() -> dict:
         def on_train_end(self, logs=None):
             pass
 
-    class _TestKill(keras.callbacks.Callback):
+    class _TestKill(_StageEpoch):
         """Test-only: SIGKILL after the first batch of the epoch UPRIGHT_TEST_KILL_AT names."""
-
-        def __init__(self, stage):
-            super().__init__()
-            self.stage = stage
-            self.epoch = 0
-
-        def on_epoch_begin(self, epoch, logs=None):
-            self.epoch = epoch
 
         def on_train_batch_end(self, batch, logs=None):
             if batch == 0:
