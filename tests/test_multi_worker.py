@@ -14,6 +14,34 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 
+def run_two_workers(script, args_for, *, timeout):
+    """Runs tests/<script> as two MultiWorkerMirroredStrategy workers on 127.0.0.1.
+
+    args_for(index) gives each worker's command-line arguments. Fails the test
+    with the worker's output tail if either exits non-zero; kills both on a
+    timeout, so a hang fails instead of blocking CI.
+    """
+    workers = [f"127.0.0.1:{p}" for p in cluster.free_ports(2)]
+    procs = []
+    for index in range(2):
+        env = dict(os.environ, TF_CONFIG=cluster.tf_config(workers, index),
+                   TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="",
+                   PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        procs.append(subprocess.Popen(
+            [sys.executable, os.path.join(HERE, script), *args_for(index)],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=timeout)[0])
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    for proc, output in zip(procs, outputs):
+        assert proc.returncode == 0, output[-4000:]
+
+
 def test_multi_worker_tf_config_and_worker_dirs(tmp_path):
     config = json.loads(cluster.tf_config(["127.0.0.1:1", "127.0.0.1:2"], 1))
     assert config == {"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]},
@@ -44,26 +72,8 @@ def test_multi_worker_two_processes_end_with_identical_weights(tmp_path):
     helpers.write_records(records, {"train": [helpers.upright_image(i, 20, 24) for i in range(16)],
                                     "val": [helpers.upright_image(50, 20, 24)]},
                           shards_per_split=4)
-    workers = [f"127.0.0.1:{p}" for p in cluster.free_ports(2)]
-    procs = []
-    for index in range(2):
-        env = dict(os.environ, TF_CONFIG=cluster.tf_config(workers, index),
-                   TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="",
-                   PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        procs.append(subprocess.Popen(
-            [sys.executable, os.path.join(HERE, "multi_worker_main.py"), records,
-             str(tmp_path / f"w{index}.npz"), "4"],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outputs = []
-    try:
-        for proc in procs:
-            outputs.append(proc.communicate(timeout=240)[0])
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-    for proc, output in zip(procs, outputs):
-        assert proc.returncode == 0, output[-3000:]
+    run_two_workers("multi_worker_main.py",
+                    lambda index: [records, str(tmp_path / f"w{index}.npz"), "4"], timeout=240)
     w0, w1 = (np.load(tmp_path / f"w{i}.npz") for i in range(2))
     assert int(w0["replicas"]) == int(w1["replicas"]) == 2
     # Each worker built one input pipeline, its own.
@@ -88,26 +98,8 @@ def test_multi_worker_through_the_trainer(tmp_path):
                                             for i in range(4)]},
                           shards_per_split=4)
     model_dir = tmp_path / "run"
-    workers = [f"127.0.0.1:{p}" for p in cluster.free_ports(2)]
-    procs = []
-    for index in range(2):
-        env = dict(os.environ, TF_CONFIG=cluster.tf_config(workers, index),
-                   TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="",
-                   PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        procs.append(subprocess.Popen(
-            [sys.executable, os.path.join(HERE, "multi_worker_train_main.py"), records,
-             str(model_dir)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True))
-    outputs = []
-    try:
-        for proc in procs:
-            outputs.append(proc.communicate(timeout=600)[0])
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-    for proc, output in zip(procs, outputs):
-        assert proc.returncode == 0, output[-4000:]
+    run_two_workers("multi_worker_train_main.py", lambda index: [records, str(model_dir)],
+                    timeout=600)
     # The chief wrote model_dir, worker 1 its own folder; the same final weights.
     dirs = [model_dir, model_dir / "workers" / "worker-1"]
     weights = [np.load(d / "stages" / "stage2.weights.npz") for d in dirs]
