@@ -32,6 +32,7 @@ Definitions (also in BUILD.md):
   cannot outvote three agreeing ones as easily as with a mean of
   probabilities. agreement = fraction of images whose four argmax(q_j) agree.
 """
+import csv
 import json
 import math
 import os
@@ -346,15 +347,54 @@ def evaluate(model_dir: str, records: str, *, split: str = "val", batch_size: in
             if (~agree).any() else None,
         }
     stem = os.path.splitext(out_json)[0]
-    files = {"json": out_json, "coverage_json": stem + "_coverage.json"}
+    files = {"json": out_json, "coverage_json": stem + "_coverage.json",
+             "images_csv": stem + "_images.csv"}
     os.makedirs(os.path.dirname(os.path.abspath(out_json)), exist_ok=True)
     _write_json(files["coverage_json"], {"definition": COVERAGE_DEFINITION,
                                          "coverage": result["coverage"]})
+    from upright.pipeline import inputs
+    write_image_rows(files["images_csv"], inputs.source_ids(records, split), probs, labels,
+                     combined if tta else None)
     result["files"] = files
     if plots:
         files.update(write_plots(result, stem))
     _write_json(out_json, result)
     return result
+
+
+IMAGE_COLUMNS = ("source_id", "true_angle", "predicted_angle", "confidence", "correct")
+
+
+def write_image_rows(path: str, ids, probs, labels, tta_probs=None) -> None:
+    """One CSV row per scored example, for error analysis (which pictures fail).
+
+    ids: the split's source ids (bytes), image i of the stream; example j is
+    image j // 4 turned labels[j] quarter turns (inputs.source_ids' order).
+    Columns: IMAGE_COLUMNS (angles in degrees counter-clockwise, as the class
+    names; confidence = the predicted class's probability; correct 0/1), then
+    tta_predicted_angle, tta_correct with test-time agreement.
+    """
+    if len(ids) * schema.NUM_CLASSES != len(labels):
+        raise ValueError(f"{len(ids)} source ids for {len(labels)} examples: the records "
+                         "changed while they were scored")
+    pred, conf = predictions(probs), confidences(probs)
+    header = list(IMAGE_COLUMNS)
+    if tta_probs is not None:
+        header += ["tta_predicted_angle", "tta_correct"]
+        tta_pred = predictions(tta_probs)
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        out = csv.writer(f)
+        out.writerow(header)
+        for j, label in enumerate(labels):
+            # Names that are not UTF-8 stay readable and unambiguous.
+            row = [ids[j // schema.NUM_CLASSES].decode("utf-8", "backslashreplace"),
+                   schema.ANGLES_CCW[label], schema.ANGLES_CCW[pred[j]], f"{conf[j]:.6f}",
+                   int(pred[j] == label)]
+            if tta_probs is not None:
+                row += [schema.ANGLES_CCW[tta_pred[j]], int(tta_pred[j] == label)]
+            out.writerow(row)
+    os.replace(tmp, path)
 
 
 def write_plots(result: dict, stem: str) -> dict:

@@ -148,6 +148,19 @@ def test_evaluate_fixed_output_model_exact(tmp_path, records):
         assert len(json.load(f)["coverage"]) == len(evaluation.DEFAULT_THRESHOLDS)
     summary = evaluation.format_summary(result)
     assert "accuracy 25.00 %" in summary and "agree on 0.00 %" in summary
+    # One CSV row per scored example: image i // 4 of the val shard, turned i % 4.
+    rows = read_csv(result["files"]["images_csv"])
+    assert [r["source_id"] for r in rows] == [f"val/{i:05d}.png" for i in range(3) for _ in range(4)]
+    assert [r["true_angle"] for r in rows] == ["0", "90", "180", "270"] * 3
+    assert {r["predicted_angle"] for r in rows} == {"90"}
+    assert [r["correct"] for r in rows] == ["0", "1", "0", "0"] * 3
+    assert float(rows[0]["confidence"]) == pytest.approx(0.6, abs=1e-6)
+
+
+def read_csv(path):
+    import csv
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
 
 
 def test_evaluate_perfect_and_upright_only_models_with_tta(tmp_path, records):
@@ -168,6 +181,14 @@ def test_evaluate_perfect_and_upright_only_models_with_tta(tmp_path, records):
     assert result["accuracy"] < 1.0
     assert result["tta"]["accuracy"] == 1.0
     assert result["tta"]["per_class_accuracy"] == {"0": 1.0, "90": 1.0, "180": 1.0, "270": 1.0}
+    # The per-image rows agree with the numbers above: upright always right,
+    # and test-time agreement right everywhere.
+    rows = read_csv(result["files"]["images_csv"])
+    assert len(rows) == 12
+    assert all(r["correct"] == "1" for r in rows if r["true_angle"] == "0")
+    assert sum(r["correct"] == "1" for r in rows) / 12 == result["accuracy"]
+    assert all(r["tta_correct"] == "1" and r["tta_predicted_angle"] == r["true_angle"]
+               for r in rows)
 
 
 def test_evaluate_tool_bad_input_is_one_line(tmp_path, records):
