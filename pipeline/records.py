@@ -31,7 +31,10 @@ make_records, step by step:
      near-duplicate of old ones joins their group and can become its anchor
      (when it also bridges two old groups they must now share one split). Then
      the old copies move with it, which is the point: the same picture must not
-     sit in both splits.
+     sit in both splits. With `group_by` (a regular expression on the relative
+     path), images whose paths give the same key also share one group (crops
+     or bursts of one scene, one folder per subject), and a group with a key
+     is split by a hash of its key: stable however many members it gets.
   6. Refuses to write (raises MakeRecordsError, previous output left intact)
      when there are no images, when more than max_skipped_fraction of the
      candidates were skipped, or when a split would be empty.
@@ -117,7 +120,7 @@ def make_records(*, src: str, out: str, val_fraction: float = 0.2,
                  max_pixels: int = imageio.DEFAULT_MAX_PIXELS,
                  progress: bool = True, arguments: dict = None,
                  num_shards: int = 0, runner: str = "local",
-                 beam_options: list = None) -> dict:
+                 beam_options: list = None, group_by: str = None) -> dict:
     """Turns the upright images under `src` into a records folder `out`.
 
     Args:
@@ -143,6 +146,12 @@ def make_records(*, src: str, out: str, val_fraction: float = 0.2,
         planning and the shards are then written here exactly as in local mode.
       beam_options: Beam pipeline options for runner="beam", e.g.
         ["--runner=DirectRunner", "--direct_num_workers=2"].
+      group_by: None, or a regular expression searched (re.search) in each
+        relative path ("/"-separated); its first capture group (the whole match
+        when it has none) is the image's group key. Images with the same key
+        land in the same split, e.g. r"^(.*)_\d+\.jpg$" for crops named
+        <picture>_<n>.jpg, or r"^[^/]+" for one folder per subject. Paths that
+        do not match keep their own group (counted in info.json).
     Returns:
       the info dict written to OUT/info.json.
     Raises:
@@ -154,12 +163,13 @@ def make_records(*, src: str, out: str, val_fraction: float = 0.2,
         raise MakeRecordsError(f"num_shards must be >= 0 (0 = by size), got {num_shards}")
     if runner not in RUNNERS:
         raise MakeRecordsError(f"runner must be one of {', '.join(RUNNERS)}, got {runner!r}")
+    group_pattern = compile_group_by(group_by)
     src_b, out_b = _check_folders(src, out, overwrite)
     if arguments is None:
         arguments = dict(val_fraction=val_fraction, max_side=max_side,
                          jpeg_quality=jpeg_quality, workers=workers, overwrite=overwrite,
                          max_skipped_fraction=max_skipped_fraction, max_pixels=max_pixels,
-                         num_shards=num_shards, runner=runner)
+                         num_shards=num_shards, runner=runner, group_by=group_by)
     try:
         os.makedirs(out_b, exist_ok=True)
         lock = _lock(out_b)
@@ -187,7 +197,8 @@ def make_records(*, src: str, out: str, val_fraction: float = 0.2,
                                                workers=workers, progress=progress,
                                                lock_fd=lock)
                 plan = _plan(results, walk, val_fraction=val_fraction,
-                             max_skipped_fraction=max_skipped_fraction, src_b=src_b)
+                             max_skipped_fraction=max_skipped_fraction, src_b=src_b,
+                             group_pattern=group_pattern)
                 _check_num_shards(plan, num_shards)
                 return _write(out_b, plan, spans, scratch, src_b=src_b, arguments=arguments,
                               num_shards=num_shards)
@@ -529,9 +540,11 @@ class _Plan:
     groups: list            # [[rel, ...]] near-duplicate groups of >= 2 kept images
     candidates: int
     outside: list = ()      # [(rel, target)] symlinks to files/folders outside SRC
+    named_groups: dict = None  # with group_by: counts of keys, unmatched paths, groups
 
 
-def _plan(results, walk, *, val_fraction, max_skipped_fraction, src_b) -> _Plan:
+def _plan(results, walk, *, val_fraction, max_skipped_fraction, src_b,
+          group_pattern=None) -> _Plan:
     """Dedups, groups, splits and applies the refusals of step 6."""
     skipped = walk.skipped + [(r.rel, r.reason) for r in results if r.status == "skipped"]
     ignored = walk.ignored + [(r.rel, r.reason) for r in results if r.status == "ignored"]
@@ -558,24 +571,92 @@ def _plan(results, walk, *, val_fraction, max_skipped_fraction, src_b) -> _Plan:
             "fix or remove them (reasons above), or raise --max_skipped_fraction",
             details, refused=True)
     groups = group_near_duplicates([r.image.signature for r in kept])
+    keys = [None] * len(kept)
+    if group_pattern is not None:
+        keys = [group_key(group_pattern, r.rel) for r in kept]
+        split_groups = merge_groups(groups, keys)
+    else:
+        split_groups = groups
     # val_fraction=1 makes an evaluation-only folder (e.g. a held-out set): no train split.
     splits = {s: [] for s in (("val",) if val_fraction >= 1.0 else schema.SPLITS)}
-    for members in groups:
-        anchor = min(members, key=lambda i: _unit_hash(b"anchor", kept[i].sha256))
-        split = "val" if _unit_hash(b"split", kept[anchor].sha256) < val_fraction else "train"
+    for members in split_groups:
+        named = sorted(keys[i] for i in members if keys[i] is not None)
+        if named:   # by the key: new members never move the group
+            u = _unit_hash(b"group", hashlib.sha256(named[0].encode(
+                "utf-8", "surrogateescape")).hexdigest())
+        else:
+            anchor = min(members, key=lambda i: _unit_hash(b"anchor", kept[i].sha256))
+            u = _unit_hash(b"split", kept[anchor].sha256)
+        split = "val" if u < val_fraction else "train"
         splits[split].extend(kept[i] for i in members)
     for split, items in splits.items():
         if not items:
             raise MakeRecordsError(
                 f"split {split!r} would be empty ({len(kept)} distinct images, "
-                f"{len(groups)} picture groups, val_fraction={val_fraction:g}); "
+                f"{len(split_groups)} picture groups, val_fraction={val_fraction:g}); "
                 "add images or change --val_fraction", details, refused=True)
         # Order by content hash: independent of workers, and shards mix the folder.
         items.sort(key=lambda r: r.sha256)
     near_groups = [sorted(kept[i].rel for i in g) for g in groups if len(g) > 1]
+    named_groups = None
+    if group_pattern is not None:
+        named_groups = {"keys": len({k for k in keys if k is not None}),
+                        "unmatched": sum(k is None for k in keys),
+                        "split_groups": len(split_groups)}
     return _Plan(splits=splits, skipped=sorted(skipped), ignored=sorted(ignored),
                  hidden=walk.hidden, duplicates=duplicates, groups=sorted(near_groups),
-                 candidates=candidates, outside=list(walk.outside))
+                 candidates=candidates, outside=list(walk.outside),
+                 named_groups=named_groups)
+
+
+def compile_group_by(group_by):
+    """The compiled --group_by pattern, or None; MakeRecordsError if it is not
+    a regular expression."""
+    if group_by is None or group_by == "":
+        return None
+    try:
+        return re.compile(group_by)
+    except re.error as e:
+        raise MakeRecordsError(f"group_by {group_by!r} is not a regular expression: {e}",
+                               refused=True) from None
+
+
+def group_key(pattern, rel: bytes):
+    """The group key of a relative path (str), or None when the pattern does not match."""
+    m = pattern.search(os.fsdecode(rel))
+    if m is None:
+        return None
+    return m.group(1) if pattern.groups else m.group(0)
+
+
+def merge_groups(groups, keys) -> list:
+    """Unites near-duplicate groups (lists of indices) with images that share a
+    key (None: no key). Returns the merged groups, members sorted, ordered by
+    their first member."""
+    parent = list(range(len(keys)))
+
+    def find(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    def union(i, j):
+        ri, rj = find(i), find(j)
+        if ri != rj:
+            parent[max(ri, rj)] = min(ri, rj)
+
+    for members in groups:
+        for j in members[1:]:
+            union(members[0], j)
+    first_with_key = {}
+    for i, key in enumerate(keys):
+        if key is not None:
+            union(first_with_key.setdefault(key, i), i)
+    merged = {}
+    for i in range(len(keys)):
+        merged.setdefault(find(i), []).append(i)
+    return sorted(merged.values())
 
 
 def spool_result(result, scratch, spans: dict):
@@ -756,6 +837,7 @@ def _provenance(plan, spans, *, src_b, arguments) -> dict:
             "resized": sum("resized" in r.image.notes for r in kept),
             "links_outside_source": len(plan.outside),
         },
+        "group_by": plan.named_groups,
         "links_outside_source": [{"path": _show(rel), "target": _show(target)}
                                  for rel, target in plan.outside],
         "image_stats": _image_stats(kept, spans),
@@ -887,6 +969,10 @@ def format_summary(info: dict) -> str:
         f"stored unchanged {c['stored_unchanged']}, resized {c['resized']}, "
         f"EXIF-turned {c['exif_turned']}, colour-converted {c['converted_mode']}",
     ]
+    named = info.get("group_by")
+    if named:
+        lines.append(f"--group_by: {named['keys']} keys, {named['split_groups']} groups split "
+                     f"as units, {named['unmatched']} paths did not match")
     for entry in info["skipped"][:20]:
         lines.append(f"  skipped {entry['path']}: {entry['reason']}")
     if len(info["skipped"]) > 20:

@@ -349,3 +349,56 @@ def test_shard_count_aims_at_100_to_200_mb():
     for total in (350 * mb, 10_000 * mb, 123_456 * mb):
         per_shard = total / records.num_shards_for(total)
         assert 100 * mb <= per_shard < 200 * mb
+
+
+def test_group_by_keeps_every_crop_of_a_picture_in_one_split(tmp_path):
+    """Crops named <picture>_<n>.jpg are different images (not near-duplicates),
+    so only --group_by keeps a picture's crops out of both splits."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for picture in range(12):
+        for n in range(3):
+            helpers.write_image_file(src / f"pic{picture:02d}_{n}.jpg",
+                                     helpers.distinct_image(100 * picture + n))
+    helpers.write_image_file(src / "loose.jpg", helpers.distinct_image(999))  # no key
+    plain = run(src, tmp_path / "plain", val_fraction=0.5)
+    assert plain["group_by"] is None
+
+    def sides(out):
+        split_of = {r.source_id: s for s in schema.SPLITS for r in read_split(out, s)}
+        by_picture = {}
+        for name, split in split_of.items():
+            by_picture.setdefault(name.rsplit("_", 1)[0], set()).add(split)
+        return split_of, by_picture
+
+    _, by_picture = sides(tmp_path / "plain")
+    assert any(len(s) == 2 for k, s in by_picture.items() if k.startswith("pic"))
+
+    info = run(src, tmp_path / "grouped", val_fraction=0.5, group_by=r"^(.*)_\d+\.jpg$")
+    assert info["group_by"] == {"keys": 12, "unmatched": 1, "split_groups": 13}
+    assert info["arguments"]["group_by"] == r"^(.*)_\d+\.jpg$"
+    split_of, by_picture = sides(tmp_path / "grouped")
+    assert len(split_of) == 37
+    assert all(len(s) == 1 for s in by_picture.values())
+    assert {s for v in by_picture.values() for s in v} == {"train", "val"}
+
+    # The key decides the split: a picture's new crop joins its old side, and
+    # nothing else moves.
+    helpers.write_image_file(src / "pic00_3.jpg", helpers.distinct_image(3))
+    run(src, tmp_path / "grouped2", val_fraction=0.5, group_by=r"^(.*)_\d+\.jpg$")
+    again, _ = sides(tmp_path / "grouped2")
+    assert {k: again[k] for k in split_of} == split_of
+    assert again["pic00_3.jpg"] == split_of["pic00_0.jpg"]
+
+
+def test_group_by_bad_pattern_is_refused_before_reading(tmp_path):
+    make_good_folder(tmp_path / "src", range(3))
+    with pytest.raises(records.MakeRecordsError, match="not a regular expression"):
+        run(tmp_path / "src", tmp_path / "out", group_by="(unclosed")
+    assert not (tmp_path / "out").exists()
+
+
+def test_merge_groups_unites_keys_and_near_duplicates():
+    # 0-1 near-duplicates; 1 and 3 share key "a"; 4 shares "b" with nobody else.
+    merged = records.merge_groups([[0, 1], [2], [3], [4], [5]], [None, "a", None, "a", "b", None])
+    assert merged == [[0, 1, 3], [2], [4], [5]]

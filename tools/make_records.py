@@ -61,6 +61,12 @@ _RUNNER = flags.DEFINE_enum(
     "runner", "local", ["local", "beam"], "local: reader processes on this machine. "
     "beam: the same per-image work on Apache Beam (pip install 'upright-orientation[beam]'); "
     "choose the Beam runner with --beam_pipeline_options.")
+_GROUP_BY = flags.DEFINE_string(
+    "group_by", None, "Regular expression searched in each path relative to --src; images "
+    "whose paths give the same key (the first capture group, or the whole match) land in "
+    "the same split, so validation measures unseen pictures. E.g. '^(.*)_[0-9]+[.]jpg$' "
+    "for crops named <picture>_<n>.jpg, '^[^/]+' for one folder per subject. Exact and "
+    "near-duplicates are always kept together, with or without it.")
 _BEAM_OPTIONS = flags.DEFINE_string(
     "beam_pipeline_options", "", "With --runner=beam: Beam pipeline options, space-separated, "
     "e.g. \"--runner=FlinkRunner --flink_master=host:8081 --environment_type=LOOPBACK\". "
@@ -86,7 +92,7 @@ def main(argv):
                  "workers": _WORKERS.value, "overwrite": _OVERWRITE.value,
                  "max_skipped_fraction": _MAX_SKIPPED_FRACTION.value,
                  "max_pixels": _MAX_PIXELS.value, "num_shards": _NUM_SHARDS.value,
-                 "runner": _RUNNER.value}
+                 "runner": _RUNNER.value, "group_by": _GROUP_BY.value}
     beam_options = shlex.split(_BEAM_OPTIONS.value)
     if beam_options and _RUNNER.value != "beam":
         raise app.UsageError("--beam_pipeline_options needs --runner=beam")
@@ -97,7 +103,7 @@ def main(argv):
             workers=_WORKERS.value, overwrite=_OVERWRITE.value,
             max_skipped_fraction=_MAX_SKIPPED_FRACTION.value, max_pixels=_MAX_PIXELS.value,
             progress=_PROGRESS.value, arguments=arguments, num_shards=_NUM_SHARDS.value,
-            runner=_RUNNER.value, beam_options=beam_options)
+            runner=_RUNNER.value, beam_options=beam_options, group_by=_GROUP_BY.value)
     except KeyboardInterrupt:
         print(f"make_records: interrupted; {out} holds its previous output or none that "
               "a reader accepts; run again to finish", file=sys.stderr)
