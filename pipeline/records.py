@@ -33,8 +33,12 @@ make_records, step by step:
      the old copies move with it, which is the point: the same picture must not
      sit in both splits. With `group_by` (a regular expression on the relative
      path), images whose paths give the same key also share one group (crops
-     or bursts of one scene, one folder per subject), and a group with a key
-     is split by a hash of its key: stable however many members it gets.
+     or bursts of one scene, one folder per subject; an exact duplicate brings
+     its own path's key), and a group with keys is split by a hash of its
+     smallest key, so new members of a picture never move it. Two moves remain,
+     both the point: a new near-duplicate that bridges a keyed group to
+     another key (the union takes the smaller key's split) or to a group with
+     no key (which joins the keyed group's split).
   6. Refuses to write (raises MakeRecordsError, previous output left intact)
      when there are no images, when more than max_skipped_fraction of the
      candidates were skipped, or when a split would be empty.
@@ -550,14 +554,17 @@ def _plan(results, walk, *, val_fraction, max_skipped_fraction, src_b,
     ignored = walk.ignored + [(r.rel, r.reason) for r in results if r.status == "ignored"]
     candidates = len(walk.skipped) + sum(r.status != "ignored" for r in results)
     kept, duplicates, first = [], [], {}
+    paths_of = []                # per kept image: its path and its exact duplicates' paths
     for r in results:            # sorted by path: the first path is kept
         if r.status != "ok":
             continue
         if r.sha256 in first:
-            duplicates.append((r.rel, first[r.sha256]))
+            duplicates.append((r.rel, kept[first[r.sha256]].rel))
+            paths_of[first[r.sha256]].append(r.rel)
         else:
-            first[r.sha256] = r.rel
+            first[r.sha256] = len(kept)
             kept.append(r)
+            paths_of.append([r.rel])
     details = [f"  skipped {_show(rel)}: {reason}" for rel, reason in sorted(skipped)]
     if not kept:
         raise MakeRecordsError(
@@ -571,17 +578,20 @@ def _plan(results, walk, *, val_fraction, max_skipped_fraction, src_b,
             "fix or remove them (reasons above), or raise --max_skipped_fraction",
             details, refused=True)
     groups = group_near_duplicates([r.image.signature for r in kept])
-    keys = [None] * len(kept)
+    keys = [[] for _ in kept]
     if group_pattern is not None:
-        keys = [group_key(group_pattern, r.rel) for r in kept]
+        # A stored image carries the keys of its exact duplicates too: the
+        # duplicate's picture must not land on the other side either.
+        keys = [sorted({k for k in (group_key(group_pattern, rel) for rel in paths)
+                        if k is not None}) for paths in paths_of]
         split_groups = merge_groups(groups, keys)
     else:
         split_groups = groups
     # val_fraction=1 makes an evaluation-only folder (e.g. a held-out set): no train split.
     splits = {s: [] for s in (("val",) if val_fraction >= 1.0 else schema.SPLITS)}
     for members in split_groups:
-        named = sorted(keys[i] for i in members if keys[i] is not None)
-        if named:   # by the key: new members never move the group
+        named = sorted(k for i in members for k in keys[i])
+        if named:   # by the smallest key, whatever the members
             u = _unit_hash(b"group", hashlib.sha256(named[0].encode(
                 "utf-8", "surrogateescape")).hexdigest())
         else:
@@ -600,8 +610,8 @@ def _plan(results, walk, *, val_fraction, max_skipped_fraction, src_b,
     near_groups = [sorted(kept[i].rel for i in g) for g in groups if len(g) > 1]
     named_groups = None
     if group_pattern is not None:
-        named_groups = {"keys": len({k for k in keys if k is not None}),
-                        "unmatched": sum(k is None for k in keys),
+        named_groups = {"keys": len({k for ks in keys for k in ks}),
+                        "unmatched": sum(not ks for ks in keys),
                         "split_groups": len(split_groups)}
     return _Plan(splits=splits, skipped=sorted(skipped), ignored=sorted(ignored),
                  hidden=walk.hidden, duplicates=duplicates, groups=sorted(near_groups),
@@ -617,12 +627,13 @@ def compile_group_by(group_by):
     try:
         return re.compile(group_by)
     except re.error as e:
-        raise MakeRecordsError(f"group_by {group_by!r} is not a regular expression: {e}",
-                               refused=True) from None
+        raise MakeRecordsError(f"group_by {group_by!r} is not a regular expression: {e}") \
+            from None
 
 
 def group_key(pattern, rel: bytes):
-    """The group key of a relative path (str), or None when the pattern does not match."""
+    """The group key of a relative path (str), or None when the pattern does not
+    match (or its first group takes no part in the match)."""
     m = pattern.search(os.fsdecode(rel))
     if m is None:
         return None
@@ -631,8 +642,9 @@ def group_key(pattern, rel: bytes):
 
 def merge_groups(groups, keys) -> list:
     """Unites near-duplicate groups (lists of indices) with images that share a
-    key (None: no key). Returns the merged groups, members sorted, ordered by
-    their first member."""
+    key (keys[i]: the list of image i's keys, often one, none when no path of
+    it matched). Returns the merged groups, members sorted, ordered by their
+    first member."""
     parent = list(range(len(keys)))
 
     def find(i):
@@ -650,8 +662,8 @@ def merge_groups(groups, keys) -> list:
         for j in members[1:]:
             union(members[0], j)
     first_with_key = {}
-    for i, key in enumerate(keys):
-        if key is not None:
+    for i, image_keys in enumerate(keys):
+        for key in image_keys:
             union(first_with_key.setdefault(key, i), i)
     merged = {}
     for i in range(len(keys)):

@@ -1,5 +1,6 @@
 """records.make_records / inspect_records on real folders made in tmp_path."""
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -393,12 +394,35 @@ def test_group_by_keeps_every_crop_of_a_picture_in_one_split(tmp_path):
 
 def test_group_by_bad_pattern_is_refused_before_reading(tmp_path):
     make_good_folder(tmp_path / "src", range(3))
-    with pytest.raises(records.MakeRecordsError, match="not a regular expression"):
+    with pytest.raises(records.MakeRecordsError, match="not a regular expression") as e:
         run(tmp_path / "src", tmp_path / "out", group_by="(unclosed")
+    assert not e.value.refused                   # a bad argument: exit 2, not 1
     assert not (tmp_path / "out").exists()
 
 
 def test_merge_groups_unites_keys_and_near_duplicates():
     # 0-1 near-duplicates; 1 and 3 share key "a"; 4 shares "b" with nobody else.
-    merged = records.merge_groups([[0, 1], [2], [3], [4], [5]], [None, "a", None, "a", "b", None])
+    merged = records.merge_groups([[0, 1], [2], [3], [4], [5]], [[], ["a"], [], ["a"], ["b"], []])
     assert merged == [[0, 1, 3], [2], [4], [5]]
+    # An image with two keys (its exact duplicate's path gave the second) joins both.
+    assert records.merge_groups([[0], [1], [2]], [["a"], ["a", "b"], ["b"]]) == [[0, 1, 2]]
+
+
+def test_group_by_follows_exact_duplicates_to_their_own_picture(tmp_path):
+    """p7_1 is a byte copy of p0_0: stored once (as p0_0), it still ties the
+    pictures p0 and p7 together, so no crop of p7 can sit across from it."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name, seed in [("p0_0", 1), ("p0_1", 2), ("p7_0", 3)]:
+        helpers.write_image_file(src / f"{name}.jpg", helpers.distinct_image(seed))
+    shutil.copy(src / "p0_0.jpg", src / "p7_1.jpg")
+    for picture in range(1, 6):                  # other pictures, so both splits fill
+        helpers.write_image_file(src / f"q{picture}_0.jpg", helpers.distinct_image(50 + picture))
+    info = run(src, tmp_path / "out", val_fraction=0.5, group_by=r"^(.*)_\d+\.jpg$")
+    assert info["counts"]["duplicates"] == 1
+    split_of = {r.source_id: s for s in schema.SPLITS for r in read_split(tmp_path / "out", s)}
+    assert split_of["p0_0.jpg"] == split_of["p0_1.jpg"] == split_of["p7_0.jpg"]
+    # Teeth: on their own, the keys p0 and p7 hash to different sides.
+    sides = [records._unit_hash(b"group", hashlib.sha256(k).hexdigest()) < 0.5
+             for k in (b"p0", b"p7")]
+    assert sides[0] != sides[1]
