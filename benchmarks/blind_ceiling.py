@@ -1,15 +1,18 @@
 """How well can a person tell which way is up? A blind labelling test on records.
 
     python benchmarks/blind_ceiling.py make --records records/holdout --out /tmp/blind \
-        --key /root/blind_key.json [--split val] [--num 120] [--seed 0]
+        --key /root/blind_key.json [--split val] [--num 120] [--seed 0] \
+        [--image_size 128 --resize squash]
     # a person (or a reviewer who has never seen the pictures upright) opens
     # /tmp/blind/sheet*.png and writes /tmp/blind/answers.txt, one line a tile:
     #   #N EDGE sure|unsure      EDGE: the tile edge that was the picture's top
     python benchmarks/blind_ceiling.py score --key /root/blind_key.json \
         --answers /tmp/blind/answers.txt [--group_by '^(.*)_[0-9]+[.]jpg$']
 
-`make` samples --num stored images of a split (the pixels the model is scored
-on), turns each by a random quarter turn exactly as the label convention says
+`make` samples --num stored images of a split and prepares each exactly as the
+model sees it (inputs.preprocess_image at --image_size with --resize: square,
+so a tile's shape says nothing about the turn), turns each by a random
+quarter turn exactly as the label convention says
 (schema.rotate: label k = k quarter turns counter-clockwise, so the picture's
 top ends on the left for k=1, the bottom for k=2, the right for k=3), and
 draws numbered tiles onto contact sheets. The key (which turn each tile got)
@@ -39,38 +42,39 @@ TOP_EDGE = ("top", "left", "bottom", "right")
 ANSWER = re.compile(r"^#(\d+)\s+(top|left|bottom|right)\s+(sure|unsure)\s*$")
 
 
-def read_images(records, split):
-    """[(source_id, uint8 [H, W, 3])] of a split, in stored order."""
+def sample_images(records, split, num, rng, image_size, resize):
+    """num random (source_id, uint8 [S, S, 3]) of a split, as the model sees them."""
     import tensorflow as tf
-    from upright.pipeline import recordio, schema
+    from upright.pipeline import inputs, recordio, schema
     files = recordio.shard_paths(records, split, recordio.load_info(records))
+    serialized = [s.numpy() for s in tf.data.TFRecordDataset(files)]   # no decoding yet
     out = []
-    for serialized in tf.data.TFRecordDataset(files):
-        record = schema.decode_example(serialized.numpy())
-        image = tf.io.decode_image(record.encoded, channels=3, expand_animations=False)
-        out.append((record.source_id, image.numpy()))
+    for index in rng.sample(range(len(serialized)), min(num, len(serialized))):
+        record = schema.decode_example(serialized[index])
+        pixels = inputs.preprocess_image(record.encoded, image_size, resize)
+        out.append((record.source_id, tf.cast(tf.round(pixels), tf.uint8).numpy()))
     return out
 
 
-def make(records, split, out, key_path, num, seed, tile, columns, per_sheet):
+def make(records, split, out, key_path, num, seed, tile, columns, per_sheet,
+         image_size=128, resize="squash"):
     from upright.pipeline import schema
-    out, key_path = os.path.abspath(out), os.path.abspath(key_path)
+    out, key_path = os.path.realpath(out), os.path.realpath(key_path)
     if key_path.startswith(out + os.sep):
         sys.exit("blind_ceiling: --key must lie outside --out (the labeller sees --out)")
-    images = read_images(records, split)
     rng = random.Random(seed)
-    chosen = rng.sample(range(len(images)), min(num, len(images)))
+    images = sample_images(records, split, num, rng, image_size, resize)
     os.makedirs(out, exist_ok=True)
     key, sheets = [], []
     rows = math.ceil(per_sheet / columns)
-    for start in range(0, len(chosen), per_sheet):
+    for start in range(0, len(images), per_sheet):
         sheet = Image.new("RGB", (columns * (tile + 12), rows * (tile + 26)), "white")
         draw = ImageDraw.Draw(sheet)
-        for i, index in enumerate(chosen[start:start + per_sheet]):
-            source_id, pixels = images[index]
+        for i, (source_id, pixels) in enumerate(images[start:start + per_sheet]):
             k = rng.randrange(schema.NUM_CLASSES)
-            thumb = Image.fromarray(np.asarray(schema.rotate(pixels, k)))
-            thumb.thumbnail((tile, tile), Image.Resampling.LANCZOS)
+            # Shown at tile size (bilinear), never smaller than the model's input.
+            thumb = Image.fromarray(np.asarray(schema.rotate(pixels, k))).resize(
+                (max(tile, image_size),) * 2, Image.Resampling.BILINEAR)
             n = start + i + 1
             x, y = (i % columns) * (tile + 12), (i // columns) * (tile + 26)
             draw.text((x, y + 4), f"#{n}", fill="black")
@@ -83,14 +87,15 @@ def make(records, split, out, key_path, num, seed, tile, columns, per_sheet):
     os.makedirs(os.path.dirname(key_path) or ".", exist_ok=True)
     with open(key_path, "w") as f:
         json.dump({"records": os.path.abspath(records), "split": split, "seed": seed,
-                   "tiles": key}, f, indent=1)
+                   "image_size": image_size, "resize": resize, "tiles": key}, f, indent=1)
     print(f"{len(key)} tiles on {len(sheets)} sheets in {out}; key in {key_path}")
     print(f"labeller: write {os.path.join(out, 'answers.txt')}, one line a tile: "
           "'#N top|left|bottom|right sure|unsure' (the edge that was the picture's top)")
 
 
-def read_answers(path):
-    """{tile number: (edge, sure)}; exits with the line number on a malformed line."""
+def read_answers(path, known):
+    """{tile number: (edge, sure)}; exits naming the line of a malformed answer,
+    a second answer for one tile, or a tile number not in the key (`known`)."""
     answers = {}
     with open(path, encoding="utf-8") as f:
         for line_number, line in enumerate(f, 1):
@@ -100,7 +105,11 @@ def read_answers(path):
             if not m:
                 sys.exit(f"blind_ceiling: {path}:{line_number}: expected '#N EDGE sure|unsure', "
                          f"got {line.strip()!r}")
-            answers[int(m[1])] = (m[2], m[3] == "sure")
+            n = int(m[1])
+            if n in answers or n not in known:
+                sys.exit(f"blind_ceiling: {path}:{line_number}: tile #{n} "
+                         f"{'answered twice' if n in answers else 'is not in the key'}")
+            answers[n] = (m[2], m[3] == "sure")
     return answers
 
 
@@ -111,14 +120,14 @@ def wilson(correct, n, z=1.96):
     p = correct / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (centre - half, centre + half)
+    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 def score(key_path, answers_path, group_by=None):
     """Returns {"all": (correct, n), "sure": (correct, n), "groups": {key: (correct, n)}}."""
     with open(key_path) as f:
         tiles = json.load(f)["tiles"]
-    answers = read_answers(answers_path)
+    answers = read_answers(answers_path, {t["n"] for t in tiles})
     missing = [t["n"] for t in tiles if t["n"] not in answers]
     if missing:
         sys.exit(f"blind_ceiling: no answer for tiles {missing[:10]}"
@@ -134,7 +143,8 @@ def score(key_path, answers_path, group_by=None):
             totals[name][1] += 1
         if pattern:
             m = pattern.search(t["source_id"])
-            g = (m.group(1) if pattern.groups else m.group(0)) if m else "(no match)"
+            g = (m.group(1) if pattern.groups else m.group(0)) if m else None
+            g = "(no match)" if g is None else g
             groups[g][0] += right
             groups[g][1] += 1
     return {"all": tuple(totals["all"]), "sure": tuple(totals["sure"]),
@@ -166,7 +176,11 @@ def main():
     m.add_argument("--key", required=True, help="key JSON, outside --out")
     m.add_argument("--num", type=int, default=120)
     m.add_argument("--seed", type=int, default=0)
-    m.add_argument("--tile", type=int, default=256, help="longest tile side, pixels")
+    m.add_argument("--tile", type=int, default=256, help="tile side on the sheet, pixels")
+    m.add_argument("--image_size", type=int, default=128,
+                   help="the model's input side: images are prepared as it sees them")
+    m.add_argument("--resize", default="squash", choices=["squash", "pad", "crop"],
+                   help="the model's resize method")
     m.add_argument("--columns", type=int, default=6)
     m.add_argument("--per_sheet", type=int, default=24)
     s = sub.add_parser("score", help="the labeller's accuracy against the key")
@@ -177,7 +191,7 @@ def main():
     args = ap.parse_args()
     if args.command == "make":
         make(args.records, args.split, args.out, args.key, args.num, args.seed, args.tile,
-             args.columns, args.per_sheet)
+             args.columns, args.per_sheet, args.image_size, args.resize)
     else:
         print(format_score(score(args.key, args.answers, args.group_by)))
 

@@ -311,6 +311,9 @@ def evaluate(model_dir: str, records: str, *, split: str = "val", batch_size: in
         predictor = serve.load_model_dir(model_dir)
     if out_json is None:
         out_json = os.path.join(model_dir, f"eval_{split}.json")
+    from upright.pipeline import inputs
+    # The ids first: cheap, and a damaged shard stops the run before the scoring.
+    ids = inputs.source_ids(records, split)
     predicted = predict_split(predictor, records, split=split, batch_size=batch_size, tta=tta)
     probs, labels = predicted["probs"], predicted["labels"]
     result = {"model": os.path.abspath(model_dir), "records": os.path.abspath(records),
@@ -352,9 +355,7 @@ def evaluate(model_dir: str, records: str, *, split: str = "val", batch_size: in
     os.makedirs(os.path.dirname(os.path.abspath(out_json)), exist_ok=True)
     _write_json(files["coverage_json"], {"definition": COVERAGE_DEFINITION,
                                          "coverage": result["coverage"]})
-    from upright.pipeline import inputs
-    write_image_rows(files["images_csv"], inputs.source_ids(records, split), probs, labels,
-                     combined if tta else None)
+    write_image_rows(files["images_csv"], ids, probs, labels, combined if tta else None)
     result["files"] = files
     if plots:
         files.update(write_plots(result, stem))
@@ -387,7 +388,7 @@ def write_image_rows(path: str, ids, probs, labels, tta_probs=None) -> None:
         out = csv.writer(f)
         out.writerow(header)
         for j, label in enumerate(labels):
-            # Names that are not UTF-8 stay readable and unambiguous.
+            # Names that are not UTF-8 stay readable (\xNN, as info.json shows them).
             row = [ids[j // schema.NUM_CLASSES].decode("utf-8", "backslashreplace"),
                    schema.ANGLES_CCW[label], schema.ANGLES_CCW[pred[j]], f"{conf[j]:.6f}",
                    int(pred[j] == label)]

@@ -29,10 +29,14 @@ def run(*args):
 def made(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("blind")
     records = str(tmp / "records")
-    helpers.write_records(records, {"val": [helpers.quadrant_marker_image(i) for i in range(10)]})
+    # Landscape images: the tiles must still come out square (as the model sees
+    # them), or a tile's shape would tell the labeller whether the turn is odd.
+    wide = [np.asarray(Image.fromarray(helpers.quadrant_marker_image(i)).resize((48, 32)))
+            for i in range(10)]
+    helpers.write_records(records, {"val": wide})
     done = run("make", "--records", records, "--out", str(tmp / "sheets"), "--key",
                str(tmp / "key.json"), "--num", "10", "--tile", str(TILE), "--columns",
-               str(COLUMNS), "--per_sheet", "8", "--seed", "3")
+               str(COLUMNS), "--per_sheet", "8", "--seed", "3", "--image_size", str(TILE))
     assert done.returncode == 0, done.stderr[-2000:]
     return tmp
 
@@ -46,6 +50,8 @@ def read_tiles_from_sheets(tmp):
         for i in range(8 if sheet_index == 1 else 2):
             x, y = (i % COLUMNS) * (TILE + 12), (i // COLUMNS) * (TILE + 26) + 20
             tile = sheet[y:y + TILE, x:x + TILE]
+            # The picture fills the square: no white sheet background inside.
+            assert (tile >= 254).mean() < 0.01
             h = TILE // 2
             means = {(r, c): tile[r * h:(r + 1) * h, c * h:(c + 1) * h].mean()
                      for r in (0, 1) for c in (0, 1)}
@@ -88,10 +94,14 @@ def test_score_counts_sure_and_groups_exactly(made, tmp_path):
     assert sum(n for _, n in result["groups"].values()) == 10
     low, high = blind_ceiling.wilson(5, 10)
     assert low == pytest.approx(0.2366, abs=1e-3) and high == pytest.approx(0.7634, abs=1e-3)
+    assert blind_ceiling.wilson(0, 10)[0] == 0.0 and blind_ceiling.wilson(10, 10)[1] == 1.0
     # A malformed line names the file and line; a missing tile is an error too.
     (tmp_path / "bad.txt").write_text("#1 up sure\n")
     done = run("score", "--key", str(made / "key.json"), "--answers", str(tmp_path / "bad.txt"))
     assert done.returncode != 0 and "bad.txt:1" in done.stderr
+    (tmp_path / "twice.txt").write_text("#1 top sure\n#1 left sure\n")
+    done = run("score", "--key", str(made / "key.json"), "--answers", str(tmp_path / "twice.txt"))
+    assert done.returncode != 0 and "twice.txt:2: tile #1 answered twice" in done.stderr
     (tmp_path / "short.txt").write_text("#1 top sure\n")
     done = run("score", "--key", str(made / "key.json"), "--answers", str(tmp_path / "short.txt"))
     assert done.returncode != 0 and "no answer for tiles [2" in done.stderr
