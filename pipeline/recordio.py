@@ -82,10 +82,18 @@ def write_info(out_dir: str, splits: dict, **provenance) -> dict:
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(info, f, indent=2, sort_keys=True, ensure_ascii=False)
         f.write("\n")
+    durable_replace(tmp, path)
+    return info
+
+
+def durable_replace(tmp: str, path: str) -> None:
+    """os.replace(tmp, path) that also survives a power cut: tmp's bytes reach
+    the disk before the rename, and the rename (the folder entry) before this
+    returns. Every commit point of the project goes through it (records'
+    info.json; the trainer's backups, checkpoints and JSON files)."""
     _fsync(tmp)
     os.replace(tmp, path)
-    _fsync_dir(out_dir)
-    return info
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 def load_info(records_dir: str) -> dict:

@@ -22,7 +22,9 @@ continues from the last completed epoch of the stage it was in:
     written to a temporary name and renamed) is the commit point. So a kill at
     any instant leaves either the previous epoch's backup or the new one,
     never new weights under the old epoch number or a half-written file
-    (Keras' own callback writes both in place);
+    (Keras' own callback writes both in place); every rename is durable
+    (recordio.durable_replace: file and folder synced), so a power cut
+    leaves the same choice;
   * a finished stage leaves model_dir/stages/stage<k>.done.json and its final
     weights stage<k>.weights.npz (written first), so a restart skips it and
     starts the next stage from exactly those weights; the stage's backup is
@@ -878,7 +880,7 @@ def _define_callbacks() -> dict:
             tmp = os.path.join(self.backup_dir, f"epoch{self._current_epoch}.tmp.weights.h5")
             with _removed_on_error(tmp):
                 self.model.save_weights(tmp, overwrite=True)
-                os.replace(tmp, path)
+                recordio.durable_replace(tmp, path)
             _test_kill_point(f"stage{self.stage}_backup{self._current_epoch}")
             with _removed_on_error(path):
                 _write_json(os.path.join(self.backup_dir, "training_metadata.json"),
@@ -1001,7 +1003,7 @@ def _save_npz(model, path):
     tmp = path + ".tmp.npz"
     with _removed_on_error(tmp):
         np.savez(tmp, *model.get_weights())
-        os.replace(tmp, path)
+        recordio.durable_replace(tmp, path)
 
 
 def _load_npz(model, path):
@@ -1013,7 +1015,7 @@ def _save_keras_atomic(model, path):
     tmp = path[:-len(".keras")] + ".tmp.keras"
     with _removed_on_error(tmp):
         model.save(tmp)
-        os.replace(tmp, path)
+        recordio.durable_replace(tmp, path)
 
 
 def _write_json(path, obj):
@@ -1022,7 +1024,7 @@ def _write_json(path, obj):
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(obj, f, indent=2, sort_keys=True)
             f.write("\n")
-        os.replace(tmp, path)
+        recordio.durable_replace(tmp, path)
 
 
 def _read_json(path):

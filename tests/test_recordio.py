@@ -45,3 +45,25 @@ def test_load_info_refuses_incomplete_and_foreign(tmp_path):
     (tmp_path / "info.json").write_text(json.dumps(info))
     with pytest.raises(recordio.RecordsError, match="schema version 99"):
         recordio.load_info(str(tmp_path))
+
+
+def test_durable_replace_syncs_the_file_before_the_rename_and_the_folder_after(tmp_path,
+                                                                               monkeypatch):
+    synced = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        synced.append(("rename", os.path.basename(src), os.path.basename(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    tmp, path = tmp_path / "x.tmp", tmp_path / "x.json"
+    tmp.write_text("{}")
+    recordio.durable_replace(str(tmp), str(path))
+    assert synced == [str(tmp), ("rename", "x.tmp", "x.json"), str(tmp_path)]
+    assert path.read_text() == "{}" and not tmp.exists()

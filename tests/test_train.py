@@ -650,3 +650,21 @@ def test_sigkill_at_each_moment_then_rerun_matches(records, whole_run, tmp_path,
     metrics = json.loads((model_dir / "metrics.json").read_text())
     assert metrics["stages"][resumed_stage]["resumed_at_epoch"] == resumed_at
     _assert_same_run(str(model_dir), whole_dir, metrics, whole_metrics)
+
+
+def test_every_commit_point_of_a_run_is_durable(records, tmp_path, monkeypatch):
+    """Backups, stage markers, checkpoints and JSON files all land through
+    recordio.durable_replace (fsync before and after the rename)."""
+    from upright.pipeline import recordio
+    landed, real = [], recordio.durable_replace
+
+    def record(tmp, path):
+        landed.append(os.path.relpath(path, str(tmp_path / "run")))
+        real(tmp, path)
+
+    monkeypatch.setattr(recordio, "durable_replace", record)
+    train.train_and_evaluate(tiny_config(records, str(tmp_path / "run"), stage2_epochs=1))
+    for expected in ("backup/stage1/epoch1.weights.h5", "backup/stage1/training_metadata.json",
+                     "stages/stage1.weights.npz", "stages/stage1.done.json",
+                     "stages/stage2.done.json", "model.keras", "metrics.json"):
+        assert expected in landed, (expected, landed)
