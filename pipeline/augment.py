@@ -49,6 +49,10 @@ Ops, arguments and defaults (ranges in OUTPUT pixels, see mapping):
     sigmoid_contrast(lo=5, hi=8, cut_lo=0.3, cut_hi=0.6)  log_contrast(lo=0.6, hi=1)
     linear_contrast(lo=0.6, hi=1.4)   rotate(lo=-2, hi=2) degrees, edge fill
     identity
+Not in the article, for small sets of pictures (neither adds a trace of the label):
+    zoom(lo=0.6, hi=1)   a random square window, side lo..hi of the image, stretched back
+    mirror(p=0.5)        the mirror image of the upright picture (reads labels: host only,
+                         put it first)
 
 Mapping from the article's full-resolution ranges to output pixels
 ------------------------------------------------------------------

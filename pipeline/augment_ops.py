@@ -253,8 +253,9 @@ def apply_partitioned(branches, choice, images, labels, seeds):
 class Op:
     """Base of all ops. Subclasses set `name` and implement `transform`.
 
-    `host` marks ops with no accelerator kernel (JPEG); `split_policy` keeps
-    them in the tf.data part.
+    `host` marks ops with no accelerator kernel (JPEG) or that read the
+    labels (mirror; the model-side part never sees them); `split_policy`
+    keeps them in the tf.data part.
     """
     name = "op"
     host = False
@@ -1057,8 +1058,34 @@ def rotate_bilinear(images, angle_deg):
     the interpolation fuse into one loop, ~5x faster on a CPU than
     ImageProjectiveTransformV3 (whose CPU kernel is a per-pixel functor).
     """
+    shape = tf.shape(images)
+    return _affine_bilinear(images, rotation_transforms(angle_deg, shape[1], shape[2]))
+
+
+def window_transforms(scale, x0, y0):
+    """Transforms [B, 8] that stretch the square window with corner (x0, y0)
+    and side scale x (size - 1) pixels (pixel-centre coordinates) over the
+    whole image: output (x, y) reads input (x0 + scale x, y0 + scale y)."""
+    zeros = tf.zeros_like(scale)
+    return tf.stack([scale, zeros, x0, zeros, scale, y0, zeros, zeros], 1)
+
+
+@tf.function(jit_compile=True, reduce_retracing=True, autograph=False)
+def zoom_window(images, scale, x0, y0):
+    """Each image's window (window_transforms) stretched over the image, bilinear.
+
+    images float32 [B, H, W, C]; scale, x0, y0 float32 [B], scale in (0, 1],
+    the window inside the image: 0 <= x0 <= (1 - scale)(W - 1), likewise y0.
+    scale 1 at (0, 0) returns the image exactly.
+    """
+    return _affine_bilinear(images, window_transforms(scale, x0, y0))
+
+
+def _affine_bilinear(images, t):
+    """Samples images [B, H, W, C] at the input points of transforms t [B, 8]
+    (output -> input, the first six entries), bilinear, coordinates clamped to
+    the image. Traced inside the XLA functions above."""
     b, h, w, c = tf.unstack(tf.shape(images))
-    t = rotation_transforms(angle_deg, h, w)
     hf, wf = tf.cast(h, tf.float32), tf.cast(w, tf.float32)
     yy = tf.range(hf)[None, :, None]
     xx = tf.range(wf)[None, None, :]
@@ -1102,10 +1129,73 @@ class Rotate(RangeOp):
         return tf.clip_by_value(rotate_bilinear(images, angle), 0.0, 255.0), labels
 
 
+class Zoom(RangeOp):
+    """A random square window of each image stretched over the whole image.
+
+    Side: a fraction in [lo, hi] of the image side, uniform; position:
+    uniform over the image. Labels unchanged: a quarter turn maps a window to
+    a window of the same side at a position that is again uniform (the
+    windows' distribution is the same under every turn), so the crop adds
+    no trace of the label; tests check the turned-window identity exactly.
+    More pictures out of few: a 0.6 window of a photo is a plausible photo.
+    Bilinear, not anti-aliased (it only magnifies). Runs anywhere (XLA).
+    """
+    name = "zoom"
+    default = (0.6, 1.0)
+    num_params = 3
+
+    def __init__(self, lo=None, hi=None):
+        super().__init__(lo, hi)
+        if not 0.0 < self.lo <= self.hi <= 1.0:
+            raise ValueError(f"{self.name}: need 0 < lo <= hi <= 1, got {self.lo}, {self.hi}")
+
+    def transform(self, images, seeds, u):
+        scale = self.draw(u)
+        shape = tf.shape(images)
+        room = 1.0 - scale
+        x0 = u[:, 1] * room * (tf.cast(shape[2], tf.float32) - 1.0)
+        y0 = u[:, 2] * room * (tf.cast(shape[1], tf.float32) - 1.0)
+        return zoom_window(images, scale, x0, y0)
+
+
+class Mirror(Op):
+    """The mirror image of the upright picture, for a fraction p of the images.
+
+    Mirroring left and right keeps up where it is, so a mirrored picture is
+    another upright picture: twice the pictures from a small set, for free.
+    The images arrive already turned by their labels k; mirroring the upright
+    picture and then turning it equals flipping the turned image left-right
+    for even k and top-bottom for odd k, exactly (a permutation of pixels).
+    So the op reads the labels and leaves them unchanged. Host only: the
+    model-side part of a policy (AugmentLayer) sees no labels, so
+    split_policy keeps this op in tf.data; put it first in a policy.
+    """
+    name = "mirror"
+    host = True
+    clips = False
+
+    def __init__(self, p=0.5):
+        super().__init__()
+        self.p = float(p)
+        if not 0.0 <= self.p <= 1.0:
+            raise ValueError(f"{self.name}: p={self.p} not in [0, 1]")
+
+    def spec(self):
+        return f"{self.name}({_fmt(self.p)})"
+
+    @plain
+    def __call__(self, images, labels, seeds):
+        images = tf.convert_to_tensor(images, tf.float32)
+        u = uniforms(fold_seeds(seeds, self.salt), 1)[:, 0]
+        odd = per_image(tf.equal(tf.math.floormod(labels, 2), 1))
+        mirrored = tf.where(odd, tf.reverse(images, [1]), tf.reverse(images, [2]))
+        return tf.where(per_image(u < self.p), mirrored, images), labels
+
+
 # ---------------------------------------------------------------- registry
 
 OPS = {cls.name: cls for cls in (
     Identity, Add, Multiply, HueSaturation, GaussianNoise, LaplaceNoise, PoissonNoise,
     Dropout, Pepper, Salt, FrequencyBlend, GaussianBlur, AverageBlur, MotionBlur,
     MedianBlur, Jpeg, Gamma, ChannelGamma, SigmoidContrast, LogContrast, LinearContrast,
-    Rotate)}
+    Rotate, Zoom, Mirror)}

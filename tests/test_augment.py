@@ -192,6 +192,65 @@ def test_rotate_turns_counter_clockwise():
     assert r < 20 and c >= 36
 
 
+def test_mirror_is_the_turned_mirror_image_and_keeps_labels():
+    x = _images(8, 12, seed=3)
+    k = np.array([0, 1, 2, 3, 3, 2, 1, 0], np.int32)
+    turned = np.stack([np.rot90(x[i], k[i]) for i in range(8)])
+    out, labels = ao.Mirror(1.0)(tf.constant(turned), tf.constant(k), seeds_for(8))
+    # The output is the MIRRORED UPRIGHT picture turned by the same label:
+    # still an upright picture under label k, so no trace of the label is added.
+    want = np.stack([np.rot90(np.fliplr(x[i]), k[i]) for i in range(8)])
+    np.testing.assert_array_equal(out.numpy(), want)
+    np.testing.assert_array_equal(labels.numpy(), k)
+    out, _ = ao.Mirror(0.0)(tf.constant(turned), tf.constant(k), seeds_for(8))
+    np.testing.assert_array_equal(out.numpy(), turned)
+    many = np.repeat(turned[:1], 40, 0)
+    out, _ = ao.Mirror(0.5)(tf.constant(many), tf.zeros([40], tf.int32), seeds_for(40))
+    flipped = [np.array_equal(o, many[0][:, ::-1]) for o in out.numpy()]
+    assert 10 <= sum(flipped) <= 30 and all(f or np.array_equal(o, many[0])
+                                            for f, o in zip(flipped, out.numpy()))
+    # It reads the labels, which the model-side part never sees: host only.
+    host, device = augment.split_policy(augment.parse_policy("zoom; mirror; gamma"))
+    assert host.spec() == "zoom(0.6,1); mirror(0.5)" and device.spec() == "gamma(0.7,1.3)"
+    with pytest.raises(ValueError, match="mirror: p=2"):
+        ao.Mirror(2)
+
+
+def test_zoom_stretches_a_window_and_commutes_with_quarter_turns():
+    size = 16
+    ramp = np.tile((10.0 * np.arange(size, dtype=np.float32))[None, None, :, None],
+                   [2, size, 1, 3])                         # value = 10 x column
+    out = ao.zoom_window(tf.constant(ramp), tf.constant([0.5, 1.0]), tf.constant([3.0, 0.0]),
+                         tf.constant([2.0, 0.0])).numpy()
+    np.testing.assert_allclose(out[0, 5], 10.0 * (3.0 + 0.5 * np.arange(size))[:, None]
+                               * np.ones(3), atol=1e-3)
+    np.testing.assert_array_equal(out[1], ramp[1])          # the whole image: exact
+    # Turning the image turns the window with it: the window (x0, y0, side d)
+    # of the turned image is the window (size-1-y0-d, x0) of the upright one,
+    # and that map keeps the uniform distribution of positions.
+    x = _images(3, size, seed=5)
+    scale, x0, y0 = 0.6, 2.5, 4.0
+    d = scale * (size - 1)
+
+    def zoom(images, x0, y0):
+        n = len(images)
+        return ao.zoom_window(tf.constant(images), tf.fill([n], scale), tf.fill([n], x0),
+                              tf.fill([n], y0)).numpy()
+
+    turned = np.rot90(x, 1, axes=(1, 2)).copy()
+    np.testing.assert_allclose(zoom(turned, x0, y0),
+                               np.rot90(zoom(x, size - 1 - y0 - d, x0), 1, axes=(1, 2)),
+                               atol=1e-3)
+    # The op: windows inside the image (values stay in the input's range),
+    # constants stay constant, and every image gets its own window.
+    out = run(ao.Zoom(0.5, 0.9), np.repeat(x[:1], 6, 0))
+    assert out.min() >= x[0].min() - 1e-3 and out.max() <= x[0].max() + 1e-3
+    assert len({o.tobytes() for o in out}) == 6
+    np.testing.assert_allclose(run(ao.Zoom(), const_images(2, 16, 77.0)), 77.0, atol=1e-3)
+    with pytest.raises(ValueError, match="0 < lo <= hi <= 1"):
+        ao.Zoom(0.0, 1.0)
+
+
 def test_jpeg_matches_encoder_at_forced_quality():
     img = helpers.upright_image(0, 32, 32).astype(np.float32)
     out = run(ao.Jpeg(70, 70), img[None])[0]
