@@ -23,8 +23,10 @@ info.json (schema version 1):
     anything else    provenance written by the producer (source, flags, image
                      statistics, skipped files, duplicates); readers ignore it.
 """
+import errno
 import json
 import os
+import warnings
 
 from upright.pipeline import schema
 
@@ -89,11 +91,20 @@ def write_info(out_dir: str, splits: dict, **provenance) -> dict:
 def durable_replace(tmp: str, path: str) -> None:
     """os.replace(tmp, path) that also survives a power cut: tmp's bytes reach
     the disk before the rename, and the rename (the folder entry) before this
-    returns. Every commit point of the project goes through it (records'
-    info.json; the trainer's backups, checkpoints and JSON files)."""
+    returns. make_records' info.json and the trainer's backups, stage markers,
+    checkpoints and JSON files land through it.
+
+    Raises only BEFORE the rename (then path is untouched): once path is
+    replaced, the caller must treat it as committed, so a failed folder sync
+    after it is a warning, never an exception (a caller cleaning up on error
+    would otherwise delete a committed file)."""
     _fsync(tmp)
     os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+    try:
+        _fsync_dir(os.path.dirname(os.path.abspath(path)))
+    except OSError as e:
+        warnings.warn(f"{path} is written, but syncing its folder failed ({e}); "
+                      "it may not survive a power cut", RuntimeWarning, stacklevel=2)
 
 
 def load_info(records_dir: str) -> dict:
@@ -155,9 +166,23 @@ def _fsync(path):
         os.fsync(f.fileno())
 
 
+# Folder syncs some filesystems refuse (some FUSE, 9p, CIFS mounts; Windows):
+# there the rename is as durable as the filesystem makes it.
+_FSYNC_DIR_UNSUPPORTED = {errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF,
+                          errno.EACCES, errno.EPERM, errno.EISDIR}
+
+
 def _fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as e:
+        if e.errno in _FSYNC_DIR_UNSUPPORTED:
+            return
+        raise
     try:
         os.fsync(fd)
+    except OSError as e:
+        if e.errno not in _FSYNC_DIR_UNSUPPORTED:
+            raise
     finally:
         os.close(fd)

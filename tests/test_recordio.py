@@ -67,3 +67,37 @@ def test_durable_replace_syncs_the_file_before_the_rename_and_the_folder_after(t
     recordio.durable_replace(str(tmp), str(path))
     assert synced == [str(tmp), ("rename", "x.tmp", "x.json"), str(tmp_path)]
     assert path.read_text() == "{}" and not tmp.exists()
+
+
+def test_durable_replace_never_raises_after_the_rename(tmp_path, monkeypatch):
+    """Once the file is renamed in it is committed: a folder sync the filesystem
+    refuses is skipped quietly, any other failure is a warning, never an
+    exception (the trainer's clean-up on error would delete the committed file)."""
+    import errno
+    calls = []
+
+    def refusing_fsync(fd):
+        calls.append(fd)
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    def failing_fsync(fd):
+        raise OSError(errno.EIO, "I/O error")
+
+    for fake, warns in ((refusing_fsync, False), (failing_fsync, True)):
+        tmp, path = tmp_path / "x.tmp", tmp_path / "x.json"
+        tmp.write_text("new")
+        real = os.fsync
+        # The file's own sync is real; only the folder's fails.
+        monkeypatch.setattr(os, "fsync", lambda fd, fake=fake: (
+            fake(fd) if os.path.isdir(os.readlink(f"/proc/self/fd/{fd}")) else real(fd)))
+        if warns:
+            with pytest.warns(RuntimeWarning, match="syncing its folder failed"):
+                recordio.durable_replace(str(tmp), str(path))
+        else:
+            import warnings
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                recordio.durable_replace(str(tmp), str(path))
+        assert path.read_text() == "new" and not tmp.exists()
+        monkeypatch.undo()
+    assert calls   # the refused sync was tried
