@@ -365,6 +365,11 @@ def split_policy(op: Op):
     # Device-capable ops before the last host op stay on the host: the order
     # (and so the result) is kept; put host ops first to move more to the device.
     host, device = op.ops[:last + 1], op.ops[last + 1:]
+    if isinstance(op.ops[last], Sequential):
+        # A nested sequence ("mirror; default"): split it too, so that its
+        # steps after its own last host op still go to the device.
+        inner_host, inner_device = split_policy(op.ops[last])
+        host, device = op.ops[:last] + [inner_host], [inner_device] + device
     return Sequential(host, _bind=False), Sequential(device, _bind=False)
 
 

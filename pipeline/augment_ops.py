@@ -1130,9 +1130,10 @@ class Rotate(RangeOp):
 
 
 class Zoom(RangeOp):
-    """A random square window of each image stretched over the whole image.
+    """A random window of each image stretched over the whole image.
 
-    Side: a fraction in [lo, hi] of the image side, uniform; position:
+    Side: a fraction in [lo, hi] of the image side (square images, as in
+    training: a square window), uniform; position:
     uniform over the image. Labels unchanged: a quarter turn maps a window to
     a window of the same side at a position that is again uniform (the
     windows' distribution is the same under every turn), so the crop adds

@@ -214,6 +214,17 @@ def test_mirror_is_the_turned_mirror_image_and_keeps_labels():
     assert host.spec() == "zoom(0.6,1); mirror(0.5)" and device.spec() == "gamma(0.7,1.3)"
     with pytest.raises(ValueError, match="mirror: p=2"):
         ao.Mirror(2)
+    # Before a nested policy, the nested one is split too: everything after
+    # its JPEG still goes to the device, and host then device is the whole policy.
+    policy = augment.parse_policy("mirror; default")
+    host, device = augment.split_policy(policy)
+    default_host, default_device = augment.split_policy(augment.parse_policy("default"))
+    assert host.spec() == f"mirror(0.5); ({default_host.spec()})"
+    assert device.spec() == f"({default_device.spec()})" and not device.host
+    images, s = tf.constant(turned), seeds_for(8, start=4)
+    both = device(*host(images, tf.constant(k), s), s)[0]
+    np.testing.assert_allclose(both.numpy(), policy(images, tf.constant(k), s)[0].numpy(),
+                               atol=1e-3, rtol=0)
 
 
 def test_zoom_stretches_a_window_and_commutes_with_quarter_turns():
