@@ -54,7 +54,7 @@ import sys
 
 import numpy as np
 
-from upright.pipeline import imageio, schema
+from upright.pipeline import fileio, imageio, schema
 
 MANIFEST = ".orient_done.jsonl"
 DEFAULT_MIN_CONFIDENCE = 0.9
@@ -359,14 +359,16 @@ def write_upright(data: bytes, dst_path: str, transform: str, *, config: OrientC
         payload, method = turn_with_pillow(data, transform, jpeg_quality=config.jpeg_quality)
         if note:
             method += f"; {note}"
-    os.makedirs(os.path.dirname(os.path.abspath(dst_path)), exist_ok=True)
-    # A short temporary name beside it: appending a suffix to a 255-byte file
-    # name would exceed the filesystem's limit on one name.
-    tmp = os.path.join(os.path.dirname(os.path.abspath(dst_path)),
-                       f".orient-{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(payload)
-    os.replace(tmp, dst_path)
+    # DST's subfolders are opened one by one without following links (one
+    # planted there would carry the copy out of DST); the file lands through
+    # an unguessable temporary name and a rename (fileio). Not fsynced: the
+    # manifest line comes after it and a lost copy is simply redone.
+    folder, name = os.path.split(os.path.abspath(dst_path))
+    dir_fd = fileio.open_dirs(config.dst, os.path.relpath(folder, os.path.abspath(config.dst)))
+    try:
+        fileio.write_bytes(name, payload, dir_fd=dir_fd, durable=False)
+    finally:
+        os.close(dir_fd)
     return method
 
 
@@ -435,6 +437,11 @@ def check_config(config: OrientConfig) -> None:
             if os.path.isdir(path) and real == dst:
                 raise OrientError(f"--dst {config.dst} is the source folder {path}; "
                                   "choose another folder (sources are never modified)")
+        manifest = os.path.join(config.dst, MANIFEST)
+        if os.path.lexists(manifest) and (os.path.islink(manifest)
+                                          or not os.path.isfile(manifest)):
+            raise OrientError(f"{manifest} is a link or not a regular file; orient keeps "
+                              "its own record of written copies there: remove it and run again")
     if config.report and os.path.splitext(config.report)[1].lower() not in (".csv", ".json"):
         raise OrientError(f"report {config.report!r} must end in .csv or .json")
     if not 1 <= config.jpeg_quality <= 100:
@@ -506,8 +513,12 @@ def _fix_one(row, data, dst_path, config, jpegtran, manifest, taken):
     manifest[record["src"]] = record
     # One JSON line per written file, appended after the file is in place: a crash
     # loses at most the record of the last file, which is then simply redone.
-    with open(os.path.join(config.dst, MANIFEST), "a") as f:
-        f.write(json.dumps(record) + "\n")
+    try:
+        with fileio.open_append(os.path.join(config.dst, MANIFEST)) as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as e:
+        raise OrientError(f"cannot record {_show(dst_path)} in {MANIFEST}: "
+                          f"{_first_line(e)}") from None
 
 
 def _exif_orientation(data):
@@ -572,18 +583,16 @@ def _show(value):
 def write_report(rows, summary, path) -> None:
     """CSV (one row per file, REPORT_FIELDS) or JSON ({"summary", "rows"})."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
     if path.lower().endswith(".json"):
-        with open(tmp, "w") as f:
-            json.dump({"summary": summary, "rows": rows}, f, indent=2)
+        fileio.write_json(path, {"summary": summary, "rows": rows}, indent=2,
+                          final_newline=False)
     else:
-        with open(tmp, "w", newline="") as f:
+        with fileio.atomic_write(path, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=REPORT_FIELDS)
             writer.writeheader()
             for row in rows:
                 writer.writerow({k: "" if row.get(k) is None else _show(row[k])
                                  for k in REPORT_FIELDS})
-    os.replace(tmp, path)
 
 
 def format_table(rows, width: int = 48) -> str:

@@ -48,7 +48,7 @@ import tempfile
 import numpy as np
 import tensorflow as tf
 
-from upright.pipeline import inputs, schema
+from upright.pipeline import fileio, inputs, schema
 
 MODEL_FILE = "model.keras"
 INFO_FILE = "model_info.json"
@@ -178,9 +178,8 @@ def export_saved_model(model, export_dir: str, *, image_size: int,
     tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
     try:
         asset = os.path.join(tmp, CONVENTION_ASSET)
-        with open(asset, "w") as f:
-            json.dump(export_info(image_size, resize, temperature), f, indent=2,
-                      sort_keys=True)
+        fileio.write_json(asset, export_info(image_size, resize, temperature), indent=2,
+                          sort_keys=True, final_newline=False, durable=False)
         module = _ServingModule(model, image_size, resize, asset, temperature)
         out = os.path.join(tmp, "saved_model")
         with _quiet_tf_logs():
@@ -231,10 +230,7 @@ def export_tflite(model, path: str, *, image_size: int = None) -> int:
         flatbuffer = converter.convert()
     path = os.path.abspath(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(flatbuffer)
-    os.replace(tmp, path)
+    fileio.write_bytes(path, flatbuffer)
     return len(flatbuffer)
 
 
@@ -419,8 +415,9 @@ def _quiet_tf_logs():
 
 def _replace_dir(src, dst):
     # os.replace cannot replace a non-empty folder: move the old one aside first.
+    # lexists: a link planted at dst is moved aside and unlinked, never followed.
     old = None
-    if os.path.exists(dst):
+    if os.path.lexists(dst):
         old = dst + ".old"
         _remove_tree(old)
         os.replace(dst, old)
@@ -430,5 +427,4 @@ def _replace_dir(src, dst):
 
 
 def _remove_tree(path):
-    import shutil
-    shutil.rmtree(path, ignore_errors=True)
+    fileio.remove_tree(path, ignore_errors=True)   # a link is unlinked, never followed

@@ -23,7 +23,7 @@ continues from the last completed epoch of the stage it was in:
     any instant leaves either the previous epoch's backup or the new one,
     never new weights under the old epoch number or a half-written file
     (Keras' own callback writes both in place); every rename is durable
-    (recordio.durable_replace: file and folder synced), so a power cut
+    (fileio: file and folder synced), so a power cut
     leaves the same choice;
   * a finished stage leaves model_dir/stages/stage<k>.done.json and its final
     weights stage<k>.weights.npz (written first), so a restart skips it and
@@ -71,13 +71,12 @@ import dataclasses
 import errno
 import json
 import os
-import shutil
 import signal
 import time
 
 import numpy as np
 
-from upright.pipeline import recordio, schema
+from upright.pipeline import fileio, recordio, schema
 from upright.pipeline import model as model_lib
 
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "tpu")
@@ -440,7 +439,7 @@ class _Run:
         self.val_steps = config.validation_steps or (
             None if self.distributed else -(-4 * self.num_val // config.batch_size))
         for sub in ("stages", "checkpoints", "logs", "backup"):
-            os.makedirs(os.path.join(self.dir, sub), exist_ok=True)
+            fileio.make_dirs(self.dir, sub)   # a link planted here is refused
         self.done_weights = None   # weights file of the last finished stage
 
     # -- paths ----------------------------------------------------------------
@@ -465,7 +464,7 @@ class _Run:
         _save_npz(self.classifier, weights_file)
         _write_json(marker, summary)   # commit point of the stage
         self.done_weights = weights_file
-        shutil.rmtree(self._path("backup", f"stage{stage}"), ignore_errors=True)
+        fileio.remove_tree(self._path("backup", f"stage{stage}"), ignore_errors=True)
         if stage == 1:
             _test_kill_point("between_stages")
         return summary
@@ -874,13 +873,11 @@ def _define_callbacks() -> dict:
             self.model._initial_epoch = state["epoch"]
 
         def _save_model(self):
-            os.makedirs(self.backup_dir, exist_ok=True)
+            fileio.make_dirs(*os.path.split(self.backup_dir))
             name = f"epoch{self._current_epoch}.weights.h5"
             path = os.path.join(self.backup_dir, name)
-            tmp = os.path.join(self.backup_dir, f"epoch{self._current_epoch}.tmp.weights.h5")
-            with _removed_on_error(tmp):
+            with fileio.replacing(path, suffix=".weights.h5") as tmp:
                 self.model.save_weights(tmp, overwrite=True)
-                recordio.durable_replace(tmp, path)
             _test_kill_point(f"stage{self.stage}_backup{self._current_epoch}")
             with _removed_on_error(path):
                 _write_json(os.path.join(self.backup_dir, "training_metadata.json"),
@@ -1000,10 +997,8 @@ def _as_float32(model, config):
 
 
 def _save_npz(model, path):
-    tmp = path + ".tmp.npz"
-    with _removed_on_error(tmp):
-        np.savez(tmp, *model.get_weights())
-        recordio.durable_replace(tmp, path)
+    with fileio.atomic_write(path, "wb") as f:
+        np.savez(f, *model.get_weights())
 
 
 def _load_npz(model, path):
@@ -1012,19 +1007,12 @@ def _load_npz(model, path):
 
 
 def _save_keras_atomic(model, path):
-    tmp = path[:-len(".keras")] + ".tmp.keras"
-    with _removed_on_error(tmp):
+    with fileio.replacing(path, suffix=".keras") as tmp:   # Keras wants the suffix
         model.save(tmp)
-        recordio.durable_replace(tmp, path)
 
 
 def _write_json(path, obj):
-    tmp = path + ".tmp"
-    with _removed_on_error(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
-        recordio.durable_replace(tmp, path)
+    fileio.write_json(path, obj, indent=2, sort_keys=True)
 
 
 def _read_json(path):

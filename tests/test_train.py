@@ -650,17 +650,34 @@ def test_sigkill_at_each_moment_then_rerun_matches(records, whole_run, tmp_path,
 
 def test_every_commit_point_of_a_run_is_durable(records, tmp_path, monkeypatch):
     """Backups, stage markers, checkpoints and JSON files all land through
-    recordio.durable_replace (fsync before and after the rename)."""
-    from upright.pipeline import recordio
-    landed, real = [], recordio.durable_replace
+    fileio: the new file fsynced before its rename, its folder after it."""
+    events, real_fsync, real_replace = [], os.fsync, os.replace
 
-    def record(tmp, path):
-        landed.append(os.path.relpath(path, str(tmp_path / "run")))
-        real(tmp, path)
+    def where(path, dir_fd):
+        if dir_fd is None:
+            return os.path.realpath(path)
+        return os.path.join(os.readlink(f"/proc/self/fd/{dir_fd}"), path)
 
-    monkeypatch.setattr(recordio, "durable_replace", record)
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst, *, src_dir_fd=None, dst_dir_fd=None):
+        renamed = ("rename", where(src, src_dir_fd), where(dst, dst_dir_fd))
+        real_replace(src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd)
+        events.append(renamed)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
     train.train_and_evaluate(tiny_config(records, str(tmp_path / "run"), stage2_epochs=1))
+    run = os.path.realpath(tmp_path / "run")
+    landed = {}
+    for i, event in enumerate(events):
+        if event[0] == "rename" and event[2].startswith(run + os.sep):
+            landed[os.path.relpath(event[2], run)] = (
+                ("fsync", event[1]) in events[:i]
+                and ("fsync", os.path.dirname(event[2])) in events[i + 1:])
     for expected in ("backup/stage1/epoch1.weights.h5", "backup/stage1/training_metadata.json",
                      "stages/stage1.weights.npz", "stages/stage1.done.json",
                      "stages/stage2.done.json", "model.keras", "metrics.json"):
-        assert expected in landed, (expected, landed)
+        assert landed.get(expected), (expected, landed)

@@ -43,10 +43,14 @@ def main(argv):
     except (serve.ModelDirError, recordio.RecordsError, ValueError) as e:
         print(f"evaluate: {e}", file=sys.stderr)
         sys.exit(2)
-    result = evaluation.evaluate(
-        _MODEL.value, _RECORDS.value, split=_SPLIT.value, batch_size=_BATCH_SIZE.value,
-        tta=_TTA.value, out_json=_OUT.value, num_bins=_NUM_BINS.value, plots=_PLOTS.value,
-        predictor=predictor)
+    try:
+        result = evaluation.evaluate(
+            _MODEL.value, _RECORDS.value, split=_SPLIT.value, batch_size=_BATCH_SIZE.value,
+            tta=_TTA.value, out_json=_OUT.value, num_bins=_NUM_BINS.value,
+            plots=_PLOTS.value, predictor=predictor)
+    except OSError as e:   # a full disk, no permission, a refused link (fileio)
+        print(f"evaluate: cannot write the results: {e}", file=sys.stderr)
+        sys.exit(1)
     print(evaluation.format_summary(result))
 
 

@@ -19,7 +19,7 @@ from absl import flags
 
 from upright import tools
 from upright.pipeline import model as model_lib
-from upright.pipeline import recordio, train
+from upright.pipeline import fileio, recordio, train
 
 _D = train.TrainConfig()   # the defaults are the b1 recipe
 
@@ -137,10 +137,9 @@ def write_flags_file(model_dir: str) -> str:
     module_flags = flags.FLAGS.get_flags_for_module(sys.modules[__name__])
     lines = [f.serialize() for f in sorted(module_flags, key=lambda f: f.name)
              if f.name != "dry_run" and f.value is not None]
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
+    with fileio.atomic_write(path, "w", encoding="utf-8") as f:
         f.write("# train flags; replay with: train --flagfile=" + path + "\n")
         f.write("\n".join(lines) + "\n")
-    os.replace(path + ".tmp", path)
     return path
 
 
