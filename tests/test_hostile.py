@@ -206,7 +206,7 @@ def test_orient_fix_refuses_a_manifest_link_with_one_line(tmp_path, model_dir, p
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr
     line = one_clear_line(proc.stderr)
-    assert line.startswith("orient: ") and orient.MANIFEST in line
+    assert line.startswith("orient: error: ") and orient.MANIFEST in line
     assert victim.read_bytes() == VICTIM_BYTES
     assert sorted(os.listdir(dst)) == [orient.MANIFEST]
 

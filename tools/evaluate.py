@@ -41,7 +41,7 @@ def main(argv):
         info = recordio.load_info(_RECORDS.value)
         recordio.shard_paths(_RECORDS.value, _SPLIT.value, info)
     except (serve.ModelDirError, recordio.RecordsError, ValueError) as e:
-        print(f"evaluate: {e}", file=sys.stderr)
+        print(f"evaluate: error: {e}", file=sys.stderr)
         sys.exit(2)
     try:
         result = evaluation.evaluate(
@@ -49,7 +49,7 @@ def main(argv):
             tta=_TTA.value, out_json=_OUT.value, num_bins=_NUM_BINS.value,
             plots=_PLOTS.value, predictor=predictor)
     except OSError as e:   # a full disk, no permission, a refused link (fileio)
-        print(f"evaluate: cannot write the results: {e}", file=sys.stderr)
+        print(f"evaluate: error: cannot write the results: {e}", file=sys.stderr)
         sys.exit(1)
     print(evaluation.format_summary(result))
 

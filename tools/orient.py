@@ -55,7 +55,7 @@ def main(argv):
     try:
         result = orient.run(config)
     except orient.OrientError as e:
-        print(f"orient: {e}", file=sys.stderr)
+        print(f"orient: error: {e}", file=sys.stderr)
         sys.exit(2)
     if _TABLE.value:
         print(orient.format_table(result["rows"]))

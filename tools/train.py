@@ -179,7 +179,7 @@ def main(argv):
         sys.excepthook = lambda *exc_info: None
         _fail(str(e), status=1)
     except train.TrainingDiverged as e:
-        print(f"train: {e}", file=sys.stderr)
+        print(f"train: error: {e}", file=sys.stderr)
         sys.exit(1)
     print(f"[train] done: val accuracy {metrics['final']['val_accuracy']:.4f} "
           f"(4 orientations of {metrics['final']['val_examples'] // 4} val images); "
