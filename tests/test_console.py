@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from tests import helpers
+from upright import tools
 
 BIN = os.path.dirname(sys.executable)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,8 +49,8 @@ def test_help_exits_zero_with_docstring_and_flags(name, flag):
     ("train", ["--resize=bogus"],
      "train: error: flag --resize=bogus: value should be one of <squash|pad|crop>"),
     ("train", ["--flagfile=/nonexistent/recipe.flags"],
-     "train: error: Unable to open flagfile: [Errno 2] No such file or directory: "
-     "'/nonexistent/recipe.flags'"),
+     "train: error: cannot open flagfile '/nonexistent/recipe.flags': no such file, and no "
+     "shipped recipe of that name (b0, b1, base, demo, photos_cpu)"),
     ("evaluate", [], "evaluate: error: --model and --records are required"),
     ("evaluate", ["--batch_size=0"],
      "evaluate: error: flag --batch_size=0: 0 is not a positive integer"),
@@ -82,13 +83,40 @@ def test_a_training_run_prints_no_tensorflow_or_absl_log_line(tmp_path):
     assert seen.returncode == 0 and log_lines(seen) == [], seen.stderr[-2000:]
     model_dir = tmp_path / "run"
     # demo.flags with its export (SavedModel + TFLite: the noisiest part), short.
-    trained = command("train", f"--flagfile={REPO}/demo.flags", f"--records={records}",
+    # From a folder without recipes: demo.flags is the shipped one.
+    trained = command("train", "--flagfile=demo.flags", f"--records={records}",
                       f"--model_dir={model_dir}", "--image_size=32", "--stage1_epochs=1",
                       "--stage2_epochs=1", "--steps_per_epoch=1", "--batch_size=8",
-                      cwd=REPO)
+                      cwd=tmp_path)
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert log_lines(trained) == [], log_lines(trained)[:5]
     assert str(model_dir) in (trained.stdout + trained.stderr).strip().splitlines()[-1]
     # -v 1 brings the native start-up lines back.
     loud = command("inspect_records", "-v", "1", records)
     assert loud.returncode == 0 and log_lines(loud), loud.stderr[-2000:]
+
+
+def test_nested_flagfiles_resolve_relative_to_the_file_that_names_them(tmp_path):
+    recipes = tmp_path / "elsewhere" / "recipes"
+    recipes.mkdir(parents=True)
+    (recipes / "base.flags").write_text("# shared\n--image_size=48\n--head=linear\n")
+    (recipes / "mine.flags").write_text("--flagfile=base.flags\n// a comment\n\n"
+                                        "--image_size=40\n")
+    (tmp_path / "base.flags").write_text("--image_size=99\n")   # in the cwd: not used
+    argv = tools.expand_flagfiles(["train", f"--flagfile={recipes / 'mine.flags'}",
+                                   "--seed=3", "--flagfile", "b0.flags"])
+    b0 = tools.expand_flagfiles(["train", f"--flagfile={tools.recipes_dir()}/b0.flags"])
+    assert argv == ["train", "--image_size=48", "--head=linear", "--image_size=40",
+                    "--seed=3", *b0[1:]]
+    # b0.flags includes b1.flags, which includes base.flags: all shipped files.
+    assert "--backbone=efficientnetb0" in b0 and "--backbone=efficientnetb1" in b0
+    assert "--batch_size=32" in b0
+    (recipes / "loop.flags").write_text("--flagfile=loop.flags\n")
+    with pytest.raises(tools.FlagfileError, match="includes itself"):
+        tools.expand_flagfiles(["train", f"--flagfile={recipes / 'loop.flags'}"])
+
+
+def test_train_help_lists_the_shipped_recipes():
+    proc = command("train", "--help")
+    for name in tools.recipe_names():
+        assert re.search(rf"^  {name}\.flags +\S", proc.stdout, re.M), name

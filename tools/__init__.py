@@ -63,6 +63,92 @@ def import_tensorflow(show_native_logs: bool = False):
     return tf
 
 
+class FlagfileError(ValueError):
+    """A flagfile that cannot be found or read, or that includes itself."""
+
+
+def recipes_dir() -> str:
+    """The folder of the shipped recipes (upright.recipes, recipes/ in the repository)."""
+    from upright import recipes
+    return os.path.dirname(recipes.__file__)
+
+
+def recipe_names() -> list:
+    return sorted(n[:-len(".flags")] for n in os.listdir(recipes_dir()) if n.endswith(".flags"))
+
+
+def describe_recipes() -> str:
+    """'Recipes ...' and one line per shipped recipe: its name and first comment line."""
+    lines = ["Recipes shipped with upright (--flagfile=NAME.flags works from any folder):"]
+    for name in recipe_names():
+        with open(os.path.join(recipes_dir(), name + ".flags"), encoding="utf-8") as f:
+            first = next((line.lstrip("#/ ").strip() for line in f if line.startswith("#")), "")
+        lines.append(f"  {name + '.flags':18s}{first}")
+    return "\n".join(lines) + "\n"
+
+
+def _find_flagfile(name: str, including_dir) -> str:
+    """The path of flagfile `name`: relative to the file that includes it (or
+    to the current folder on the command line), else a shipped recipe."""
+    here = os.path.join(including_dir, name) if including_dir else name
+    candidates = [os.path.expanduser(here)]
+    if not os.path.isabs(name) and os.sep not in name:
+        candidates += [os.path.join(recipes_dir(), name),
+                       os.path.join(recipes_dir(), name + ".flags")]
+    for path in candidates:
+        if os.path.isfile(path):
+            return path
+    raise FlagfileError(f"cannot open flagfile {name!r}: no such file"
+                        + (f" in {including_dir}" if including_dir else "")
+                        + f", and no shipped recipe of that name ({', '.join(recipe_names())})")
+
+
+def _flagfile_lines(name: str, including_dir, stack: tuple) -> list:
+    path = _find_flagfile(name, including_dir)
+    key = os.path.realpath(path)
+    if key in stack:
+        raise FlagfileError(f"flagfile {path} includes itself")
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [line.strip() for line in f]
+    except (OSError, UnicodeDecodeError) as e:
+        raise FlagfileError(f"cannot read flagfile {path}: {e}") from None
+    args = []
+    for line in lines:
+        if not line or line.startswith(("#", "//")):
+            continue
+        nested = re.match(r"^--?flagfile=(.+)$", line)
+        if nested:
+            args += _flagfile_lines(nested.group(1), os.path.dirname(path), (*stack, key))
+        else:
+            args.append(line)
+    return args
+
+
+def expand_flagfiles(argv: list) -> list:
+    """argv with every `--flagfile=F` replaced by F's flags, in place (later
+    flags still win). Unlike absl, a nested flagfile is resolved relative to
+    the file that names it, so a recipe works from any folder, and a name that
+    is not a file is looked up among the shipped recipes (`train
+    --flagfile=b1.flags` after a plain pip install)."""
+    out, i = [argv[0]], 1
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            out += argv[i:]
+            break
+        match = re.match(r"^--?flagfile(?:=(.*))?$", arg)
+        if match and match.group(1) is None and i + 1 < len(argv):
+            i += 1
+            out += _flagfile_lines(argv[i], None, ())
+        elif match and match.group(1) is not None:
+            out += _flagfile_lines(match.group(1), None, ())
+        else:
+            out.append(arg)
+        i += 1
+    return out
+
+
 def _tool_name(module_name: str) -> str:
     return module_name.rsplit(".", 1)[-1]
 
@@ -110,7 +196,9 @@ def run_tool(main, module_name: str, *, tensorflow: bool = True) -> None:
 
     def parse(args):
         try:
-            return flags.FLAGS(args)
+            return flags.FLAGS(expand_flagfiles(args))
+        except FlagfileError as e:
+            fail_usage(module_name, str(e))
         except flags.Error as e:
             message = re.sub(r"^ERROR:+\s*", "", str(e).replace("\n", " "))
             fail_usage(module_name, message)

@@ -21,6 +21,8 @@ from upright import tools
 from upright.pipeline import model as model_lib
 from upright.pipeline import fileio, recordio, train
 
+__doc__ += "\n" + tools.describe_recipes()
+
 _D = train.TrainConfig()   # the defaults are the b1 recipe
 
 # Data and output.
