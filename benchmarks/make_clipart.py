@@ -12,7 +12,7 @@ Reads the PNGs of /usr/share/openclipart/png/<category>/.../*.png (about 6,900
 in 165 folders) and writes OUT/train/<folder>/<name>.png and
 OUT/holdout/<folder>/<name>.png (folder path kept, so the same file name in two
 folders never collides) plus OUT/manifest.csv (split, file, source, sha1,
-pixel hash, size) and OUT/duplicates.csv (each copy skipped, its twin, why).
+size) and OUT/duplicates.csv (each copy removed, its twin, why).
 
 What it keeps: folders whose pictures have a defined up (RULES below, the first
 matching prefix decides, each with its reason): animals, people, buildings,
@@ -31,10 +31,14 @@ size. The background colour is drawn from a hash of the source path and
 Split: by category folder. HOLDOUT_FOLDERS (a spread over animals, people,
 food, plants, vehicles, signs, flags, objects; about 20 % of kept pictures) go
 to holdout, every other kept folder to train, so holdout categories are unseen.
-The same picture filed twice (identical bytes, or the same pixels at the same
-size under another name: a hash of a 32x32 thumbnail of the composited picture) is
-written once; a copy whose twin is in train is dropped from holdout, so no
-picture crosses the split.
+The same picture filed twice under two names (identical bytes: sha1) is
+written once, in train when one copy is there. Then make_records' own
+near-duplicate test (imageio.signature, records.group_near_duplicates: the same
+picture re-saved or resized) runs over both splits together, and every held-out
+picture grouped with a training one is removed, so no picture crosses the
+split. It also groups a few nearly blank pictures (thin outlines on white):
+those are removed from holdout too, a cautious loss. OUT/duplicates.csv lists
+every removal.
 """
 import argparse
 import csv
@@ -45,8 +49,9 @@ import shutil
 import sys
 import time
 
-import numpy as np
 from PIL import Image
+
+from upright.pipeline import imageio, records
 
 SOURCE = "/usr/share/openclipart/png"
 # (folder prefix, keep, reason); the first prefix that matches a folder decides.
@@ -138,13 +143,6 @@ def background(path, seed):
     return tuple(rng.randint(215, 255) for _ in range(3))
 
 
-def pixel_hash(image):
-    """Hash of a 32x32 colour thumbnail (and the size): equal for re-saved copies of one
-    picture. (A 16x16 grey one matched different thin outlines on white.)"""
-    small = np.asarray(image.resize((32, 32), Image.Resampling.BOX), np.uint8)
-    return hashlib.sha1((small // 8).tobytes() + repr(image.size).encode()).hexdigest()[:16]
-
-
 def prepare(path, max_side, seed):
     """RGB picture on its background, long side <= max_side; None if skipped, with why."""
     with Image.open(path) as image:
@@ -189,44 +187,54 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     # Train first, so that a picture filed in a train and a holdout folder stays in train.
     order = sorted(folders, key=lambda f: (f in HOLDOUT_FOLDERS, f))
-    seen, counts, skipped = {}, {"train": 0, "holdout": 0}, {}
+    seen, skipped, rows, signatures, removals = {}, {}, [], [], []
     kept_folders = {"train": 0, "holdout": 0}
-    with open(os.path.join(args.out, "manifest.csv"), "w", newline="") as f, \
-            open(os.path.join(args.out, "duplicates.csv"), "w", newline="") as g:
-        writer, twins = csv.writer(f), csv.writer(g)
-        twins.writerow(["skipped", "twin kept", "same", "why"])
-        writer.writerow(["split", "file", "source", "sha1", "pixel_hash", "size"])
-        for folder in order:
-            if not rule_for(folder)[1]:
+    for folder in order:
+        if not rule_for(folder)[1]:
+            continue
+        split = "holdout" if folder in HOLDOUT_FOLDERS else "train"
+        kept_folders[split] += 1
+        for name in folders[folder]:
+            path = os.path.join(args.source, folder, name)
+            with open(path, "rb") as source:
+                digest = hashlib.sha1(source.read()).hexdigest()
+            try:
+                image, why = prepare(path, args.max_side, args.seed)
+            except (OSError, ValueError, Image.DecompressionBombError) as error:
+                image, why = None, f"unreadable ({type(error).__name__})"
+            if image is None:
+                skipped[why] = skipped.get(why, 0) + 1
                 continue
-            split = "holdout" if folder in HOLDOUT_FOLDERS else "train"
-            kept_folders[split] += 1
-            for name in folders[folder]:
-                path = os.path.join(args.source, folder, name)
-                with open(path, "rb") as source:
-                    digest = hashlib.sha1(source.read()).hexdigest()
-                try:
-                    image, why = prepare(path, args.max_side, args.seed)
-                except (OSError, ValueError, Image.DecompressionBombError) as error:
-                    image, why = None, f"unreadable ({type(error).__name__})"
-                if image is None:
-                    skipped[why] = skipped.get(why, 0) + 1
-                    continue
-                keys = (digest, pixel_hash(image))
-                twin = seen.get(keys[0]) or seen.get(keys[1])
-                if twin:
-                    why = "duplicate across splits" if twin[0] != split else "duplicate"
-                    skipped[why] = skipped.get(why, 0) + 1
-                    twins.writerow([os.path.join(folder, name), twin[1],
-                                    "bytes" if keys[0] in seen else "pixels", why])
-                    continue
-                seen.update({k: (split, os.path.join(folder, name)) for k in keys})
-                rel = os.path.join(split, folder, os.path.splitext(name)[0] + ".png")
-                os.makedirs(os.path.dirname(os.path.join(args.out, rel)), exist_ok=True)
-                image.save(os.path.join(args.out, rel), "PNG")
-                counts[split] += 1
-                writer.writerow([split, rel, os.path.join(folder, name), digest, keys[1],
-                                 f"{image.width}x{image.height}"])
+            source = os.path.join(folder, name)
+            if digest in seen:
+                why = "duplicate across splits" if seen[digest][0] != split else "duplicate"
+                skipped[why] = skipped.get(why, 0) + 1
+                removals.append([source, seen[digest][1], "bytes", why])
+                continue
+            seen[digest] = (split, source)
+            rel = os.path.join(split, folder, os.path.splitext(name)[0] + ".png")
+            os.makedirs(os.path.dirname(os.path.join(args.out, rel)), exist_ok=True)
+            image.save(os.path.join(args.out, rel), "PNG")
+            rows.append([split, rel, source, digest, f"{image.width}x{image.height}"])
+            signatures.append(imageio.signature(image))
+    # make_records' near-duplicate groups over both splits: no group may span them.
+    gone = set()
+    for group in records.group_near_duplicates(signatures):
+        kept_train = [rows[i][2] for i in group if rows[i][0] == "train"]
+        if kept_train:
+            for i in group:
+                if rows[i][0] == "holdout":
+                    gone.add(i)
+                    os.remove(os.path.join(args.out, rows[i][1]))
+                    removals.append([rows[i][2], kept_train[0], "near-duplicate",
+                                     "duplicate across splits"])
+    skipped["near-duplicate across splits"] = len(gone)
+    rows = [row for i, row in enumerate(rows) if i not in gone]
+    counts = {split: sum(row[0] == split for row in rows) for split in ("train", "holdout")}
+    with open(os.path.join(args.out, "manifest.csv"), "w", newline="") as f:
+        csv.writer(f).writerows([["split", "file", "source", "sha1", "size"]] + rows)
+    with open(os.path.join(args.out, "duplicates.csv"), "w", newline="") as f:
+        csv.writer(f).writerows([["removed", "twin kept", "same", "why"]] + removals)
     dropped = sum(1 for f in folders if not rule_for(f)[1])
     print(f"make_clipart: train {counts['train']} pictures ({kept_folders['train']} folders), "
           f"holdout {counts['holdout']} ({kept_folders['holdout']} folders), "
