@@ -8,8 +8,8 @@
         --out /work/data/records/clipart_holdout --val_fraction 1.0
     # (add --group_by '^(.*)/[^/]+$' to the first make_records to split its val by folder too)
 
-Reads the PNGs of /usr/share/openclipart/png/<category>/.../*.png (about 6,900
-in 165 folders) and writes OUT/train/<folder>/<name>.png and
+Reads the PNGs of /usr/share/openclipart/png/<category>/.../*.png (8,121
+in 165 folders in 0.18+dfsg-19) and writes OUT/train/<folder>/<name>.png and
 OUT/holdout/<folder>/<name>.png (folder path kept, so the same file name in two
 folders never collides) plus OUT/manifest.csv (split, file, source, sha1,
 size) and OUT/duplicates.csv (each copy removed, its twin, why).
@@ -39,6 +39,9 @@ picture grouped with a training one is removed, so no picture crosses the
 split. It also groups a few nearly blank pictures (thin outlines on white):
 those are removed from holdout too, a cautious loss. OUT/duplicates.csv lists
 every removal.
+Built here (2 shared cores, Nov 2026): 2,158 train pictures (83 folders), 603
+holdout (24 folders), 58 folders dropped, 120 s; make_records: 1,729 train,
+419 val (10 more exact duplicates stored once), 601 holdout.
 """
 import argparse
 import csv

@@ -38,6 +38,9 @@ Split: by picture. A stable hash of the picture key puts --holdout_share of the
 pictures (and of the faces, by index) in holdout; all crops of a picture go
 with it. make_records' own train/val split of train/ should group crops by
 picture too: pass the --group_by above.
+Built here (2 shared cores, Nov 2026): 820 train images of 107 pictures (31
+wallpapers/photos, 76 faces), 336 holdout images of 37 (13, 24), 96 s;
+make_records with --group_by: 691 train, 129 val; holdout 336.
 """
 import argparse
 import csv
