@@ -438,7 +438,9 @@ def format_summary(result: dict) -> str:
             lines.append(f"  {t:<5}  left alone {_pct(row['left_alone'])}  "
                          f"error {_pct(row['error_acted'])}  "
                          f"acted+wrong {_pct(row['acted_wrong'])}")
-    lines.append("files: " + ", ".join(os.path.basename(p) for p in result["files"].values()))
+    folders = sorted({os.path.dirname(p) for p in result["files"].values()})
+    lines.append(f"files in {', '.join(folders)}: "
+                 + ", ".join(os.path.basename(p) for p in result["files"].values()))
     return "\n".join(lines)
 
 

@@ -264,6 +264,9 @@ def train_and_evaluate(config: TrainConfig) -> dict:
         config = dataclasses.replace(config, model_dir=cluster.worker_dir(config.model_dir))
     with _reporting_write_failures(config.model_dir):
         _pin_config(config)
+    finished = finished_metrics(config)
+    if finished is not None:
+        return finished
     if config.mixed_precision:
         keras.config.set_dtype_policy(
             "mixed_bfloat16" if isinstance(strategy, tf.distribute.TPUStrategy)
@@ -283,6 +286,19 @@ def train_and_evaluate(config: TrainConfig) -> dict:
     finally:
         keras.config.set_dtype_policy(previous_policy)
     return metrics
+
+
+def finished_metrics(config: TrainConfig):
+    """The metrics of a run in config.model_dir that already finished (its
+    metrics.json, written last, exists, and holds the exports if config asks for
+    them), with "already_complete": True added; None when there is work left."""
+    path = os.path.join(config.model_dir, "metrics.json")
+    if not os.path.exists(path):
+        return None
+    metrics = _read_json(path)
+    if config.export and "tflite_bytes" not in metrics.get("model", {}):
+        return None   # finished with --noexport, now asked to export: redo the end
+    return {**metrics, "already_complete": True}
 
 
 # errno values and TensorFlow message fragments of a write that cannot succeed.

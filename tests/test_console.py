@@ -90,7 +90,15 @@ def test_a_training_run_prints_no_tensorflow_or_absl_log_line(tmp_path):
                       cwd=tmp_path)
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert log_lines(trained) == [], log_lines(trained)[:5]
-    assert str(model_dir) in (trained.stdout + trained.stderr).strip().splitlines()[-1]
+    last = (trained.stdout + trained.stderr).strip().splitlines()[-1]
+    assert last == (f"[train] model in {model_dir}; next: evaluate --model {model_dir} "
+                    f"--records {records}")
+    again = command("train", "--flagfile=demo.flags", f"--records={records}",
+                    f"--model_dir={model_dir}", "--image_size=32", "--stage1_epochs=1",
+                    "--stage2_epochs=1", "--steps_per_epoch=1", "--batch_size=8",
+                    cwd=tmp_path)
+    assert again.returncode == 0 and again.stdout.startswith("[train] already complete: "), \
+        again.stdout
     # -v 1 brings the native start-up lines back.
     loud = command("inspect_records", "-v", "1", records)
     assert loud.returncode == 0 and log_lines(loud), loud.stderr[-2000:]
@@ -120,3 +128,38 @@ def test_train_help_lists_the_shipped_recipes():
     proc = command("train", "--help")
     for name in tools.recipe_names():
         assert re.search(rf"^  {name}\.flags +\S", proc.stdout, re.M), name
+
+
+def test_chance_warning_says_when_a_model_guesses():
+    from upright.tools import train as train_tool
+    # 400 examples: guessing is 0.25 +- 2 x 0.0217.
+    assert "within chance (0.25 +- 0.043)" in train_tool.chance_warning(0.29, 400, 1.0)
+    assert train_tool.chance_warning(0.30, 400, 1.0) is None
+    assert train_tool.chance_warning(0.60, 40, 1.0) is None
+    assert "within chance" in train_tool.chance_warning(0.35, 40, 1.0)
+    for edge in (0.05, 20.0):
+        assert "end of its range" in train_tool.chance_warning(0.9, 400, edge)
+
+
+def test_orient_says_where_copies_went_and_fails_when_nothing_was_read(tmp_path):
+    import numpy as np
+    size = 16
+    model_dir = helpers.write_model_dir(str(tmp_path / "model"), helpers.corner_model(size), size)
+    src = tmp_path / "src"
+    src.mkdir()
+    helpers.write_image_file(str(src / "a.png"),
+                             np.rot90(helpers.quadrant_marker_image(4, 32), 3).copy(), "png")
+    fixed = command("orient", "--model", model_dir, src, "--fix", "--dst", tmp_path / "out")
+    assert fixed.returncode == 0, fixed.stderr[-2000:]
+    assert fixed.stdout.strip().splitlines()[-1] == f"upright copies in {tmp_path / 'out'}"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    nothing = command("orient", "--model", model_dir, empty)
+    assert nothing.returncode == 1
+    assert nothing.stderr.splitlines() == [f"orient: error: no image files in {empty}"]
+    (empty / "x.jpg").write_bytes(b"not an image")
+    unreadable = command("orient", "--model", model_dir, empty)
+    assert unreadable.returncode == 1
+    assert unreadable.stderr.splitlines() == [
+        "orient: error: none of the 1 files could be read (errors above)"]
+    assert "not an image" in unreadable.stdout

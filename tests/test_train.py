@@ -155,9 +155,17 @@ def test_killed_and_resumed_run_matches_uninterrupted(reference, tmp_path, monke
         assert np.isclose(again["stages"][stage]["val_loss"],
                           metrics["stages"][stage]["val_loss"], rtol=1e-4)
     assert again["final"]["val_accuracy"] == pytest.approx(metrics["final"]["val_accuracy"])
-    # A finished run started again only redoes the final step.
+    # A finished run started again says so and touches nothing.
+    before = {name: os.stat(os.path.join(d, name)).st_mtime_ns
+              for name in ("model.keras", "model_info.json", "metrics.json")}
     third = train.train_and_evaluate(resumed)
-    assert third["stages"] == again["stages"]
+    assert third.pop("already_complete") is True
+    assert third == json.loads(json.dumps(again))
+    assert before == {name: os.stat(os.path.join(d, name)).st_mtime_ns for name in before}
+    # Asked for exports it does not have (it ran with export=False), it redoes the end.
+    exported = train.train_and_evaluate(dataclasses.replace(resumed, export=True))
+    assert "already_complete" not in exported and exported["model"]["tflite_bytes"] > 0
+    assert exported["stages"] == again["stages"]
 
 
 def test_zero_epoch_stage_is_skipped_device_placement_and_a_strategy(records, tmp_path):

@@ -57,11 +57,21 @@ def main(argv):
     except orient.OrientError as e:
         print(f"orient: error: {e}", file=sys.stderr)
         sys.exit(2)
-    if _TABLE.value:
+    summary = result["summary"]
+    if _TABLE.value and result["rows"]:
         print(orient.format_table(result["rows"]))
-    print(orient.format_summary(result["summary"]))
+    if summary["files"] == 0:
+        print(f"orient: error: no image files in {' '.join(paths)}", file=sys.stderr)
+        sys.exit(1)
+    print(orient.format_summary(summary))
     if result["report"]:
         print(f"report: {result['report']}")
+    if summary["errors"] == summary["files"]:
+        print(f"orient: error: none of the {summary['files']} files could be read "
+              "(errors above)", file=sys.stderr)
+        sys.exit(1)
+    if _FIX.value:
+        print(f"upright copies in {_DST.value}")
 
 
 def run():

@@ -183,10 +183,40 @@ def main(argv):
     except train.TrainingDiverged as e:
         print(f"train: error: {e}", file=sys.stderr)
         sys.exit(1)
-    print(f"[train] done: val accuracy {metrics['final']['val_accuracy']:.4f} "
-          f"(4 orientations of {metrics['final']['val_examples'] // 4} val images); "
-          f"model in {config.model_dir}")
+    final = metrics["final"]
+    if metrics.get("already_complete"):
+        print(f"[train] already complete: nothing retrained or re-exported (a new "
+              f"--model_dir trains again); val accuracy {final['val_accuracy']:.4f}")
+    else:
+        print(f"[train] done: val accuracy {final['val_accuracy']:.4f} (4 orientations "
+              f"of {final['val_examples'] // 4} val images)")
+    warning = chance_warning(final["val_accuracy"], final["val_examples"],
+                             final.get("temperature"))
+    if warning:
+        print(f"[train] warning: {warning}")
+    print(f"[train] model in {config.model_dir}; next: evaluate --model {config.model_dir} "
+          f"--records {config.records}")
     return 0
+
+
+def chance_warning(accuracy: float, examples: int, temperature=None):
+    """A plain sentence when the model is no better than guessing, else None.
+
+    Guessing scores 0.25 on the four balanced turns, with a binomial standard
+    error of sqrt(0.25 * 0.75 / n); within two of them the run has not shown it
+    learned anything. A fitted temperature at the end of its search range
+    (evaluation.fit_temperature: 0.05..20) says the confidences carry nothing.
+    """
+    margin = 2 * (0.1875 / max(1, examples)) ** 0.5
+    if accuracy <= 0.25 + margin:
+        return (f"val accuracy {accuracy:.3f} on {examples} examples is within chance "
+                f"(0.25 +- {margin:.3f}): this model has not learned orientation; train longer, "
+                "on more images, or from a pretrained backbone (BUILD.md, section 6)")
+    if temperature is not None and not 0.06 <= temperature <= 19.0:
+        return (f"the fitted temperature {temperature:.3g} sits at the end of its range: "
+                "the model's confidences carry no information; do not trust "
+                "--min_confidence with it")
+    return None
 
 
 def run():
