@@ -67,6 +67,7 @@ A model_dir after a run (see BUILD.md):
     checkpoints/best.keras + best.json, stages/, export/ and model.tflite (serve).
 """
 import contextlib
+import csv
 import dataclasses
 import errno
 import json
@@ -509,8 +510,7 @@ class _Run:
             # Multi-worker: average BatchNorm statistics so workers do not drift.
             cluster.average_non_trainable_callback(self.train_model, self.strategy),
             _callback("SaveBest")(self.classifier, self._path("checkpoints"), stage),
-            _callback("AddStage")(stage),
-            keras.callbacks.CSVLogger(self._path("history.csv"), append=True),
+            _callback("History")(self._path("history.csv"), stage),
             timer,
         ]
         if _test_kill_at():
@@ -534,7 +534,7 @@ class _Run:
         train_data = self._train_data(stage, start)
         val_data = self._val_data()
         self.train_model._initial_epoch = None   # left set by a previous stage's restore
-        _log(f"stage {stage}: epochs {start}..{s['epochs'] - 1} of {s['epochs']}, "
+        _log(f"stage {stage}: epochs {start + 1}..{s['epochs']} of {s['epochs']}, "
              f"{self.steps} steps/epoch, lr {s['lr']}, freeze below block "
              f"{s['freeze_below_block']} ({freezing['frozen_layers']} layers frozen, "
              f"{freezing['trainable_params']} trainable params), augment on {self.augment_on}")
@@ -821,18 +821,30 @@ def _define_callbacks() -> dict:
                 return
             _save_keras_atomic(self.classifier, os.path.join(self.folder, "best.keras"))
             _write_json(state_path, {"val_accuracy": float(value), "stage": self.stage,
-                                     "epoch": int(epoch)})
+                                     "epoch": int(epoch) + 1})   # 1-based, as printed
 
-    class _AddStage(keras.callbacks.Callback):
-        """Adds the stage number to the epoch logs, so history.csv says which stage."""
+    class _History(keras.callbacks.Callback):
+        """history.csv: one row per epoch, "stage" and the 1-based "epoch" first,
+        then the epoch's logs in the columns of the file's header. The stage is
+        not put into Keras' logs, so the progress line shows metrics only."""
 
-        def __init__(self, stage):
+        def __init__(self, path, stage):
             super().__init__()
-            self.stage = stage
+            self.path, self.stage = path, stage
 
         def on_epoch_end(self, epoch, logs=None):
-            if logs is not None:
-                logs["stage"] = self.stage
+            logs = {k: float(v) for k, v in (logs or {}).items()}
+            header = None
+            if os.path.exists(self.path):
+                with open(self.path, newline="") as f:
+                    header = next(csv.reader(f), None)
+            with fileio.open_append(self.path) as f:
+                writer = csv.writer(f)
+                if not header:
+                    header = ["stage", "epoch", *sorted(logs)]
+                    writer.writerow(header)
+                row = {**logs, "stage": self.stage, "epoch": epoch + 1}
+                writer.writerow([row.get(k, "") for k in header])
 
     class _Throughput(keras.callbacks.Callback):
         """Training images/s, from the end of each epoch's first step to its last."""
@@ -913,7 +925,7 @@ def _define_callbacks() -> dict:
                 _test_kill_point(f"stage{self.stage}_epoch{self.epoch}")
 
     return {"StopOnNaN": _StopOnNaN, "ResetRandomState": _ResetRandomState,
-            "SaveBest": _SaveBest, "AddStage": _AddStage, "Throughput": _Throughput,
+            "SaveBest": _SaveBest, "History": _History, "Throughput": _Throughput,
             "AtomicBackup": _AtomicBackup, "TestKill": _TestKill}
 
 

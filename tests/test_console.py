@@ -163,3 +163,51 @@ def test_orient_says_where_copies_went_and_fails_when_nothing_was_read(tmp_path)
     assert unreadable.stderr.splitlines() == [
         "orient: error: none of the 1 files could be read (errors above)"]
     assert "not an image" in unreadable.stdout
+
+
+def _on_a_terminal(args, cwd):
+    """Runs a console command with a pseudo-terminal as stdout and stderr; returns
+    (exit code, everything it printed)."""
+    import pty
+    master, slave = pty.openpty()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TF_CPP")}
+    proc = subprocess.Popen([os.path.join(BIN, args[0]), *map(str, args[1:])], stdout=slave,
+                            stderr=slave, stdin=subprocess.DEVNULL, cwd=cwd, env=env)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:   # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    return proc.wait(timeout=900), b"".join(chunks).decode("utf-8", "replace")
+
+
+def test_training_progress_per_step_on_a_terminal_per_epoch_otherwise(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for seed in range(24):
+        helpers.write_image_file(str(src / f"img{seed:02d}.png"),
+                                 helpers.distinct_image(seed, 40, 48), "png")
+    records = tmp_path / "rec"
+    assert command("make_records", "--src", src, "--out", records, "--workers", 1,
+                   "--noprogress").returncode == 0
+    args = ["train", "--flagfile=demo.flags", f"--records={records}", "--image_size=32",
+            "--stage1_epochs=1", "--stage2_epochs=0", "--steps_per_epoch=3", "--batch_size=4",
+            "--noexport"]
+    code, shown = _on_a_terminal([*args, f"--model_dir={tmp_path / 'tty'}"], tmp_path)
+    assert code == 0, shown[-3000:]
+    # Keras' progress bar, redrawn during the epoch (it may skip a redraw within
+    # 50 ms), each with the time left.
+    bars = re.findall(r"([123])/3\S* \S*\u2501+", shown)
+    assert len(bars) >= 2 and bars[0] != "3" and bars[-1] == "3", (bars, shown[-2000:])
+    assert "[train] stage 1: epochs 1..1 of 1," in shown
+    piped = command(*args, f"--model_dir={tmp_path / 'pipe'}", cwd=tmp_path)
+    assert piped.returncode == 0
+    epoch_lines = [line for line in piped.stdout.splitlines() if line.startswith("3/3 - ")]
+    assert len(epoch_lines) == 1 and "\u2501" not in piped.stdout, piped.stdout
+    assert "stage:" not in piped.stdout   # the stage is no metric

@@ -91,8 +91,11 @@ def test_end_to_end_writes_a_usable_model_dir(reference):
     # history.csv: one row per epoch, stage column.
     rows = open(os.path.join(d, "history.csv")).read().splitlines()
     header = rows[0].split(",")
-    stages = [r.split(",")[header.index("stage")] for r in rows[1:]]
-    assert stages == ["1", "2", "2"]
+    assert header[:2] == ["stage", "epoch"] and "val_accuracy" in header
+    assert [tuple(r.split(",")[:2]) for r in rows[1:]] == [("1", "1"), ("2", "1"), ("2", "2")]
+    # The kept checkpoint's epoch is 1-based like the rows, and a row of history.
+    best = json.load(open(os.path.join(d, "checkpoints", "best.json")))
+    assert (str(best["stage"]), str(best["epoch"])) in [tuple(r.split(",")[:2]) for r in rows[1:]]
     # serve.py exports (another part's module; called once it exists).
     assert os.path.exists(os.path.join(d, "export", "saved_model.pb"))
     assert metrics["model"]["tflite_bytes"] == os.path.getsize(os.path.join(d, "model.tflite"))

@@ -98,7 +98,9 @@ _EXPORT = flags.DEFINE_bool("export", _D.export,
 _MEASURE = flags.DEFINE_integer("measure_steps", _D.measure_steps,
                                 "> 0: at the end, time this many steps on the real input "
                                 "and on a cached batch (images/s, input-wait fraction).")
-_VERBOSE = flags.DEFINE_integer("verbose", _D.verbose, "Keras fit verbosity (0, 1, 2).")
+_VERBOSE = flags.DEFINE_integer(
+    "verbose", None, "Training progress: 1 a progress bar per step with ETA, 2 one line per "
+    "epoch, 0 none. Default: 1 on a terminal, 2 otherwise (logs, CI).")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False,
                              "Validate the flags and print the resolved config; train nothing.")
 
@@ -128,7 +130,8 @@ def build_config() -> train.TrainConfig:
         deterministic=_DETERMINISTIC.value,
         early_stopping_patience=_EARLY.value, reduce_lr_patience=_REDUCE.value,
         reduce_lr_factor=_REDUCE_FACTOR.value, min_lr=_MIN_LR.value, export=_EXPORT.value,
-        measure_steps=_MEASURE.value, verbose=_VERBOSE.value)
+        measure_steps=_MEASURE.value,
+        verbose=_VERBOSE.value if _VERBOSE.value is not None else 1 if sys.stdout.isatty() else 2)
 
 
 def write_flags_file(model_dir: str) -> str:
