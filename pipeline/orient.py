@@ -89,7 +89,9 @@ REPORT_FIELDS = ("path", "status", "action", "predicted", "angle_ccw", "repair_c
 class OrientConfig:
     """What `run` does.
 
-    model_dir: trainer model_dir or SavedModel export (serve.load_model_dir).
+    model_dir: trainer model_dir, SavedModel export or TFLite-only folder
+      (serve.load_model_dir), or the name of a built-in model ("documents",
+      pipeline/builtin.py) when no folder of that name exists.
     paths: files and folders (folders walked recursively; hidden entries skipped).
     fix: write upright copies of "turn" images into dst.
     dst: output folder for fix (must not be one of the source folders).
@@ -105,6 +107,8 @@ class OrientConfig:
     max_side: longest side the image is reduced to before preprocessing, as
       make_records stores it (imageio.DEFAULT_MAX_SIDE).
     progress: tqdm bar; None = when there are >= PROGRESS_MIN_FILES files.
+    models_dir: where built-in models are looked up (builtin.lookup_dir);
+      None = $UPRIGHT_MODELS_DIR or the package's own upright/models/.
     """
     model_dir: str
     paths: tuple
@@ -119,6 +123,7 @@ class OrientConfig:
     trim_edges: bool = False
     max_side: int = imageio.DEFAULT_MAX_SIDE
     progress: bool = None
+    models_dir: str = None
 
 
 class OrientError(ValueError):
@@ -405,7 +410,7 @@ def run(config: OrientConfig, predictor=None) -> dict:
     if predictor is None:
         from upright.pipeline import serve
         try:
-            predictor = serve.load_model_dir(config.model_dir)
+            predictor = serve.load_model(config.model_dir, models_dir=config.models_dir)
         except serve.ModelDirError as e:
             raise OrientError(str(e)) from None
     jpegtran = jpegtran_path(config) if config.fix else None
@@ -421,6 +426,48 @@ def run(config: OrientConfig, predictor=None) -> dict:
     if config.report:
         write_report(rows, summary, config.report)
     return {"rows": rows, "summary": summary, "report": config.report}
+
+
+def orient_images(paths, *, model: str = "documents",
+                  min_confidence: float = DEFAULT_MIN_CONFIDENCE, batch_size: int = 32,
+                  models_dir: str = None, predictor=None) -> list:
+    """Predicts the orientation of image files (and PDF pages); writes nothing.
+
+    Args:
+      paths: files or folders (walked recursively), as for `run`.
+      model: a model folder or a built-in model name (see OrientConfig.model_dir).
+      min_confidence: below it an image is left alone (turn 0, left_alone True).
+      models_dir: override of the built-in models folder (builtin.lookup_dir).
+      predictor: an already loaded serve.Predictor (then `model` is not loaded).
+    Returns:
+      One dict per image (PDF: per page, path "FILE#page=N"), in input order:
+        path; angle_ccw (int degrees the image is turned counter-clockwise, or
+        None on error); confidence (float in [0.25, 1], or None); turn_cw (int
+        degrees to turn it clockwise to repair it: 0 when upright or left
+        alone); left_alone (True when confidence < min_confidence); action
+        ("turn", "none", "unsure", "skip"); probabilities ({"0": p, "90": ...});
+        error (None, or why the file could not be read).
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    config = OrientConfig(model_dir=model, paths=tuple(os.fspath(p) for p in paths),
+                          min_confidence=min_confidence, batch_size=batch_size,
+                          progress=False, models_dir=models_dir)
+    out = []
+    for row in run(config, predictor=predictor)["rows"]:
+        ok = row["status"] != "error" and row["angle_ccw"] is not None
+        out.append({
+            "path": row["path"],
+            "angle_ccw": row["angle_ccw"] if ok else None,
+            "confidence": row["confidence"] if ok else None,
+            "turn_cw": row["repair_cw"] if ok and row["action"] == "turn" else 0,
+            "left_alone": row["action"] == "unsure",
+            "action": row["action"],
+            "probabilities": ({name: row[f"p_{name}"] for name in schema.CLASS_NAMES}
+                              if ok else None),
+            "error": row["message"] if row["status"] == "error" else None,
+        })
+    return out
 
 
 def check_config(config: OrientConfig) -> None:

@@ -1,6 +1,7 @@
 """Predict the rotation of image files and (optionally) write upright copies.
 
     orient --model runs/demo photos/ --fix --dst fixed/ --report orient.csv
+    orient --model documents scans/ scan.pdf --fix --dst fixed/
 
 For every image (files, or folders walked recursively): the predicted rotation
 (degrees counter-clockwise the image is turned, as a person sees it with EXIF
@@ -19,7 +20,9 @@ from absl import app, flags
 from upright import tools
 
 _MODEL = flags.DEFINE_string("model", None, "model_dir written by train (or a SavedModel "
-                             "export folder).")
+                             "export or TFLite-only folder), or a built-in model name: "
+                             "documents (looked up in upright/models/, or in "
+                             "$UPRIGHT_MODELS_DIR when set).")
 _FIX = flags.DEFINE_boolean("fix", False, "write upright copies of the images to turn "
                             "into --dst.")
 _DST = flags.DEFINE_string("dst", None, "output folder for --fix (same relative paths).")
