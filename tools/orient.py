@@ -9,7 +9,9 @@ applied), the confidence and the action, as a table and a CSV/JSON report.
 Images below --min_confidence are left alone and listed. --fix writes upright
 copies into --dst (metadata kept, EXIF orientation 1; JPEG turned losslessly
 with jpegtran when the dimensions allow it). Sources are never modified; corrupt
-files are reported and skipped; a rerun skips files already written.
+files are reported and skipped; a rerun skips files already written. PDFs:
+one row per page; --fix writes the PDF with the turned pages' /Rotate corrected
+(original bytes kept: an incremental update); pages left alone are listed.
 Details: pipeline/orient.py and BUILD.md.
 """
 import os
@@ -39,6 +41,8 @@ _TRIM_EDGES = flags.DEFINE_boolean("trim_edges", False, "when a JPEG's size is n
                                    "number of coding blocks, turn it losslessly anyway by "
                                    "dropping the partial edge blocks (< 16 pixels) instead "
                                    "of re-encoding.")
+_MAX_PDF_PAGES = flags.DEFINE_integer("max_pdf_pages", 2000, "a PDF with more pages is not "
+                                     "processed (one error line).", lower_bound=1)
 _TABLE = flags.DEFINE_boolean("table", True, "print one line per file.")
 
 
@@ -54,7 +58,8 @@ def main(argv):
         model_dir=_MODEL.value, paths=paths, fix=_FIX.value, dst=_DST.value,
         min_confidence=_MIN_CONFIDENCE.value, report=_REPORT.value,
         batch_size=_BATCH_SIZE.value, lossless=_LOSSLESS.value,
-        jpeg_quality=_JPEG_QUALITY.value, trim_edges=_TRIM_EDGES.value)
+        jpeg_quality=_JPEG_QUALITY.value, trim_edges=_TRIM_EDGES.value,
+        max_pdf_pages=_MAX_PDF_PAGES.value)
     try:
         result = orient.run(config)
     except orient.OrientError as e:
