@@ -389,6 +389,17 @@ def _load_tflite(path, info):
     temperature = float(info.get("temperature", 1.0))
     if not temperature > 0:
         raise ModelDirError(f"{path}: model_info temperature must be > 0, got {temperature}")
+    # The first call applies the XNNPACK delegate, whose C++ runtime prints an
+    # INFO line straight to file descriptor 2 (TF_CPP_MIN_LOG_LEVEL does not
+    # reach it): make that call here, on zeros, with fd 2 silenced. A model
+    # that fails on it is reported as unloadable.
+    size = int(info["image_size"])
+    try:
+        with _silenced_fd2():
+            runner(**{input_name: np.zeros([1, size, size, 3], np.float32)})
+    except (ValueError, RuntimeError) as e:
+        raise ModelDirError(f"cannot run {path} on [1, {size}, {size}, 3]: "
+                            f"{_first_line(e)}") from None
 
     def predict(images):
         outputs = runner(**{input_name: np.asarray(images, np.float32)})
@@ -398,6 +409,22 @@ def _load_tflite(path, info):
         return scale_probabilities_np(probabilities, temperature)
 
     return Predictor(predict_fn=predict, info=info, source=path, handle=runner)
+
+
+@contextlib.contextmanager
+def _silenced_fd2():
+    """File descriptor 2 pointed at /dev/null for the duration (C++ log lines)."""
+    import sys
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def scale_probabilities_np(probabilities, temperature: float) -> np.ndarray:
