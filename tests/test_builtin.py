@@ -109,10 +109,15 @@ def test_orient_tool_with_builtin_name(models_dir, tmp_path):
     src = tmp_path / "src"
     src.mkdir()
     marker_png(src / "turned.png", 1)
+    # A PDF whose one page shows the marker turned 180: repaired by /Rotate 180.
+    Image.fromarray(np.ascontiguousarray(np.rot90(helpers.quadrant_marker_image(1, 32), 2))
+                    ).save(src / "scan.pdf", "PDF")
     proc = run_orient(["--model", "documents", str(src), "--fix", "--dst", str(tmp_path / "out")],
                       models_dir["root"])
     assert proc.returncode == 0, proc.stderr
-    assert "turn 90cw" in proc.stdout
+    assert "turn 90cw" in proc.stdout and "turn 180cw" in proc.stdout
+    import pypdf   # the test extra installs the pdf extra's packages
+    assert pypdf.PdfReader(str(tmp_path / "out" / "scan.pdf")).pages[0].rotation == 180
     fixed = np.asarray(Image.open(tmp_path / "out" / "turned.png").convert("RGB"))
     np.testing.assert_array_equal(fixed, helpers.quadrant_marker_image(0, 32))
     # Missing from the install, or an unknown name: one line, exit 2.
