@@ -601,31 +601,34 @@ def _process_pdf(path, rel, predictor, config, manifest, taken):
         return [dict(new_row(), status="error", action="skip",
                      message="PDF support is not installed: pip install "
                              "'upright-orientation[pdf]' (pypdf, pypdfium2)")]
-    rows, ready = [], []   # ready: (row, current /Rotate, preprocessed image)
+    rows, rotations, methods = [], {}, {}
+    # Pages are rendered, preprocessed and predicted batch_size at a time, so a
+    # long PDF never holds more than one batch of pixels.
     try:
-        for index in range(len(document)):
-            row = new_row(index)
-            rows.append(row)
-            try:
-                png, rotation = pdf.render_page(document, index, config.max_side)
-                stored = imageio.read_upright(row["path"], data=png, max_side=config.max_side)
-                ready.append((row, rotation, predictor.preprocess(stored.encoded)))
-            except Exception as e:  # one page that does not render: that page only
-                row.update(status="error", action="skip",
-                           message=f"page not rendered: {type(e).__name__}: {_first_line(e)}")
+        for start in range(0, len(document), config.batch_size):
+            ready = []   # (row, page index, current /Rotate, preprocessed image)
+            for index in range(start, min(start + config.batch_size, len(document))):
+                row = new_row(index)
+                rows.append(row)
+                try:
+                    png, rotation = pdf.render_page(document, index, config.max_side)
+                    stored = imageio.read_upright(row["path"], data=png,
+                                                  max_side=config.max_side)
+                    ready.append((row, index, rotation, predictor.preprocess(stored.encoded)))
+                except Exception as e:  # one page that does not render: that page only
+                    row.update(status="error", action="skip", message=f"page not rendered: "
+                               f"{type(e).__name__}: {_first_line(e)}")
+            if not ready:
+                continue
+            probs = predictor.predict_images(np.stack([image for *_, image in ready]),
+                                             batch_size=config.batch_size)
+            for (row, index, rotation, _), p in zip(ready, probs):
+                row.update(decide(p, config.min_confidence, None))
+                if row["action"] == "turn":
+                    rotations[index] = (rotation + row["repair_cw"]) % 360
+                    methods[index] = f"lossless (/Rotate {rotation} -> {rotations[index]})"
     finally:
         document.close()
-    rotations, methods = {}, {}
-    for start in range(0, len(ready), config.batch_size):
-        chunk = ready[start:start + config.batch_size]
-        probs = predictor.predict_images(np.stack([image for _, _, image in chunk]),
-                                         batch_size=config.batch_size)
-        for (row, rotation, _), p in zip(chunk, probs):
-            row.update(decide(p, config.min_confidence, None))
-            if row["action"] == "turn":
-                index = int(row["path"].rsplit("#page=", 1)[1]) - 1
-                rotations[index] = (rotation + row["repair_cw"]) % 360
-                methods[index] = f"lossless (/Rotate {rotation} -> {rotations[index]})"
     if not (config.fix and rotations):
         return rows
     turned = [r for r in rows if r["action"] == "turn" and r["status"] == "ok"]

@@ -89,7 +89,8 @@ def test_pdf_pages_get_their_repair_as_rotate_and_nothing_else_changes(tmp_path,
     source = make_pdf()
     (src / "scan.pdf").write_bytes(source)
     dst = tmp_path / "out"
-    result = run(tmp_path, [src], predictor, fix=True, dst=str(dst))
+    # batch_size 4 < 6 pages: pages are predicted in two batches.
+    result = run(tmp_path, [src], predictor, fix=True, dst=str(dst), batch_size=4)
     rows = result["rows"]
     assert [r["path"] for r in rows] == [f"{src / 'scan.pdf'}#page={i + 1}"
                                          for i in range(len(PAGES))]
