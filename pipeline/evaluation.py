@@ -307,7 +307,7 @@ def evaluate(model_dir: str, records: str, *, split: str = "val", batch_size: in
     """
     from upright.pipeline import serve
     if predictor is None:
-        predictor = serve.load_model_dir(model_dir)
+        predictor = serve.load_model(model_dir)
     if out_json is None:
         out_json = os.path.join(model_dir, f"eval_{split}.json")
     from upright.pipeline import inputs

@@ -37,7 +37,7 @@ def main(argv):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from upright.pipeline import evaluation, recordio, serve
     try:
-        predictor = serve.load_model_dir(_MODEL.value)
+        predictor = serve.load_model(_MODEL.value)
         info = recordio.load_info(_RECORDS.value)
         recordio.shard_paths(_RECORDS.value, _SPLIT.value, info)
     except (serve.ModelDirError, recordio.RecordsError, ValueError) as e:
