@@ -127,7 +127,7 @@ def test_stage1_keeps_frozen_blocks_exactly_and_stage2_changes_them(reference):
 def test_killed_and_resumed_run_matches_uninterrupted(reference, tmp_path, monkeypatch):
     config, metrics = reference
     resumed = dataclasses.replace(config, model_dir=str(tmp_path / "resumed"), export=False)
-    add_stage = train._callback("AddStage")
+    add_stage = train._callback("History")
     original = add_stage.on_epoch_end
 
     def crash(self, epoch, logs=None):
