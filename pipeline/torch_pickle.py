@@ -72,8 +72,8 @@ def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=Fals
 def _rebuild_tensor(storage, storage_offset, size, stride):
     if not isinstance(storage, _Storage):
         raise pickle.UnpicklingError("a tensor whose storage is not a storage")
-    if not (isinstance(storage_offset, int) and _int_tuple(size) and _int_tuple(stride)
-            and len(size) == len(stride)):
+    if not (isinstance(storage_offset, int) and storage_offset >= 0 and _int_tuple(size)
+            and _int_tuple(stride) and len(size) == len(stride)):
         raise pickle.UnpicklingError("a tensor with a malformed shape or stride")
     return _Tensor(storage, storage_offset, tuple(size), tuple(stride))
 
@@ -161,14 +161,19 @@ def _read_zip(data, path):
     if len(pickles) != 1:
         raise ValueError("zip archive without exactly one data.pkl")
     root = pickles[0][:-len("data.pkl")]
+    # Sizes as the archive declares them are checked before anything is
+    # decompressed: a small hostile zip must not expand into gigabytes.
+    if archive.getinfo(pickles[0]).file_size > len(data) + 2**20:
+        raise ValueError("data.pkl larger than the whole file")
     storages = {}
     obj = _Unpickler(io.BytesIO(archive.read(pickles[0])), path=path,
                      storages=storages).load()
     for key, storage in storages.items():
-        raw = archive.read(f"{root}data/{key}")
-        if len(raw) < storage.numel * storage.dtype.itemsize:
-            raise ValueError(f"storage {key} holds {len(raw)} bytes, fewer than its "
-                             f"{storage.numel} elements")
+        name, nbytes = f"{root}data/{key}", storage.numel * storage.dtype.itemsize
+        if archive.getinfo(name).file_size != nbytes:
+            raise ValueError(f"storage {key} holds {archive.getinfo(name).file_size} bytes, "
+                             f"not the {nbytes} of its {storage.numel} elements")
+        raw = archive.read(name)
         storage.array = np.frombuffer(raw, storage.dtype, count=storage.numel)
     return obj, storages
 

@@ -212,6 +212,14 @@ def test_corrupted_files_are_refused(tmp_path, lite0_pth):
                             {"a.weight": SMALL["a.weight"]}, declared_numel=4)
     with pytest.raises(ModelError, match="reaches past its storage"):
         torch_pickle.read_state_dict(path)
+    # A zip whose storage entry is shorter than the pickle says.
+    with zipfile.ZipFile(tmp_path / "good.pth") as z:
+        entries = {n: z.read(n) for n in z.namelist()}
+    with zipfile.ZipFile(tmp_path / "short.pth", "w") as z:
+        for name, content in entries.items():
+            z.writestr(name, content[:8] if name.endswith("/1000") else content)
+    with pytest.raises(ModelError, match="holds 8 bytes, not the 96"):
+        torch_pickle.read_state_dict(str(tmp_path / "short.pth"))
 
 
 def test_state_dict_of_wrong_shapes_or_variant_is_refused(tmp_path, lite0_state):
