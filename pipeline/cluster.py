@@ -27,6 +27,8 @@ import json
 import os
 import socket
 
+from upright.pipeline import fileio
+
 WORKERS_SUBDIR = "workers"
 
 
@@ -85,9 +87,9 @@ def worker_dir(model_dir: str, environ=None) -> str:
     me = task(environ)
     if me["is_chief"]:
         return model_dir
-    path = os.path.join(model_dir, WORKERS_SUBDIR, f"{me['type']}-{me['index']}")
-    os.makedirs(path, exist_ok=True)
-    return path
+    # Created without following a link planted inside model_dir (fileio).
+    return fileio.make_dirs(model_dir, os.path.join(WORKERS_SUBDIR,
+                                                    f"{me['type']}-{me['index']}"))
 
 
 def patch_keras_for_multi_worker():

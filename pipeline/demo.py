@@ -17,6 +17,8 @@ import random
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from upright.pipeline import fileio
+
 ASPECTS = (4 / 3, 3 / 4, 16 / 9, 9 / 16, 3 / 2, 2 / 3, 1.0)
 
 
@@ -33,7 +35,8 @@ def make_demo_images(out_dir: str, *, count: int = 600, seed: int = 0,
         rng = random.Random(seed * 1_000_003 + i)
         image = draw_scene(rng, min_side=min_side, max_side=max_side)
         path = os.path.join(out_dir, f"scene-{i:05d}.jpg")
-        image.save(path, format="JPEG", quality=rng.randint(80, 95))
+        with fileio.atomic_write(path, "wb", durable=False) as f:
+            image.save(f, format="JPEG", quality=rng.randint(80, 95))
         paths.append(path)
     return paths
 

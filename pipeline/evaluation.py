@@ -33,13 +33,12 @@ Definitions (also in BUILD.md):
   probabilities. agreement = fraction of images whose four argmax(q_j) agree.
 """
 import csv
-import json
 import math
 import os
 
 import numpy as np
 
-from upright.pipeline import schema
+from upright.pipeline import fileio, schema
 
 DEFAULT_NUM_BINS = 15   # Guo et al. 2017 (On Calibration of Modern Neural Networks)
 # Thresholds for the coverage curve: every 0.01 from 0 to 0.99, plus the tail
@@ -308,7 +307,7 @@ def evaluate(model_dir: str, records: str, *, split: str = "val", batch_size: in
     """
     from upright.pipeline import serve
     if predictor is None:
-        predictor = serve.load_model_dir(model_dir)
+        predictor = serve.load_model(model_dir)
     if out_json is None:
         out_json = os.path.join(model_dir, f"eval_{split}.json")
     from upright.pipeline import inputs
@@ -383,8 +382,7 @@ def write_image_rows(path: str, ids, probs, labels, tta_probs=None) -> None:
     if tta_probs is not None:
         header += ["tta_predicted_angle", "tta_correct"]
         tta_pred = predictions(tta_probs)
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    with fileio.atomic_write(path, "w", newline="", encoding="utf-8") as f:
         out = csv.writer(f)
         out.writerow(header)
         for j, label in enumerate(labels):
@@ -395,7 +393,6 @@ def write_image_rows(path: str, ids, probs, labels, tta_probs=None) -> None:
             if tta_probs is not None:
                 row += [schema.ANGLES_CCW[tta_pred[j]], int(tta_pred[j] == label)]
             out.writerow(row)
-    os.replace(tmp, path)
 
 
 def write_plots(result: dict, stem: str) -> dict:
@@ -441,7 +438,9 @@ def format_summary(result: dict) -> str:
             lines.append(f"  {t:<5}  left alone {_pct(row['left_alone'])}  "
                          f"error {_pct(row['error_acted'])}  "
                          f"acted+wrong {_pct(row['acted_wrong'])}")
-    lines.append("files: " + ", ".join(os.path.basename(p) for p in result["files"].values()))
+    folders = sorted({os.path.dirname(p) for p in result["files"].values()})
+    lines.append(f"files in {', '.join(folders)}: "
+                 + ", ".join(os.path.basename(p) for p in result["files"].values()))
     return "\n".join(lines)
 
 
@@ -459,10 +458,13 @@ def _pct(x):
 
 
 def _write_json(path, obj):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    fileio.write_json(path, obj, indent=2, final_newline=False)
+
+
+def _save_image(image, path):
+    """image.save(path) without writing through a link planted at path (fileio)."""
+    with fileio.replacing(path, suffix=os.path.splitext(path)[1]) as tmp:
+        image.save(tmp)
 
 
 # ---------------------------------------------------------------------------
@@ -526,7 +528,7 @@ def draw_confusion(matrix, path, title="confusion matrix"):
                       fill="black" if share < 0.6 else "white", font=_font())
     draw.text((x0, y0 + n * cell + 8), "rows: true class, columns: predicted (degrees ccw)",
               fill="black", font=_font(11))
-    image.save(path)
+    _save_image(image, path)
 
 
 def draw_reliability(calibration_result, path):
@@ -547,7 +549,7 @@ def draw_reliability(calibration_result, path):
         draw.line([left + 1, conf_y, right - 1, conf_y], fill="red", width=2)
     draw.text((x0 + 8, y0 + 8), "bars: accuracy, red: mean confidence", fill="black",
               font=_font(11))
-    image.save(path)
+    _save_image(image, path)
 
 
 def draw_coverage(rows, path):
@@ -567,4 +569,4 @@ def draw_coverage(rows, path):
     draw.text((x0 + 8, y0 + 8), "blue: left alone (fraction)", fill=(40, 90, 220), font=_font(11))
     draw.text((x0 + 8, y0 + 24), f"red: error among the rest (top of axis = {scale:.3g})",
               fill=(220, 40, 40), font=_font(11))
-    image.save(path)
+    _save_image(image, path)

@@ -38,6 +38,13 @@ What happens to each file (files, or folders walked recursively):
    A manifest DST/.orient_done.jsonl records every written file (source
    sha256, destination sha256): a rerun skips a file whose destination exists
    and matches its record (status "done").
+PDF files (pipeline/pdf.py) are read page by page: each page is rendered as a
+viewer shows it and predicted like an image, one report row per page
+("scan.pdf#page=3"). With fix, a PDF with at least one page to turn is written
+to DST (same relative path) with those pages' /Rotate corrected, as an
+incremental update: the original bytes, content streams included, are kept
+unchanged. Unsure pages keep their /Rotate and are listed. Encrypted, damaged
+and over-long (max_pdf_pages) PDFs get one error row each and nothing written.
 Sources are never modified.
 """
 import csv
@@ -54,7 +61,7 @@ import sys
 
 import numpy as np
 
-from upright.pipeline import imageio, schema
+from upright.pipeline import fileio, imageio, schema
 
 MANIFEST = ".orient_done.jsonl"
 DEFAULT_MIN_CONFIDENCE = 0.9
@@ -89,7 +96,9 @@ REPORT_FIELDS = ("path", "status", "action", "predicted", "angle_ccw", "repair_c
 class OrientConfig:
     """What `run` does.
 
-    model_dir: trainer model_dir or SavedModel export (serve.load_model_dir).
+    model_dir: trainer model_dir, SavedModel export or TFLite-only folder
+      (serve.load_model_dir), or the name of a built-in model ("documents",
+      pipeline/builtin.py) when no folder of that name exists.
     paths: files and folders (folders walked recursively; hidden entries skipped).
     fix: write upright copies of "turn" images into dst.
     dst: output folder for fix (must not be one of the source folders).
@@ -105,6 +114,9 @@ class OrientConfig:
     max_side: longest side the image is reduced to before preprocessing, as
       make_records stores it (imageio.DEFAULT_MAX_SIDE).
     progress: tqdm bar; None = when there are >= PROGRESS_MIN_FILES files.
+    max_pdf_pages: a PDF with more pages is not processed (one error line).
+    models_dir: where built-in models are looked up (builtin.lookup_dir);
+      None = $UPRIGHT_MODELS_DIR or the package's own upright/models/.
     """
     model_dir: str
     paths: tuple
@@ -119,6 +131,8 @@ class OrientConfig:
     trim_edges: bool = False
     max_side: int = imageio.DEFAULT_MAX_SIDE
     progress: bool = None
+    models_dir: str = None
+    max_pdf_pages: int = 2000
 
 
 class OrientError(ValueError):
@@ -359,14 +373,16 @@ def write_upright(data: bytes, dst_path: str, transform: str, *, config: OrientC
         payload, method = turn_with_pillow(data, transform, jpeg_quality=config.jpeg_quality)
         if note:
             method += f"; {note}"
-    os.makedirs(os.path.dirname(os.path.abspath(dst_path)), exist_ok=True)
-    # A short temporary name beside it: appending a suffix to a 255-byte file
-    # name would exceed the filesystem's limit on one name.
-    tmp = os.path.join(os.path.dirname(os.path.abspath(dst_path)),
-                       f".orient-{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(payload)
-    os.replace(tmp, dst_path)
+    # DST's subfolders are opened one by one without following links (one
+    # planted there would carry the copy out of DST); the file lands through
+    # an unguessable temporary name and a rename (fileio). Not fsynced: the
+    # manifest line comes after it and a lost copy is simply redone.
+    folder, name = os.path.split(os.path.abspath(dst_path))
+    dir_fd = fileio.open_dirs(config.dst, os.path.relpath(folder, os.path.abspath(config.dst)))
+    try:
+        fileio.write_bytes(name, payload, dir_fd=dir_fd, durable=False)
+    finally:
+        os.close(dir_fd)
     return method
 
 
@@ -403,22 +419,80 @@ def run(config: OrientConfig, predictor=None) -> dict:
     if predictor is None:
         from upright.pipeline import serve
         try:
-            predictor = serve.load_model_dir(config.model_dir)
+            predictor = serve.load_model(config.model_dir, models_dir=config.models_dir)
         except serve.ModelDirError as e:
             raise OrientError(str(e)) from None
     jpegtran = jpegtran_path(config) if config.fix else None
     manifest = load_manifest(config.dst) if config.fix else {}
-    rows, taken = [], {}
+    rows, taken, batch = [], {}, []
     progress = _progress(len(files), config.progress)
-    for start in range(0, len(files), config.batch_size):
-        batch = files[start:start + config.batch_size]
+
+    def flush():
         rows.extend(_process_batch(batch, predictor, config, jpegtran, manifest, taken))
         progress.update(len(batch))
+        batch.clear()
+
+    # Images go in batches; a PDF is one unit (all its pages, one output file).
+    # Rows keep the order of the files.
+    for path, rel in files:
+        if is_pdf(path):
+            if batch:
+                flush()
+            rows.extend(_process_pdf(path, rel, predictor, config, manifest, taken))
+            progress.update(1)
+            continue
+        batch.append((path, rel))
+        if len(batch) == config.batch_size:
+            flush()
+    if batch:
+        flush()
     progress.close()
     summary = summarize(rows, config, jpegtran)
     if config.report:
         write_report(rows, summary, config.report)
     return {"rows": rows, "summary": summary, "report": config.report}
+
+
+def orient_images(paths, *, model: str = "documents",
+                  min_confidence: float = DEFAULT_MIN_CONFIDENCE, batch_size: int = 32,
+                  models_dir: str = None, predictor=None) -> list:
+    """Predicts the orientation of image files (and PDF pages); writes nothing.
+
+    Args:
+      paths: files or folders (walked recursively), as for `run`.
+      model: a model folder or a built-in model name (see OrientConfig.model_dir).
+      min_confidence: below it an image is left alone (turn 0, left_alone True).
+      models_dir: override of the built-in models folder (builtin.lookup_dir).
+      predictor: an already loaded serve.Predictor (then `model` is not loaded).
+    Returns:
+      One dict per image (PDF: per page, path "FILE#page=N"), in input order:
+        path; angle_ccw (int degrees the image is turned counter-clockwise, or
+        None on error); confidence (float in [0.25, 1], or None); turn_cw (int
+        degrees to turn it clockwise to repair it: 0 when upright or left
+        alone); left_alone (True when confidence < min_confidence); action
+        ("turn", "none", "unsure", "skip"); probabilities ({"0": p, "90": ...});
+        error (None, or why the file could not be read).
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    config = OrientConfig(model_dir=model, paths=tuple(os.fspath(p) for p in paths),
+                          min_confidence=min_confidence, batch_size=batch_size,
+                          progress=False, models_dir=models_dir)
+    out = []
+    for row in run(config, predictor=predictor)["rows"]:
+        ok = row["status"] != "error" and row["angle_ccw"] is not None
+        out.append({
+            "path": row["path"],
+            "angle_ccw": row["angle_ccw"] if ok else None,
+            "confidence": row["confidence"] if ok else None,
+            "turn_cw": row["repair_cw"] if ok and row["action"] == "turn" else 0,
+            "left_alone": row["action"] == "unsure",
+            "action": row["action"],
+            "probabilities": ({name: row[f"p_{name}"] for name in schema.CLASS_NAMES}
+                              if ok else None),
+            "error": row["message"] if row["status"] == "error" else None,
+        })
+    return out
 
 
 def check_config(config: OrientConfig) -> None:
@@ -435,6 +509,11 @@ def check_config(config: OrientConfig) -> None:
             if os.path.isdir(path) and real == dst:
                 raise OrientError(f"--dst {config.dst} is the source folder {path}; "
                                   "choose another folder (sources are never modified)")
+        manifest = os.path.join(config.dst, MANIFEST)
+        if os.path.lexists(manifest) and (os.path.islink(manifest)
+                                          or not os.path.isfile(manifest)):
+            raise OrientError(f"{manifest} is a link or not a regular file; orient keeps "
+                              "its own record of written copies there: remove it and run again")
     if config.report and os.path.splitext(config.report)[1].lower() not in (".csv", ".json"):
         raise OrientError(f"report {config.report!r} must end in .csv or .json")
     if not 1 <= config.jpeg_quality <= 100:
@@ -480,6 +559,122 @@ def _process_batch(batch, predictor, config, jpegtran, manifest, taken):
     return rows
 
 
+def is_pdf(path) -> bool:
+    return os.path.splitext(path)[1].lower() in (".pdf",)
+
+
+def _process_pdf(path, rel, predictor, config, manifest, taken):
+    """Rows for one PDF, one per page ("FILE#page=N"), or one error row for the
+    file; with fix, writes DST/rel with the repaired pages' /Rotate (pipeline/pdf.py)
+    when at least one page turns."""
+    from upright.pipeline import pdf
+
+    def new_row(page=None):
+        row = {field: None for field in REPORT_FIELDS}
+        row.update(path=path if page is None else f"{path}#page={page + 1}", status="ok",
+                   exif_disagrees=False)
+        return row
+
+    dst_path = os.path.join(config.dst, rel) if config.fix else None
+    try:
+        data = imageio.read_bytes(path)
+    except imageio.SkipImage as e:
+        return [dict(new_row(), status="error", action="skip", message=str(e))]
+    src_sha = hashlib.sha256(data).hexdigest()
+    if config.fix:
+        record = manifest.get(os.path.realpath(path))
+        if is_done(record, src_sha, dst_path) and record.get("pages"):
+            rows = []
+            for page in record["pages"]:
+                row = new_row(page["page"] - 1)
+                row.update({k: page.get(k) for k in ("predicted", "angle_ccw", "repair_cw",
+                                                     "confidence", "method")})
+                row.update(status="done", action=page.get("action"), dst=dst_path,
+                           message="already written by an earlier run")
+                rows.append(row)
+            return rows
+    try:
+        document = pdf.open_pdf(data, max_pages=config.max_pdf_pages)
+    except pdf.PdfError as e:
+        return [dict(new_row(), status="error", action="skip", message=str(e))]
+    except ImportError:
+        return [dict(new_row(), status="error", action="skip",
+                     message="PDF support is not installed: pip install "
+                             "'upright-orientation[pdf]' (pypdf, pypdfium2)")]
+    rows, rotations, methods = [], {}, {}
+    # Pages are rendered, preprocessed and predicted batch_size at a time, so a
+    # long PDF never holds more than one batch of pixels.
+    try:
+        for start in range(0, len(document), config.batch_size):
+            ready = []   # (row, page index, current /Rotate, preprocessed image)
+            for index in range(start, min(start + config.batch_size, len(document))):
+                row = new_row(index)
+                rows.append(row)
+                try:
+                    png, rotation = pdf.render_page(document, index, config.max_side)
+                    stored = imageio.read_upright(row["path"], data=png,
+                                                  max_side=config.max_side)
+                    ready.append((row, index, rotation, predictor.preprocess(stored.encoded)))
+                except Exception as e:  # one page that does not render: that page only
+                    row.update(status="error", action="skip", message=f"page not rendered: "
+                               f"{type(e).__name__}: {_first_line(e)}")
+            if not ready:
+                continue
+            probs = predictor.predict_images(np.stack([image for *_, image in ready]),
+                                             batch_size=config.batch_size)
+            for (row, index, rotation, _), p in zip(ready, probs):
+                row.update(decide(p, config.min_confidence, None))
+                if row["action"] == "turn":
+                    rotations[index] = (rotation + row["repair_cw"]) % 360
+                    methods[index] = f"lossless (/Rotate {rotation} -> {rotations[index]})"
+    finally:
+        document.close()
+    if not (config.fix and rotations):
+        return rows
+    turned = [r for r in rows if r["action"] == "turn" and r["status"] == "ok"]
+    real_dst = os.path.realpath(dst_path)
+    problem = None
+    if real_dst == os.path.realpath(path):
+        problem = "destination is the source file; not written"
+    elif real_dst in taken:
+        problem = f"destination {dst_path} already taken by {taken[real_dst]}"
+    if problem is None:
+        try:
+            payload = pdf.rotate_pages(data, rotations)
+            folder, name = os.path.split(os.path.abspath(dst_path))
+            dir_fd = fileio.open_dirs(config.dst,
+                                      os.path.relpath(folder, os.path.abspath(config.dst)))
+            try:
+                # Whole file through a temporary name and a rename: never half-written.
+                fileio.write_bytes(name, payload, dir_fd=dir_fd, durable=False)
+            finally:
+                os.close(dir_fd)
+        except Exception as e:  # never fatal: report and go on
+            problem = f"not written: {type(e).__name__}: {_first_line(e)}"
+    if problem:
+        for row in turned:
+            row.update(status="error", message=problem)
+        return rows
+    taken[real_dst] = path
+    for row in turned:
+        row.update(dst=dst_path, method=methods[int(row["path"].rsplit("#page=", 1)[1]) - 1])
+    record = {"src": os.path.realpath(path), "src_sha256": src_sha,
+              "dst": os.path.relpath(dst_path, config.dst), "dst_sha256": sha256_file(dst_path),
+              "method": "pdf /Rotate (incremental update)",
+              "pages": [{"page": int(r["path"].rsplit("#page=", 1)[1]),
+                         **{k: r[k] for k in ("action", "predicted", "angle_ccw", "repair_cw",
+                                              "confidence", "method")}}
+                        for r in rows if r["status"] == "ok"]}
+    manifest[record["src"]] = record
+    try:
+        with fileio.open_append(os.path.join(config.dst, MANIFEST)) as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as e:
+        raise OrientError(f"cannot record {_show(dst_path)} in {MANIFEST}: "
+                          f"{_first_line(e)}") from None
+    return rows
+
+
 def _fix_one(row, data, dst_path, config, jpegtran, manifest, taken):
     real_dst = os.path.realpath(dst_path)
     if real_dst == os.path.realpath(row["path"]):
@@ -506,8 +701,12 @@ def _fix_one(row, data, dst_path, config, jpegtran, manifest, taken):
     manifest[record["src"]] = record
     # One JSON line per written file, appended after the file is in place: a crash
     # loses at most the record of the last file, which is then simply redone.
-    with open(os.path.join(config.dst, MANIFEST), "a") as f:
-        f.write(json.dumps(record) + "\n")
+    try:
+        with fileio.open_append(os.path.join(config.dst, MANIFEST)) as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as e:
+        raise OrientError(f"cannot record {_show(dst_path)} in {MANIFEST}: "
+                          f"{_first_line(e)}") from None
 
 
 def _exif_orientation(data):
@@ -572,18 +771,16 @@ def _show(value):
 def write_report(rows, summary, path) -> None:
     """CSV (one row per file, REPORT_FIELDS) or JSON ({"summary", "rows"})."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
     if path.lower().endswith(".json"):
-        with open(tmp, "w") as f:
-            json.dump({"summary": summary, "rows": rows}, f, indent=2)
+        fileio.write_json(path, {"summary": summary, "rows": rows}, indent=2,
+                          final_newline=False)
     else:
-        with open(tmp, "w", newline="") as f:
+        with fileio.atomic_write(path, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=REPORT_FIELDS)
             writer.writeheader()
             for row in rows:
                 writer.writerow({k: "" if row.get(k) is None else _show(row[k])
                                  for k in REPORT_FIELDS})
-    os.replace(tmp, path)
 
 
 def format_table(rows, width: int = 48) -> str:

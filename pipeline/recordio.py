@@ -23,11 +23,10 @@ info.json (schema version 1):
     anything else    provenance written by the producer (source, flags, image
                      statistics, skipped files, duplicates); readers ignore it.
 """
-import errno
 import json
 import os
-import warnings
 
+from upright.pipeline import fileio
 from upright.pipeline import schema
 
 TMP_SUFFIX = ".incomplete"
@@ -59,10 +58,13 @@ def write_split(out_dir: str, split: str, examples, num_shards: int) -> dict:
         lo, hi = index * n // num_shards, (index + 1) * n // num_shards
         name = schema.shard_name(split, index, num_shards)
         tmp = os.path.join(out_dir, name + TMP_SUFFIX)
+        # TensorFlow's writer opens by name and follows links: it gets a new
+        # file of ours (a leftover or a planted link there is unlinked first).
+        os.close(fileio.create_file(tmp, replace=True))
         with tf.io.TFRecordWriter(tmp) as writer:
             for serialized in examples[lo:hi]:
                 writer.write(serialized)
-        _fsync(tmp)
+        fileio.fsync_file(tmp)
         sizes.append(os.path.getsize(tmp))
         os.replace(tmp, os.path.join(out_dir, name))
         names.append(name)
@@ -79,32 +81,9 @@ def write_info(out_dir: str, splits: dict, **provenance) -> dict:
         "splits": splits,
         **provenance,
     }
-    path = os.path.join(out_dir, schema.INFO_FILE)
-    tmp = path + TMP_SUFFIX
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(info, f, indent=2, sort_keys=True, ensure_ascii=False)
-        f.write("\n")
-    durable_replace(tmp, path)
+    fileio.write_json(os.path.join(out_dir, schema.INFO_FILE), info, indent=2,
+                      sort_keys=True, ensure_ascii=False)
     return info
-
-
-def durable_replace(tmp: str, path: str) -> None:
-    """os.replace(tmp, path) that also survives a power cut: tmp's bytes reach
-    the disk before the rename, and the rename (the folder entry) before this
-    returns. make_records' info.json and the trainer's backups, stage markers,
-    checkpoints and JSON files land through it.
-
-    Raises only BEFORE the rename (then path is untouched): once path is
-    replaced, the caller must treat it as committed, so a failed folder sync
-    after it is a warning, never an exception (a caller cleaning up on error
-    would otherwise delete a committed file)."""
-    _fsync(tmp)
-    os.replace(tmp, path)
-    try:
-        _fsync_dir(os.path.dirname(os.path.abspath(path)))
-    except OSError as e:
-        warnings.warn(f"{path} is written, but syncing its folder failed ({e}); "
-                      "it may not survive a power cut", RuntimeWarning, stacklevel=2)
 
 
 def load_info(records_dir: str) -> dict:
@@ -159,30 +138,3 @@ def shard_paths(records_dir: str, split: str, info: dict = None) -> list:
         raise RecordsError(f"{records_dir!r} has no split {split!r}; "
                            f"it has {sorted(info['splits'])}")
     return [os.path.join(records_dir, n) for n in info["splits"][split]["shards"]]
-
-
-def _fsync(path):
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-# Folder syncs some filesystems refuse (some FUSE, 9p, CIFS mounts; Windows):
-# there the rename is as durable as the filesystem makes it.
-_FSYNC_DIR_UNSUPPORTED = {errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF,
-                          errno.EACCES, errno.EPERM, errno.EISDIR}
-
-
-def _fsync_dir(path):
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError as e:
-        if e.errno in _FSYNC_DIR_UNSUPPORTED:
-            return
-        raise
-    try:
-        os.fsync(fd)
-    except OSError as e:
-        if e.errno not in _FSYNC_DIR_UNSUPPORTED:
-            raise
-    finally:
-        os.close(fd)

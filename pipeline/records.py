@@ -74,7 +74,7 @@ import threading
 
 import numpy as np
 
-from upright.pipeline import imageio, recordio, schema
+from upright.pipeline import fileio, imageio, recordio, schema
 
 LOCK_FILE = ".make_records.lock"
 SCRATCH_FILE = ".make_records.scratch"
@@ -190,7 +190,9 @@ def make_records(*, src: str, out: str, val_fraction: float = 0.2,
                               max_pixels=max_pixels)
         scratch_path = os.path.join(out_b, os.fsencode(SCRATCH_FILE))
         try:
-            with open(scratch_path, "w+b") as scratch:
+            # A new file of ours: a link planted at the name is removed, not followed.
+            scratch_fd = fileio.create_file(scratch_path, replace=True, readable=True)
+            with os.fdopen(scratch_fd, "w+b") as scratch:
                 if runner == "beam":
                     from upright.pipeline import records_beam
                     results, spans = records_beam.read_all(
@@ -214,9 +216,9 @@ def make_records(*, src: str, out: str, val_fraction: float = 0.2,
                 "output there (if any) is untouched; free space and run again",
                 refused=True) from None
         finally:
-            _remove_quietly(scratch_path)
+            fileio.remove_file(scratch_path)
     finally:
-        _unlock(lock)
+        _unlock(lock, out_b)
 
 
 # ---------------------------------------------------------------- arguments
@@ -273,26 +275,81 @@ def _is_own_file(name: bytes) -> bool:
 
 
 def _lock(out_b):
-    """Exclusive, non-blocking flock on OUT/.make_records.lock (freed on death)."""
+    """Exclusive, non-blocking flock on OUT/.make_records.lock (freed on death).
+
+    The lock file is make_records' own: a link planted at its name is removed
+    (the link, never its target; O_NOFOLLOW), anything but a regular file is
+    refused. `_unlock` removes the file while still holding the lock, so a
+    finished or refused run leaves none. A run that opened the file just
+    before that removal and then wins the flock holds a lock on a file that no
+    longer has the name: it sees that (the name leads to another inode or to
+    nothing) and starts over, so two runs never both believe they hold it.
+    """
     path = os.path.join(out_b, os.fsencode(LOCK_FILE))
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    for _ in range(100):
+        if _is_link(path):
+            fileio.remove_file(path)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+        except OSError as e:
+            if e.errno == errno.ELOOP:     # planted again since the removal
+                raise fileio.refusal(path) from None
+            raise
+        try:
+            if _holds_lock_on_name(fd, path, out_b):
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+                return fd
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+    raise MakeRecordsError(f"cannot take the lock in {_show(out_b)}: it keeps being "
+                           "replaced; is another program writing there?", refused=True)
+
+
+def _holds_lock_on_name(fd, path, out_b) -> bool:
+    """Locks fd; True when path still names fd's file (see _lock)."""
+    mine = os.fstat(fd)
+    if not stat.S_ISREG(mine.st_mode):
+        raise fileio.refusal(path, "a special file")
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
-        holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
-        os.close(fd)
         if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
             raise MakeRecordsError(
                 f"another make_records run (pid {holder or '?'}) is writing into "
                 f"{_show(out_b)}; wait for it to finish or choose another --out",
                 refused=True) from None
         raise
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
+    return _same_file(mine, path)
 
 
-def _unlock(fd):
+def _same_file(st, path) -> bool:
+    try:
+        now = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    return (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)
+
+
+def _is_link(path) -> bool:
+    try:
+        return stat.S_ISLNK(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return False
+
+
+def _unlock(fd, out_b):
+    """Removes the lock file (only if its name still leads to the locked file),
+    then releases the lock: see _lock for why this is safe for a waiting run."""
+    path = os.path.join(out_b, os.fsencode(LOCK_FILE))
+    try:
+        if _same_file(os.fstat(fd), path):
+            os.unlink(path)
+    except OSError:
+        pass   # a lock file left behind is harmless: the next run takes it
     fcntl.flock(fd, fcntl.LOCK_UN)
     os.close(fd)
 
@@ -793,7 +850,7 @@ def _write(out_b, plan, spans, scratch, *, src_b, arguments, num_shards=0) -> di
     import tensorflow as tf
     staging_b = os.path.join(out_b, os.fsencode(STAGING_DIR))
     try:
-        _remove_tree(staging_b)           # left behind by a killed run
+        fileio.remove_tree(staging_b)     # left behind by a killed run (or a planted link)
         os.mkdir(staging_b)
         staging = os.fsdecode(staging_b)
         entries = {}
@@ -806,7 +863,7 @@ def _write(out_b, plan, spans, scratch, *, src_b, arguments, num_shards=0) -> di
         info = recordio.write_info(staging, entries,
                                    **_provenance(plan, spans, src_b=src_b, arguments=arguments))
     except (OSError, tf.errors.OpError) as e:
-        _remove_tree(staging_b)
+        fileio.remove_tree(staging_b, ignore_errors=True)
         raise MakeRecordsError(
             f"cannot write the records into {_show(out_b)}: {_describe_os_error(e)}; "
             "the previous output there (if any) is untouched; free space and run again",
@@ -882,24 +939,8 @@ def _commit(out_b, staging_b, entries):
             os.replace(os.path.join(staging_b, name_b), os.path.join(out_b, name_b))
     info_b = os.fsencode(schema.INFO_FILE)
     os.replace(os.path.join(staging_b, info_b), os.path.join(out_b, info_b))
-    recordio._fsync_dir(out_b)
-    _remove_tree(staging_b)
-
-
-def _remove_tree(path_b):
-    """Removes the (flat) staging folder if it exists."""
-    if not os.path.isdir(path_b):
-        return
-    for name in os.listdir(path_b):
-        os.remove(os.path.join(path_b, name))
-    os.rmdir(path_b)
-
-
-def _remove_quietly(path_b):
-    try:
-        os.remove(path_b)
-    except FileNotFoundError:
-        pass
+    fileio.fsync_dir(out_b)
+    fileio.remove_tree(staging_b)
 
 
 def _describe_os_error(e) -> str:
@@ -916,7 +957,7 @@ def _remove_previous_output(out_b):
     info = os.path.join(out_b, os.fsencode(schema.INFO_FILE))
     if os.path.exists(info):
         os.remove(info)
-        recordio._fsync_dir(out_b)
+        fileio.fsync_dir(out_b)
     for name in os.listdir(out_b):
         text = name.decode("utf-8", "replace")
         if _is_own_file(name) and text not in (LOCK_FILE, SCRATCH_FILE, STAGING_DIR):
@@ -1145,7 +1186,9 @@ def draw_contact_sheet(records_dir: str, path: str, *, num_images: int = 6,
                                  top + pad + (thumb_side - turned.height) // 2))
             draw.text((left + pad, top + cell),
                       f"k={k} ({schema.CLASS_NAMES[k]})  {split}", fill=(255, 255, 160))
-    sheet.save(path)
+    # Pillow picks the format from the name's suffix, which the temporary name keeps.
+    with fileio.replacing(path, suffix=os.path.splitext(path)[1]) as tmp:
+        sheet.save(tmp)
     return len(records)
 
 

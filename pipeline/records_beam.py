@@ -29,11 +29,10 @@ file calls, so an object store (gs://, s3://) must be mounted as a filesystem.
 import functools
 import os
 import pickle
-import shutil
 import tempfile
 import uuid
 
-from upright.pipeline import records
+from upright.pipeline import fileio, records
 
 _LIST_FILE = "files.txt"
 _RESULTS_PREFIX = "results"
@@ -72,7 +71,7 @@ def read_all(src_b: bytes, files: list, options, scratch, *, out_b: bytes,
     try:
         os.makedirs(temp, exist_ok=True)
         list_path = os.path.join(temp, _LIST_FILE)
-        with open(list_path, "w", encoding="ascii") as f:
+        with os.fdopen(fileio.create_file(list_path), "w", encoding="ascii") as f:
             # Hex: file names are arbitrary bytes, the text source reads lines.
             f.writelines(rel.hex() + "\n" for rel in files)
         prefix = os.path.join(temp, _RESULTS_PREFIX)
@@ -98,7 +97,7 @@ def read_all(src_b: bytes, files: list, options, scratch, *, out_b: bytes,
                 refused=True) from e
         results, spans = collect_results(prefix, scratch)
     finally:
-        shutil.rmtree(temp, ignore_errors=True)
+        fileio.remove_tree(temp, ignore_errors=True)
     if len(results) != len(files):
         raise records.MakeRecordsError(
             f"the Beam pipeline returned {len(results)} results for {len(files)} files",

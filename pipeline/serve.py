@@ -35,7 +35,10 @@ asset file `assets/convention.json` (schema.convention() plus image_size and
 resize). `read_export_convention` reads it back.
 
 `load_model_dir` loads what the trainer leaves in a model_dir (model.keras +
-model_info.json) -- or a bare SavedModel export -- as a `Predictor`.
+model_info.json) -- or a bare SavedModel export, or a TFLite-only folder
+(model.tflite + model_info.json, the form of the built-in models) -- as a
+`Predictor`. `load_model` also accepts the name of a built-in model
+(pipeline/builtin.py), e.g. "documents".
 """
 import contextlib
 import dataclasses
@@ -48,7 +51,7 @@ import tempfile
 import numpy as np
 import tensorflow as tf
 
-from upright.pipeline import inputs, schema
+from upright.pipeline import fileio, inputs, schema
 
 MODEL_FILE = "model.keras"
 INFO_FILE = "model_info.json"
@@ -178,9 +181,8 @@ def export_saved_model(model, export_dir: str, *, image_size: int,
     tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
     try:
         asset = os.path.join(tmp, CONVENTION_ASSET)
-        with open(asset, "w") as f:
-            json.dump(export_info(image_size, resize, temperature), f, indent=2,
-                      sort_keys=True)
+        fileio.write_json(asset, export_info(image_size, resize, temperature), indent=2,
+                          sort_keys=True, final_newline=False, durable=False)
         module = _ServingModule(model, image_size, resize, asset, temperature)
         out = os.path.join(tmp, "saved_model")
         with _quiet_tf_logs():
@@ -231,10 +233,7 @@ def export_tflite(model, path: str, *, image_size: int = None) -> int:
         flatbuffer = converter.convert()
     path = os.path.abspath(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(flatbuffer)
-    os.replace(tmp, path)
+    fileio.write_bytes(path, flatbuffer)
     return len(flatbuffer)
 
 
@@ -323,8 +322,11 @@ def load_model_dir(model_dir: str) -> Predictor:
     """Loads a trained model for prediction.
 
     Accepts a trainer model_dir (model.keras + model_info.json; falls back to
-    model_dir/export when model.keras is missing) or a SavedModel folder from
-    export_saved_model. Checks that the stored convention is this project's.
+    model_dir/export, then model_dir/model.tflite, when model.keras is missing),
+    a SavedModel folder from export_saved_model, or a TFLite-only folder
+    (model.tflite + model_info.json: the built-in models). Checks that the
+    stored convention is this project's. model_info.json's "temperature" is
+    applied to Keras and TFLite outputs (the SavedModel carries its own).
 
     Raises:
       ModelDirError: missing files, unreadable model, or a foreign convention.
@@ -350,13 +352,95 @@ def load_model_dir(model_dir: str) -> Predictor:
         export = os.path.join(model_dir, EXPORT_DIR)
         if os.path.exists(os.path.join(export, "saved_model.pb")):
             return _load_export(export)
-        raise ModelDirError(f"{model_dir} has neither {MODEL_FILE} nor {EXPORT_DIR}/")
+        tflite_path = os.path.join(model_dir, TFLITE_FILE)
+        if os.path.isfile(tflite_path):
+            return _load_tflite(tflite_path, info)
+        raise ModelDirError(f"{model_dir} has none of {MODEL_FILE}, {EXPORT_DIR}/, "
+                            f"{TFLITE_FILE}")
     model = load_keras_model(keras_path)
     # model_info may carry a calibration temperature (1.0 when absent).
     temperature = float(info.get("temperature", 1.0))
     fn = tf.function(lambda x: scale_probabilities(model(x, training=False), temperature),
                      reduce_retracing=True)
     return Predictor(predict_fn=fn, info=info, source=keras_path, handle=model)
+
+
+def load_model(model: str, *, models_dir: str = None) -> Predictor:
+    """load_model_dir for a folder; otherwise `model` names a built-in model
+    (builtin.resolve: shipped in the package, or under models_dir /
+    $UPRIGHT_MODELS_DIR). Raises ModelDirError (one line) when neither."""
+    from upright.pipeline import builtin
+    try:
+        folder = builtin.resolve(model, models_dir=models_dir)
+    except builtin.BuiltinModelError as e:
+        raise ModelDirError(str(e)) from None
+    return load_model_dir(folder)
+
+
+def _load_tflite(path, info):
+    """A Predictor running the TFLite file (float32 [B, S, S, 3] -> [B, 4]),
+    with model_info's temperature applied in numpy (the file holds the model's
+    own probabilities)."""
+    try:
+        runner = _tflite_interpreter(path).get_signature_runner()
+        (input_name,) = list(runner.get_input_details())
+    except (ValueError, RuntimeError) as e:
+        raise ModelDirError(f"cannot load {path}: {_first_line(e)}") from None
+    temperature = float(info.get("temperature", 1.0))
+    if not temperature > 0:
+        raise ModelDirError(f"{path}: model_info temperature must be > 0, got {temperature}")
+    # The first call applies the XNNPACK delegate, whose C++ runtime prints an
+    # INFO line straight to file descriptor 2 (TF_CPP_MIN_LOG_LEVEL does not
+    # reach it): make that call here, on zeros, with fd 2 silenced. A model
+    # that fails on it is reported as unloadable.
+    size = int(info["image_size"])
+    try:
+        with _silenced_fd2():
+            runner(**{input_name: np.zeros([1, size, size, 3], np.float32)})
+    except (ValueError, RuntimeError) as e:
+        raise ModelDirError(f"cannot run {path} on [1, {size}, {size}, 3]: "
+                            f"{_first_line(e)}") from None
+
+    def predict(images):
+        outputs = runner(**{input_name: np.asarray(images, np.float32)})
+        probabilities = outputs.get("probabilities")
+        if probabilities is None:
+            (probabilities,) = outputs.values()
+        return scale_probabilities_np(probabilities, temperature)
+
+    return Predictor(predict_fn=predict, info=info, source=path, handle=runner)
+
+
+@contextlib.contextmanager
+def _silenced_fd2():
+    """File descriptor 2 pointed at /dev/null for the duration (C++ log lines)."""
+    import sys
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def scale_probabilities_np(probabilities, temperature: float) -> np.ndarray:
+    """scale_probabilities in numpy: softmax(log p / T); identity for T == 1."""
+    p = np.asarray(probabilities, np.float32)
+    if float(temperature) == 1.0:
+        return p
+    logits = np.log(np.maximum(p.astype(np.float64), 1e-12)) / float(temperature)
+    logits -= logits.max(axis=-1, keepdims=True)
+    e = np.exp(logits)
+    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+
+def _first_line(e):
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
 
 
 def load_keras_model(path: str):
@@ -419,8 +503,9 @@ def _quiet_tf_logs():
 
 def _replace_dir(src, dst):
     # os.replace cannot replace a non-empty folder: move the old one aside first.
+    # lexists: a link planted at dst is moved aside and unlinked, never followed.
     old = None
-    if os.path.exists(dst):
+    if os.path.lexists(dst):
         old = dst + ".old"
         _remove_tree(old)
         os.replace(dst, old)
@@ -430,5 +515,4 @@ def _replace_dir(src, dst):
 
 
 def _remove_tree(path):
-    import shutil
-    shutil.rmtree(path, ignore_errors=True)
+    fileio.remove_tree(path, ignore_errors=True)   # a link is unlinked, never followed

@@ -23,7 +23,7 @@ continues from the last completed epoch of the stage it was in:
     any instant leaves either the previous epoch's backup or the new one,
     never new weights under the old epoch number or a half-written file
     (Keras' own callback writes both in place); every rename is durable
-    (recordio.durable_replace: file and folder synced), so a power cut
+    (fileio: file and folder synced), so a power cut
     leaves the same choice;
   * a finished stage leaves model_dir/stages/stage<k>.done.json and its final
     weights stage<k>.weights.npz (written first), so a restart skips it and
@@ -67,17 +67,17 @@ A model_dir after a run (see BUILD.md):
     checkpoints/best.keras + best.json, stages/, export/ and model.tflite (serve).
 """
 import contextlib
+import csv
 import dataclasses
 import errno
 import json
 import os
-import shutil
 import signal
 import time
 
 import numpy as np
 
-from upright.pipeline import recordio, schema
+from upright.pipeline import fileio, recordio, schema
 from upright.pipeline import model as model_lib
 
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "tpu")
@@ -265,6 +265,9 @@ def train_and_evaluate(config: TrainConfig) -> dict:
         config = dataclasses.replace(config, model_dir=cluster.worker_dir(config.model_dir))
     with _reporting_write_failures(config.model_dir):
         _pin_config(config)
+    finished = finished_metrics(config)
+    if finished is not None:
+        return finished
     if config.mixed_precision:
         keras.config.set_dtype_policy(
             "mixed_bfloat16" if isinstance(strategy, tf.distribute.TPUStrategy)
@@ -284,6 +287,19 @@ def train_and_evaluate(config: TrainConfig) -> dict:
     finally:
         keras.config.set_dtype_policy(previous_policy)
     return metrics
+
+
+def finished_metrics(config: TrainConfig):
+    """The metrics of a run in config.model_dir that already finished (its
+    metrics.json, written last, exists, and holds the exports if config asks for
+    them), with "already_complete": True added; None when there is work left."""
+    path = os.path.join(config.model_dir, "metrics.json")
+    if not os.path.exists(path):
+        return None
+    metrics = _read_json(path)
+    if config.export and "tflite_bytes" not in metrics.get("model", {}):
+        return None   # finished with --noexport, now asked to export: redo the end
+    return {**metrics, "already_complete": True}
 
 
 # errno values and TensorFlow message fragments of a write that cannot succeed.
@@ -440,7 +456,7 @@ class _Run:
         self.val_steps = config.validation_steps or (
             None if self.distributed else -(-4 * self.num_val // config.batch_size))
         for sub in ("stages", "checkpoints", "logs", "backup"):
-            os.makedirs(os.path.join(self.dir, sub), exist_ok=True)
+            fileio.make_dirs(self.dir, sub)   # a link planted here is refused
         self.done_weights = None   # weights file of the last finished stage
 
     # -- paths ----------------------------------------------------------------
@@ -465,7 +481,7 @@ class _Run:
         _save_npz(self.classifier, weights_file)
         _write_json(marker, summary)   # commit point of the stage
         self.done_weights = weights_file
-        shutil.rmtree(self._path("backup", f"stage{stage}"), ignore_errors=True)
+        fileio.remove_tree(self._path("backup", f"stage{stage}"), ignore_errors=True)
         if stage == 1:
             _test_kill_point("between_stages")
         return summary
@@ -494,8 +510,7 @@ class _Run:
             # Multi-worker: average BatchNorm statistics so workers do not drift.
             cluster.average_non_trainable_callback(self.train_model, self.strategy),
             _callback("SaveBest")(self.classifier, self._path("checkpoints"), stage),
-            _callback("AddStage")(stage),
-            keras.callbacks.CSVLogger(self._path("history.csv"), append=True),
+            _callback("History")(self._path("history.csv"), stage),
             timer,
         ]
         if _test_kill_at():
@@ -519,7 +534,7 @@ class _Run:
         train_data = self._train_data(stage, start)
         val_data = self._val_data()
         self.train_model._initial_epoch = None   # left set by a previous stage's restore
-        _log(f"stage {stage}: epochs {start}..{s['epochs'] - 1} of {s['epochs']}, "
+        _log(f"stage {stage}: epochs {start + 1}..{s['epochs']} of {s['epochs']}, "
              f"{self.steps} steps/epoch, lr {s['lr']}, freeze below block "
              f"{s['freeze_below_block']} ({freezing['frozen_layers']} layers frozen, "
              f"{freezing['trainable_params']} trainable params), augment on {self.augment_on}")
@@ -806,18 +821,30 @@ def _define_callbacks() -> dict:
                 return
             _save_keras_atomic(self.classifier, os.path.join(self.folder, "best.keras"))
             _write_json(state_path, {"val_accuracy": float(value), "stage": self.stage,
-                                     "epoch": int(epoch)})
+                                     "epoch": int(epoch) + 1})   # 1-based, as printed
 
-    class _AddStage(keras.callbacks.Callback):
-        """Adds the stage number to the epoch logs, so history.csv says which stage."""
+    class _History(keras.callbacks.Callback):
+        """history.csv: one row per epoch, "stage" and the 1-based "epoch" first,
+        then the epoch's logs in the columns of the file's header. The stage is
+        not put into Keras' logs, so the progress line shows metrics only."""
 
-        def __init__(self, stage):
+        def __init__(self, path, stage):
             super().__init__()
-            self.stage = stage
+            self.path, self.stage = path, stage
 
         def on_epoch_end(self, epoch, logs=None):
-            if logs is not None:
-                logs["stage"] = self.stage
+            logs = {k: float(v) for k, v in (logs or {}).items()}
+            header = None
+            if os.path.exists(self.path):
+                with open(self.path, newline="") as f:
+                    header = next(csv.reader(f), None)
+            with fileio.open_append(self.path) as f:
+                writer = csv.writer(f)
+                if not header:
+                    header = ["stage", "epoch", *sorted(logs)]
+                    writer.writerow(header)
+                row = {**logs, "stage": self.stage, "epoch": epoch + 1}
+                writer.writerow([row.get(k, "") for k in header])
 
     class _Throughput(keras.callbacks.Callback):
         """Training images/s, from the end of each epoch's first step to its last."""
@@ -874,13 +901,11 @@ def _define_callbacks() -> dict:
             self.model._initial_epoch = state["epoch"]
 
         def _save_model(self):
-            os.makedirs(self.backup_dir, exist_ok=True)
+            fileio.make_dirs(*os.path.split(self.backup_dir))
             name = f"epoch{self._current_epoch}.weights.h5"
             path = os.path.join(self.backup_dir, name)
-            tmp = os.path.join(self.backup_dir, f"epoch{self._current_epoch}.tmp.weights.h5")
-            with _removed_on_error(tmp):
+            with fileio.replacing(path, suffix=".weights.h5") as tmp:
                 self.model.save_weights(tmp, overwrite=True)
-                recordio.durable_replace(tmp, path)
             _test_kill_point(f"stage{self.stage}_backup{self._current_epoch}")
             with _removed_on_error(path):
                 _write_json(os.path.join(self.backup_dir, "training_metadata.json"),
@@ -900,7 +925,7 @@ def _define_callbacks() -> dict:
                 _test_kill_point(f"stage{self.stage}_epoch{self.epoch}")
 
     return {"StopOnNaN": _StopOnNaN, "ResetRandomState": _ResetRandomState,
-            "SaveBest": _SaveBest, "AddStage": _AddStage, "Throughput": _Throughput,
+            "SaveBest": _SaveBest, "History": _History, "Throughput": _Throughput,
             "AtomicBackup": _AtomicBackup, "TestKill": _TestKill}
 
 
@@ -1000,10 +1025,8 @@ def _as_float32(model, config):
 
 
 def _save_npz(model, path):
-    tmp = path + ".tmp.npz"
-    with _removed_on_error(tmp):
-        np.savez(tmp, *model.get_weights())
-        recordio.durable_replace(tmp, path)
+    with fileio.atomic_write(path, "wb") as f:
+        np.savez(f, *model.get_weights())
 
 
 def _load_npz(model, path):
@@ -1012,19 +1035,12 @@ def _load_npz(model, path):
 
 
 def _save_keras_atomic(model, path):
-    tmp = path[:-len(".keras")] + ".tmp.keras"
-    with _removed_on_error(tmp):
+    with fileio.replacing(path, suffix=".keras") as tmp:   # Keras wants the suffix
         model.save(tmp)
-        recordio.durable_replace(tmp, path)
 
 
 def _write_json(path, obj):
-    tmp = path + ".tmp"
-    with _removed_on_error(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
-        recordio.durable_replace(tmp, path)
+    fileio.write_json(path, obj, indent=2, sort_keys=True)
 
 
 def _read_json(path):

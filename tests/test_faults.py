@@ -163,7 +163,7 @@ def concurrent_pair(tmp_path):
         assert "another make_records run (pid" in refused and "is writing into" in refused
     state, _ = fault_tools.state_of(out, refs)
     assert state in ("a", "b")
-    assert sorted(os.listdir(out)) == sorted([records.LOCK_FILE, *refs[state]])
+    assert sorted(os.listdir(out)) == sorted(refs[state])   # no lock file left behind
     return codes
 
 
@@ -236,10 +236,8 @@ def test_damaged_shard_gives_an_error_naming_file_and_record(good_records, tmp_p
     ds = dataset(out, split, training)
     shard = recordio.shard_paths(str(out), split)[1]
     index = damage(shard, how)
-    start = time.monotonic()
     with pytest.raises(recordio.RecordsError) as caught:
         read_all(out, split, training, ds)
-    assert time.monotonic() - start < 20
     message = str(caught.value)
     assert message.startswith(f"{shard}: record {index} is damaged"), message
     # A truncated shard is refused before any record is read when the folder
@@ -286,7 +284,7 @@ def test_file_size_limit_while_writing_keeps_the_earlier_output(tmp_path):
         assert "Traceback" not in proc.stderr, proc.stderr
         assert "the previous output there (if any) is untouched" in proc.stderr
         assert fault_tools.snapshot(out) == before
-        assert sorted(os.listdir(out)) == sorted([records.LOCK_FILE, *before])
+        assert sorted(os.listdir(out)) == sorted(before)       # no lock file left behind
 
 
 def textwrap_limit(limit):
@@ -341,7 +339,7 @@ def test_real_full_disk_keeps_the_earlier_output(tmp_path, phase):
         if phase == "shards":
             assert "tfrecord" in message, message    # TensorFlow's writer hit it
         assert fault_tools.snapshot(out) == before
-        assert sorted(os.listdir(out)) == sorted([records.LOCK_FILE, *before])
+        assert sorted(os.listdir(out)) == sorted(before)       # no lock file left behind
         records.inspect_records(str(out))
     finally:
         subprocess.run(["umount", str(disk)])
@@ -467,10 +465,17 @@ def test_hostile_names_through_orient(tmp_path):
 # ---------------------------------------------------------------- image fuzzing
 
 
-def run_fuzz_campaign(tmp_path, examples, seed, per_input_seconds=20, max_rss_mb=3072,
-                      timeout=600):
+# The reader's design bound for one input (BUILD.md, image fuzzing): a file just
+# under --max_pixels costs Pillow 3-7 bytes a pixel, 0.4-0.9 GB at 128 MP.
+READER_PEAK_MB = 1024
+
+
+def run_fuzz_campaign(tmp_path, examples, seed, per_input_seconds=300, max_rss_mb=3072,
+                      timeout=1800):
     """The fuzzer in a subprocess (watchdog per input, address-space limit);
-    returns its JSON report. A hang or crash fails with the saved input named."""
+    returns its JSON report. A hang or crash fails with the saved input named.
+    The watchdog and the timeout are hang guards, far above the milliseconds an
+    input takes even on a loaded machine: speed is for benchmarks, not tests."""
     report = tmp_path / f"fuzz_{seed}.json"
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT)
     proc = subprocess.run(
@@ -495,4 +500,26 @@ def test_fuzz_image_reader_fast(tmp_path):
                                    "odd_exif", "exif_mutated"}
     assert stats["stored"] > 30 and stats["skipped"] > 30
     assert stats["tf_checked"] == min(stats["stored"], 400)
-    assert stats["max_rss_mb"] < 1500
+    # Memory that one hostile input made the reader hold, over what the process
+    # held just before it (the process's lifetime peak would count TensorFlow
+    # and pytest's own pages inherited through fork, and so depend on the suite).
+    assert stats["input_peak_mb"] < READER_PEAK_MB, stats["input_peak"]
+
+
+def test_fuzz_memory_probe_sees_one_inputs_allocation():
+    """The per-input peak the fuzzer reports is real: 64 MB touched after a reset
+    shows as 64 MB more, and a reset forgets it again."""
+    script = ("from tests import fault_tools as t\n"
+              "base = t.reset_peak_rss_mb()\n"
+              "block = bytearray(64 << 20)\n"
+              "block[::4096] = b'x' * len(block[::4096])\n"
+              "grew = t.peak_rss_mb() - base\n"
+              "del block\n"
+              "again = t.reset_peak_rss_mb()\n"
+              "print(grew, t.peak_rss_mb() - again)\n")
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert out.returncode == 0, out.stderr[-2000:]
+    grew, after_reset = map(float, out.stdout.split())
+    assert 60 <= grew < 70, grew
+    assert after_reset < 4, after_reset

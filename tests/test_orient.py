@@ -251,4 +251,4 @@ def test_orient_tool_end_to_end(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "upright.tools.orient", "--model", model_dir,
                            str(tmp_path), "--fix"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].startswith("orient: fix needs")
+    assert proc.stderr.strip().splitlines()[-1].startswith("orient: error: fix needs")

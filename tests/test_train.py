@@ -91,8 +91,11 @@ def test_end_to_end_writes_a_usable_model_dir(reference):
     # history.csv: one row per epoch, stage column.
     rows = open(os.path.join(d, "history.csv")).read().splitlines()
     header = rows[0].split(",")
-    stages = [r.split(",")[header.index("stage")] for r in rows[1:]]
-    assert stages == ["1", "2", "2"]
+    assert header[:2] == ["stage", "epoch"] and "val_accuracy" in header
+    assert [tuple(r.split(",")[:2]) for r in rows[1:]] == [("1", "1"), ("2", "1"), ("2", "2")]
+    # The kept checkpoint's epoch is 1-based like the rows, and a row of history.
+    best = json.load(open(os.path.join(d, "checkpoints", "best.json")))
+    assert (str(best["stage"]), str(best["epoch"])) in [tuple(r.split(",")[:2]) for r in rows[1:]]
     # serve.py exports (another part's module; called once it exists).
     assert os.path.exists(os.path.join(d, "export", "saved_model.pb"))
     assert metrics["model"]["tflite_bytes"] == os.path.getsize(os.path.join(d, "model.tflite"))
@@ -155,9 +158,17 @@ def test_killed_and_resumed_run_matches_uninterrupted(reference, tmp_path, monke
         assert np.isclose(again["stages"][stage]["val_loss"],
                           metrics["stages"][stage]["val_loss"], rtol=1e-4)
     assert again["final"]["val_accuracy"] == pytest.approx(metrics["final"]["val_accuracy"])
-    # A finished run started again only redoes the final step.
+    # A finished run started again says so and touches nothing.
+    before = {name: os.stat(os.path.join(d, name)).st_mtime_ns
+              for name in ("model.keras", "model_info.json", "metrics.json")}
     third = train.train_and_evaluate(resumed)
-    assert third["stages"] == again["stages"]
+    assert third.pop("already_complete") is True
+    assert third == json.loads(json.dumps(again))
+    assert before == {name: os.stat(os.path.join(d, name)).st_mtime_ns for name in before}
+    # Asked for exports it does not have (it ran with export=False), it redoes the end.
+    exported = train.train_and_evaluate(dataclasses.replace(resumed, export=True))
+    assert "already_complete" not in exported and exported["model"]["tflite_bytes"] > 0
+    assert exported["stages"] == again["stages"]
 
 
 def test_zero_epoch_stage_is_skipped_device_placement_and_a_strategy(records, tmp_path):
@@ -571,16 +582,13 @@ def test_truncated_train_shard_through_the_tool_names_file_and_record(sharded_re
     """A truncated train shard in a folder whose info.json has no shard sizes
     (written before that field existed), so only reading finds it: one line
     naming the shard and the record, exit 1; the subprocess timeout fails a hang."""
-    import time
     out, shard, index = _damaged_copy(sharded_records, tmp_path, "train", "truncate",
                                       legacy=True)
-    start = time.monotonic()
     result = _tool(f"--records={out}", f"--model_dir={tmp_path / 'run'}", "--backbone=tiny",
                    "--weights=none", "--image_size=32", "--batch_size=8",
                    "--stage1_epochs=1", "--stage1_freeze_below_block=3", "--stage2_epochs=0",
                    "--steps_per_epoch=3", "--augment_policy=none", "--noexport", "--verbose=0",
-                   timeout=120)
-    seconds = time.monotonic() - start
+                   timeout=600)
     assert result.returncode == 1, result.stderr[-3000:]
     lines = _error_lines(result)
     assert len(lines) == 1, result.stderr[-3000:]
@@ -588,7 +596,6 @@ def test_truncated_train_shard_through_the_tool_names_file_and_record(sharded_re
                                "(truncated or corrupted shard: "), lines
     assert lines[0].endswith("restore the file or run make_records again"), lines
     assert "Traceback" not in result.stderr
-    assert seconds < 60, seconds
 
 
 def test_truncated_shard_with_known_size_is_refused_before_any_work(sharded_records,
@@ -658,17 +665,34 @@ def test_sigkill_at_each_moment_then_rerun_matches(records, whole_run, tmp_path,
 
 def test_every_commit_point_of_a_run_is_durable(records, tmp_path, monkeypatch):
     """Backups, stage markers, checkpoints and JSON files all land through
-    recordio.durable_replace (fsync before and after the rename)."""
-    from upright.pipeline import recordio
-    landed, real = [], recordio.durable_replace
+    fileio: the new file fsynced before its rename, its folder after it."""
+    events, real_fsync, real_replace = [], os.fsync, os.replace
 
-    def record(tmp, path):
-        landed.append(os.path.relpath(path, str(tmp_path / "run")))
-        real(tmp, path)
+    def where(path, dir_fd):
+        if dir_fd is None:
+            return os.path.realpath(path)
+        return os.path.join(os.readlink(f"/proc/self/fd/{dir_fd}"), path)
 
-    monkeypatch.setattr(recordio, "durable_replace", record)
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst, *, src_dir_fd=None, dst_dir_fd=None):
+        renamed = ("rename", where(src, src_dir_fd), where(dst, dst_dir_fd))
+        real_replace(src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd)
+        events.append(renamed)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
     train.train_and_evaluate(tiny_config(records, str(tmp_path / "run"), stage2_epochs=1))
+    run = os.path.realpath(tmp_path / "run")
+    landed = {}
+    for i, event in enumerate(events):
+        if event[0] == "rename" and event[2].startswith(run + os.sep):
+            landed[os.path.relpath(event[2], run)] = (
+                ("fsync", event[1]) in events[:i]
+                and ("fsync", os.path.dirname(event[2])) in events[i + 1:])
     for expected in ("backup/stage1/epoch1.weights.h5", "backup/stage1/training_metadata.json",
                      "stages/stage1.weights.npz", "stages/stage1.done.json",
                      "stages/stage2.done.json", "model.keras", "metrics.json"):
-        assert expected in landed, (expected, landed)
+        assert landed.get(expected), (expected, landed)

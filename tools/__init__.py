@@ -1,19 +1,183 @@
-"""upright.tools: the command-line tools, one thin absl module per command."""
+"""upright.tools: the command-line tools, one thin absl module per command.
+
+Every tool starts through `run_tool`, which gives all of them the same manners:
+`-h`/`--help` print the tool's docstring and flags and exit 0; a usage error
+(a bad or missing flag, a missing flagfile, a UsageError from main) is one
+`TOOL: error: ...` line, then a short usage line, exit 2; TensorFlow's C++
+start-up lines are not shown unless `-v 1` (or more) is given.
+"""
+import contextlib
 import os
+import re
+import sys
+import tempfile
 
-# TensorFlow's C++ INFO lines (oneDNN, CPU features) drown the tools' own
-# output; warnings and errors still show. A user's explicit setting wins.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+# TensorFlow's C++ log lines (oneDNN, CPU features, CUDA probes, converter
+# chatter) drown the tools' own output; errors still show. A user's explicit
+# setting wins.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# One line of TensorFlow's native logging: "I0000 00:00:1796.. 15737 port.cc:153] ...",
+# and the notice abseil prints before its logging is initialised.
+_NATIVE_LOG_LINE = re.compile(rb"^(?:[IWEF]\d{4} \d\d:\d\d:\d+\.\d+ +\d+ [^\]]+\] |"
+                              rb"WARNING: All log messages before absl::InitializeLog\(\))")
 
 
-def run_tool(main, module_name: str) -> None:
-    """app.run(main) for a console-script entry point, with a working --help.
+@contextlib.contextmanager
+def native_startup_hidden(show: bool = False):
+    """Runs the body with file descriptor 2 sent to a temporary file, then
+    writes back every captured line that is not a native log line (all of them
+    when `show`). TensorFlow prints its start-up lines from C++ before abseil's
+    logging is initialised, where TF_CPP_MIN_LOG_LEVEL does not reach them."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            kept = [line for line in capture.read().splitlines(keepends=True)
+                    if show or not _NATIVE_LOG_LINE.match(line)]
+            if kept:
+                sys.stderr.buffer.write(b"".join(kept))
+                sys.stderr.flush()
+
+
+def import_tensorflow(show_native_logs: bool = False):
+    """Imports TensorFlow and initialises its devices with the C++ start-up
+    lines hidden (see native_startup_hidden); returns the module."""
+    with native_startup_hidden(show_native_logs):
+        import tensorflow as tf
+        tf.config.list_physical_devices()   # the CUDA probe logs here, once
+    if not show_native_logs:
+        # TensorFlow's Python INFO lines (SavedModel signature renames, saver
+        # timings, "Using new converter") are for its developers; some go
+        # through TensorFlow's logger, some straight through absl's.
+        from absl import logging
+        tf.get_logger().setLevel("WARNING")
+        logging.set_verbosity(logging.WARNING)
+    return tf
+
+
+class FlagfileError(ValueError):
+    """A flagfile that cannot be found or read, or that includes itself."""
+
+
+def recipes_dir() -> str:
+    """The folder of the shipped recipes (upright.recipes, recipes/ in the repository)."""
+    from upright import recipes
+    return os.path.dirname(recipes.__file__)
+
+
+def recipe_names() -> list:
+    return sorted(n[:-len(".flags")] for n in os.listdir(recipes_dir()) if n.endswith(".flags"))
+
+
+def describe_recipes() -> str:
+    """'Recipes ...' and one line per shipped recipe: its name and first comment line."""
+    lines = ["Recipes shipped with upright (--flagfile=NAME.flags works from any folder):"]
+    for name in recipe_names():
+        with open(os.path.join(recipes_dir(), name + ".flags"), encoding="utf-8") as f:
+            first = next((line.lstrip("#/ ").strip() for line in f if line.startswith("#")), "")
+        lines.append(f"  {name + '.flags':18s}{first}")
+    return "\n".join(lines) + "\n"
+
+
+def _find_flagfile(name: str, including_dir) -> str:
+    """The path of flagfile `name`: relative to the file that includes it (or
+    to the current folder on the command line), else a shipped recipe."""
+    here = os.path.join(including_dir, name) if including_dir else name
+    candidates = [os.path.expanduser(here)]
+    if not os.path.isabs(name) and os.sep not in name:
+        candidates += [os.path.join(recipes_dir(), name),
+                       os.path.join(recipes_dir(), name + ".flags")]
+    for path in candidates:
+        if os.path.isfile(path):
+            return path
+    raise FlagfileError(f"cannot open flagfile {name!r}: no such file"
+                        + (f" in {including_dir}" if including_dir else "")
+                        + f", and no shipped recipe of that name ({', '.join(recipe_names())})")
+
+
+def _flagfile_lines(name: str, including_dir, stack: tuple) -> list:
+    path = _find_flagfile(name, including_dir)
+    key = os.path.realpath(path)
+    if key in stack:
+        raise FlagfileError(f"flagfile {path} includes itself")
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [line.strip() for line in f]
+    except (OSError, UnicodeDecodeError) as e:
+        raise FlagfileError(f"cannot read flagfile {path}: {e}") from None
+    args = []
+    for line in lines:
+        if not line or line.startswith(("#", "//")):
+            continue
+        nested = re.match(r"^--?flagfile=(.+)$", line)
+        if nested:
+            args += _flagfile_lines(nested.group(1), os.path.dirname(path), (*stack, key))
+        else:
+            args.append(line)
+    return args
+
+
+def expand_flagfiles(argv: list) -> list:
+    """argv with every `--flagfile=F` replaced by F's flags, in place (later
+    flags still win). Unlike absl, a nested flagfile is resolved relative to
+    the file that names it, so a recipe works from any folder, and a name that
+    is not a file is looked up among the shipped recipes (`train
+    --flagfile=b1.flags` after a plain pip install)."""
+    out, i = [argv[0]], 1
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            out += argv[i:]
+            break
+        match = re.match(r"^--?flagfile(?:=(.*))?$", arg)
+        if match and match.group(1) is None and i + 1 < len(argv):
+            i += 1
+            out += _flagfile_lines(argv[i], None, ())
+        elif match and match.group(1) is not None:
+            out += _flagfile_lines(match.group(1), None, ())
+        else:
+            out.append(arg)
+        i += 1
+    return out
+
+
+def _tool_name(module_name: str) -> str:
+    return module_name.rsplit(".", 1)[-1]
+
+
+def _usage_line(module) -> str:
+    """The first example command of the tool's docstring."""
+    for line in (module.__doc__ or "").splitlines()[1:]:
+        if line.startswith("    ") and line.strip():
+            return line.strip()
+    return _tool_name(module.__name__)
+
+
+def fail_usage(module_name: str, message: str) -> None:
+    """Ends the tool as a usage error: one error line, a usage line, exit 2."""
+    name = _tool_name(module_name)
+    module = sys.modules[module_name]
+    print(f"{name}: error: {message}", file=sys.stderr)
+    print(f"usage: {_usage_line(module)}   (all flags: {name} --help)", file=sys.stderr)
+    sys.exit(2)
+
+
+def run_tool(main, module_name: str, *, tensorflow: bool = True) -> None:
+    """app.run(main) for a console-script entry point, with the manners above.
 
     absl's --help shows the docstring of __main__ and the key flags of the module
     named by sys.argv[0]. Under an installed console script both are pip's
     wrapper, so the tool lends them its own docstring and flags first.
+    `tensorflow`: import TensorFlow quietly before main (tools that use it).
     """
-    import sys
     from absl import app, flags
     module = sys.modules[module_name]
     main_module = sys.modules["__main__"]
@@ -21,4 +185,30 @@ def run_tool(main, module_name: str) -> None:
         main_module.__doc__ = module.__doc__
         for flag in flags.FLAGS.get_key_flags_for_module(module_name):
             flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
-    app.run(main)
+    argv = list(sys.argv)
+    options = argv[1:argv.index("--")] if "--" in argv else argv[1:]
+    if any(a in ("-h", "--help", "--helpshort", "-?") for a in options):
+        app.define_help_flags()
+        app.usage(shorthelp=True, writeto_stdout=True, exitcode=0)
+    if "--helpfull" in options:
+        app.define_help_flags()
+        app.usage(shorthelp=False, writeto_stdout=True, exitcode=0)
+
+    def parse(args):
+        try:
+            return flags.FLAGS(expand_flagfiles(args))
+        except FlagfileError as e:
+            fail_usage(module_name, str(e))
+        except flags.Error as e:
+            message = re.sub(r"^ERROR:+\s*", "", str(e).replace("\n", " "))
+            fail_usage(module_name, message)
+
+    def quiet_main(args):
+        if tensorflow:
+            import_tensorflow(show_native_logs=flags.FLAGS["verbosity"].value >= 1)
+        try:
+            return main(args)
+        except app.UsageError as e:
+            fail_usage(module_name, str(e))
+
+    app.run(quiet_main, argv=argv, flags_parser=parse)

@@ -138,7 +138,7 @@ def main(argv):
     try:
         recordio.load_info(_RECORDS.value)
     except recordio.RecordsError as e:
-        print(f"bench_input: {e}", file=sys.stderr)
+        print(f"bench_input: error: {e}", file=sys.stderr)
         return 2
     run_benchmark(records=_RECORDS.value, split=_SPLIT.value, image_size=_IMAGE_SIZE.value,
                   batch_size=_BATCH_SIZE.value, batches=_BATCHES.value, warmup=_WARMUP.value,

@@ -37,16 +37,20 @@ def main(argv):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from upright.pipeline import evaluation, recordio, serve
     try:
-        predictor = serve.load_model_dir(_MODEL.value)
+        predictor = serve.load_model(_MODEL.value)
         info = recordio.load_info(_RECORDS.value)
         recordio.shard_paths(_RECORDS.value, _SPLIT.value, info)
     except (serve.ModelDirError, recordio.RecordsError, ValueError) as e:
-        print(f"evaluate: {e}", file=sys.stderr)
+        print(f"evaluate: error: {e}", file=sys.stderr)
         sys.exit(2)
-    result = evaluation.evaluate(
-        _MODEL.value, _RECORDS.value, split=_SPLIT.value, batch_size=_BATCH_SIZE.value,
-        tta=_TTA.value, out_json=_OUT.value, num_bins=_NUM_BINS.value, plots=_PLOTS.value,
-        predictor=predictor)
+    try:
+        result = evaluation.evaluate(
+            _MODEL.value, _RECORDS.value, split=_SPLIT.value, batch_size=_BATCH_SIZE.value,
+            tta=_TTA.value, out_json=_OUT.value, num_bins=_NUM_BINS.value,
+            plots=_PLOTS.value, predictor=predictor)
+    except OSError as e:   # a full disk, no permission, a refused link (fileio)
+        print(f"evaluate: error: cannot write the results: {e}", file=sys.stderr)
+        sys.exit(1)
     print(evaluation.format_summary(result))
 
 

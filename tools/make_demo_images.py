@@ -33,7 +33,7 @@ def main(argv):
 
 
 def run():
-    tools.run_tool(main, __name__)
+    tools.run_tool(main, __name__, tensorflow=False)
 
 
 if __name__ == "__main__":

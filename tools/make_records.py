@@ -121,7 +121,7 @@ def main(argv):
 
 def run():
     flags.mark_flag_as_required("src")
-    tools.run_tool(main, __name__)
+    tools.run_tool(main, __name__, tensorflow=False)
 
 
 if __name__ == "__main__":

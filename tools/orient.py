@@ -1,6 +1,7 @@
 """Predict the rotation of image files and (optionally) write upright copies.
 
     orient --model runs/demo photos/ --fix --dst fixed/ --report orient.csv
+    orient --model documents scans/ scan.pdf --fix --dst fixed/
 
 For every image (files, or folders walked recursively): the predicted rotation
 (degrees counter-clockwise the image is turned, as a person sees it with EXIF
@@ -8,7 +9,9 @@ applied), the confidence and the action, as a table and a CSV/JSON report.
 Images below --min_confidence are left alone and listed. --fix writes upright
 copies into --dst (metadata kept, EXIF orientation 1; JPEG turned losslessly
 with jpegtran when the dimensions allow it). Sources are never modified; corrupt
-files are reported and skipped; a rerun skips files already written.
+files are reported and skipped; a rerun skips files already written. PDFs:
+one row per page; --fix writes the PDF with the turned pages' /Rotate corrected
+(original bytes kept: an incremental update); pages left alone are listed.
 Details: pipeline/orient.py and BUILD.md.
 """
 import os
@@ -19,7 +22,9 @@ from absl import app, flags
 from upright import tools
 
 _MODEL = flags.DEFINE_string("model", None, "model_dir written by train (or a SavedModel "
-                             "export folder).")
+                             "export or TFLite-only folder), or a built-in model name: "
+                             "documents (looked up in upright/models/, or in "
+                             "$UPRIGHT_MODELS_DIR when set).")
 _FIX = flags.DEFINE_boolean("fix", False, "write upright copies of the images to turn "
                             "into --dst.")
 _DST = flags.DEFINE_string("dst", None, "output folder for --fix (same relative paths).")
@@ -36,6 +41,8 @@ _TRIM_EDGES = flags.DEFINE_boolean("trim_edges", False, "when a JPEG's size is n
                                    "number of coding blocks, turn it losslessly anyway by "
                                    "dropping the partial edge blocks (< 16 pixels) instead "
                                    "of re-encoding.")
+_MAX_PDF_PAGES = flags.DEFINE_integer("max_pdf_pages", 2000, "a PDF with more pages is not "
+                                     "processed (one error line).", lower_bound=1)
 _TABLE = flags.DEFINE_boolean("table", True, "print one line per file.")
 
 
@@ -51,17 +58,28 @@ def main(argv):
         model_dir=_MODEL.value, paths=paths, fix=_FIX.value, dst=_DST.value,
         min_confidence=_MIN_CONFIDENCE.value, report=_REPORT.value,
         batch_size=_BATCH_SIZE.value, lossless=_LOSSLESS.value,
-        jpeg_quality=_JPEG_QUALITY.value, trim_edges=_TRIM_EDGES.value)
+        jpeg_quality=_JPEG_QUALITY.value, trim_edges=_TRIM_EDGES.value,
+        max_pdf_pages=_MAX_PDF_PAGES.value)
     try:
         result = orient.run(config)
     except orient.OrientError as e:
-        print(f"orient: {e}", file=sys.stderr)
+        print(f"orient: error: {e}", file=sys.stderr)
         sys.exit(2)
-    if _TABLE.value:
+    summary = result["summary"]
+    if _TABLE.value and result["rows"]:
         print(orient.format_table(result["rows"]))
-    print(orient.format_summary(result["summary"]))
+    if summary["files"] == 0:
+        print(f"orient: error: no image files in {' '.join(paths)}", file=sys.stderr)
+        sys.exit(1)
+    print(orient.format_summary(summary))
     if result["report"]:
         print(f"report: {result['report']}")
+    if summary["errors"] == summary["files"]:
+        print(f"orient: error: none of the {summary['files']} files could be read "
+              "(errors above)", file=sys.stderr)
+        sys.exit(1)
+    if _FIX.value:
+        print(f"upright copies in {_DST.value}")
 
 
 def run():

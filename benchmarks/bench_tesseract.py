@@ -1,0 +1,211 @@
+"""A model against Tesseract OSD on held-out upright pages, in one run.
+
+    apt-get install tesseract-ocr tesseract-ocr-osd
+    python benchmarks/bench_tesseract.py --pages /data/held_out_pages --model documents \
+        --jobs 2 --out bench_tesseract.json
+
+Every page image in --pages (upright, as a person reads it; folders walked
+recursively) is turned into all four orientations, label k = k quarter turns
+counter-clockwise (np.rot90(page, k), the project's convention), and each of
+the 4 x N images is given to:
+  * the model (a model folder or a built-in name; serve.load_model), from the
+    turned image's PNG bytes through imageio.read_upright and the model's own
+    preprocessing -- the path orient takes -- in batches;
+  * Tesseract OSD, `tesseract IMG - --psm 0`, --jobs processes at a time, each
+    with OMP_THREAD_LIMIT=1. Its "Rotate: R" is the clockwise repair, so its
+    answer is k = R / 90 (checked: a page turned 90 ccw gives "Rotate: 90").
+    No "Rotate:" line (e.g. "Too few characters") = no answer.
+Reported per system, side by side:
+  accuracy          correct / all 4N (no answer counts as wrong);
+  answered          share of the 4N images with an answer (the model: those with
+                    confidence >= --min_confidence; the model's accuracy with
+                    the threshold off is the "accuracy" line);
+  answered_accuracy correct / answered;
+  pages_per_s       4N / wall seconds, with --jobs cores (the model's TensorFlow
+                    and TFLite threads limited to --jobs too), file reading,
+                    decoding and preprocessing included;
+  0-vs-180          upright pages answered 180 and upside-down pages answered 0
+                    (the hard case for text), and the full 4 x 4 confusion.
+Turned images are written to a temporary folder (Tesseract reads files), never
+into --pages.
+"""
+import argparse
+import concurrent.futures
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROTATE = re.compile(r"^Rotate:\s*(\d+)\s*$", re.MULTILINE)
+EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
+
+
+def list_pages(folder, num=None):
+    out = sorted(os.path.join(root, name) for root, _, names in os.walk(folder)
+                 for name in names if name.lower().endswith(EXTENSIONS))
+    return out[:num] if num else out
+
+
+def turned_pngs(pages):
+    """[(page path, k, PNG bytes of the page turned k quarter turns ccw)]."""
+    from PIL import Image, ImageOps
+    out = []
+    for path in pages:
+        with Image.open(path) as image:
+            upright = np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+        for k in range(4):
+            buffer = io.BytesIO()
+            Image.fromarray(np.ascontiguousarray(np.rot90(upright, k))).save(
+                buffer, "PNG", compress_level=1)
+            out.append((path, k, buffer.getvalue()))
+    return out
+
+
+def tesseract_answer(path, tesseract="tesseract", timeout=120):
+    """k from Tesseract OSD, or None when it gives no answer."""
+    env = dict(os.environ, OMP_THREAD_LIMIT="1")
+    try:
+        proc = subprocess.run([tesseract, path, "-", "--psm", "0"], capture_output=True,
+                              text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return None
+    match = ROTATE.search(proc.stdout + proc.stderr)
+    if proc.returncode != 0 or not match:
+        return None
+    return (int(match.group(1)) // 90) % 4
+
+
+def run_tesseract(items, jobs, tesseract):
+    """Answers (k or None) for every item; -> (answers, seconds)."""
+    from upright.pipeline import fileio
+    with tempfile.TemporaryDirectory(prefix="bench_tesseract-") as tmp:
+        paths = []
+        for i, (_, _, png) in enumerate(items):
+            path = os.path.join(tmp, f"{i:06d}.png")
+            fileio.write_bytes(path, png, durable=False)
+            paths.append(path)
+        start = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+            answers = list(pool.map(lambda p: tesseract_answer(p, tesseract), paths))
+        return answers, time.perf_counter() - start
+
+
+def run_model(items, model, jobs, batch_size, max_side):
+    """(argmax k, confidence) for every item; -> (answers, confidences, seconds)."""
+    import tensorflow as tf
+    tf.config.threading.set_intra_op_parallelism_threads(jobs)
+    tf.config.threading.set_inter_op_parallelism_threads(jobs)
+    from upright.pipeline import imageio, serve
+    predictor = serve.load_model(model)
+    # One warm-up batch (graph tracing, interpreter allocation): not timed.
+    warm = predictor.preprocess(imageio.read_upright("warmup", data=items[0][2],
+                                                     max_side=max_side).encoded)
+    predictor.predict_images(warm[None])
+    start = time.perf_counter()
+    probs = []
+    for i in range(0, len(items), batch_size):
+        batch = [predictor.preprocess(imageio.read_upright(f"item{j}", data=png,
+                                                           max_side=max_side).encoded)
+                 for j, (_, _, png) in enumerate(items[i:i + batch_size], i)]
+        probs.append(predictor.predict_images(np.stack(batch), batch_size=batch_size))
+    seconds = time.perf_counter() - start
+    probs = np.concatenate(probs)
+    return probs.argmax(1), probs.max(1), seconds
+
+
+def score(labels, answers, seconds, answered=None) -> dict:
+    """Metrics of one system; answers: k or -1 for no answer."""
+    labels, answers = np.asarray(labels), np.asarray(answers)
+    answered = answers >= 0 if answered is None else np.asarray(answered)
+    correct = answers == labels
+    confusion = np.zeros([4, 4], int)
+    for y, a in zip(labels, answers):
+        if a >= 0:
+            confusion[y, a] += 1
+    n0, n180 = int(np.sum(labels == 0)), int(np.sum(labels == 2))
+    return {
+        "images": int(labels.size),
+        "accuracy": float(np.mean(correct)),
+        "answered": float(np.mean(answered)),
+        "answered_accuracy": (float(np.mean(correct[answered])) if answered.any() else None),
+        "pages_per_s": float(labels.size / seconds) if seconds > 0 else None,
+        "seconds": round(float(seconds), 2),
+        "upright_answered_180": f"{int(confusion[0, 2])}/{n0}",
+        "upside_down_answered_0": f"{int(confusion[2, 0])}/{n180}",
+        "confusion_true_by_answer": confusion.tolist(),
+    }
+
+
+def format_table(results) -> str:
+    names = list(results)
+    rows = [("accuracy (all 4 turns, no answer = wrong)", "accuracy", "{:.4f}"),
+            ("answered", "answered", "{:.4f}"),
+            ("accuracy on answered", "answered_accuracy", "{:.4f}"),
+            ("pages/s", "pages_per_s", "{:.2f}"),
+            ("upright answered 180", "upright_answered_180", "{}"),
+            ("upside-down answered 0", "upside_down_answered_0", "{}")]
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{'':<{width}}  " + "  ".join(f"{n:>22}" for n in names)]
+    for title, key, fmt in rows:
+        cells = [fmt.format(results[n][key]) if results[n][key] is not None else "-"
+                 for n in names]
+        lines.append(f"{title:<{width}}  " + "  ".join(f"{c:>22}" for c in cells))
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pages", required=True, help="folder of held-out upright pages")
+    parser.add_argument("--model", required=True, help="model folder or built-in name")
+    parser.add_argument("--num", type=int, default=0, help="first N pages only (0 = all)")
+    parser.add_argument("--jobs", type=int, default=2, help="cores for each system")
+    parser.add_argument("--min_confidence", type=float, default=0.9,
+                        help="the model's abstain threshold (orient's default)")
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--max_side", type=int, default=512,
+                        help="as make_records/orient store images")
+    parser.add_argument("--tesseract", default="tesseract")
+    parser.add_argument("--out", help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if subprocess.run(["which", args.tesseract], capture_output=True).returncode != 0:
+        sys.exit("bench_tesseract: tesseract not found (apt-get install tesseract-ocr "
+                 "tesseract-ocr-osd)")
+    pages = list_pages(args.pages, args.num)
+    if not pages:
+        sys.exit(f"bench_tesseract: no page images in {args.pages}")
+    items = turned_pngs(pages)
+    labels = [k for _, k, _ in items]
+
+    k, confidence, model_s = run_model(items, args.model, args.jobs, args.batch_size,
+                                       args.max_side)
+    tess, tess_s = run_tesseract(items, args.jobs, args.tesseract)
+    model_off = score(labels, k, model_s, answered=np.ones(len(k), bool))
+    model_at = score(labels, np.where(confidence >= args.min_confidence, k, -1), model_s)
+    results = {
+        f"model (threshold off)": model_off,
+        f"model (>= {args.min_confidence})": model_at,
+        "tesseract --psm 0": score(labels, [-1 if a is None else a for a in tess], tess_s),
+    }
+    summary = {"pages": len(pages), "images": len(items), "jobs": args.jobs,
+               "model": args.model, "min_confidence": args.min_confidence,
+               "command": "python benchmarks/bench_tesseract.py "
+                          + " ".join(sys.argv[1:] if argv is None else argv),
+               "results": results}
+    print(format_table(results))
+    print(f"{len(pages)} pages x 4 turns = {len(items)} images; {args.jobs} cores each; "
+          f"speed-up {results['model (threshold off)']['pages_per_s'] / max(results['tesseract --psm 0']['pages_per_s'], 1e-9):.1f}x")
+    if args.out:
+        from upright.pipeline import fileio
+        fileio.write_json(args.out, summary, indent=2)
+        print(f"results: {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,239 @@
+"""Attacks by planted links (issue 16, items 1-4): entries placed in the folders
+the tools write into, as someone who filled those folders would, never on the
+command line. Each test runs the real tool path and checks that the victim
+outside is untouched and the tool either succeeded safely or said one line."""
+import os
+import stat
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from upright.pipeline import evaluation, orient, records, serve
+from tests import helpers
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VICTIM_BYTES = b"someone else's file\n"
+S = 16
+
+
+def victim_file(tmp_path, name="victim.txt"):
+    outside = tmp_path / "outside"
+    outside.mkdir(exist_ok=True)
+    victim = outside / name
+    victim.write_bytes(VICTIM_BYTES)
+    return victim
+
+
+def victim_dir(tmp_path):
+    """A folder outside with files in it; returns (folder, its listing)."""
+    folder = tmp_path / "victim_dir"
+    (folder / "inner").mkdir(parents=True)
+    (folder / "keep.txt").write_bytes(b"keep")
+    (folder / "inner" / "deep.txt").write_bytes(b"deep")
+    return folder, listing(folder)
+
+
+def listing(folder):
+    out = {}
+    for root, dirs, names in os.walk(folder):
+        for d in dirs:
+            out[os.path.relpath(os.path.join(root, d), folder)] = "dir"
+        for n in names:
+            path = os.path.join(root, n)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, folder)] = f.read()
+    return out
+
+
+def is_regular(path):
+    return stat.S_ISREG(os.lstat(path).st_mode)
+
+
+def one_clear_line(stderr):
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    assert "Traceback" not in stderr, stderr
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+# ---------------------------------------------------------------- make_records
+
+
+def image_folder(src, count=6):
+    src.mkdir()
+    for i in range(count):
+        helpers.write_image_file(str(src / f"img{i}.jpg"), helpers.distinct_image(i, 40, 56))
+
+
+def make(src, out):
+    return records.make_records(src=str(src), out=str(out), workers=1, progress=False,
+                                val_fraction=0.5)
+
+
+def test_make_records_staging_link_empties_nothing(tmp_path):
+    """1: OUT/.make_records.new -> a folder: only the link is removed (rm -rf's rule)."""
+    src = tmp_path / "src"
+    image_folder(src)
+    target, before = victim_dir(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    os.symlink(target, out / records.STAGING_DIR)
+    info = make(src, out)
+    assert info["counts"]["stored"] == 6
+    assert listing(target) == before
+    assert not os.path.lexists(out / records.STAGING_DIR)
+    records.inspect_records(str(out))
+
+
+@pytest.mark.parametrize("name", [records.SCRATCH_FILE, records.LOCK_FILE])
+def test_make_records_scratch_and_lock_links_are_replaced_not_written_through(tmp_path, name):
+    """2: OUT/.make_records.scratch or .lock -> a file: the link is removed, the
+    run uses its own new file, the victim keeps its bytes."""
+    src = tmp_path / "src"
+    image_folder(src)
+    victim = victim_file(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    os.symlink(victim, out / name)
+    info = make(src, out)
+    assert info["counts"]["stored"] == 6
+    assert victim.read_bytes() == VICTIM_BYTES
+    # Neither the scratch file nor the lock outlives the run.
+    assert not os.path.lexists(out / records.SCRATCH_FILE)
+    assert not os.path.lexists(out / records.LOCK_FILE)
+    records.inspect_records(str(out))
+
+
+def test_a_refused_make_records_leaves_no_lock_but_never_removes_a_live_one(tmp_path):
+    import fcntl
+    empty, out = tmp_path / "empty", tmp_path / "out"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not an image")
+    with pytest.raises(records.MakeRecordsError) as caught:
+        make(empty, out)
+    assert caught.value.refused
+    assert os.listdir(out) == []                          # refused: nothing left
+    # A lock another live run holds is its file: a refused run leaves it alone.
+    src = tmp_path / "src"
+    image_folder(src)
+    fd = os.open(out / records.LOCK_FILE, os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with pytest.raises(records.MakeRecordsError, match="another make_records run"):
+            make(src, out)
+        assert os.path.exists(out / records.LOCK_FILE)
+        assert os.fstat(fd).st_ino == os.stat(out / records.LOCK_FILE).st_ino
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------- orient --fix
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return helpers.write_model_dir(str(tmp_path_factory.mktemp("model")),
+                                   helpers.corner_model(S), S)
+
+
+@pytest.fixture(scope="module")
+def predictor(model_dir):
+    return serve.load_model_dir(model_dir)
+
+
+def turned_folder(src, rels):
+    """Images turned 90 degrees (the stub model is sure: --fix writes them all)."""
+    for seed, rel in enumerate(rels):
+        path = src / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image = np.ascontiguousarray(np.rot90(helpers.quadrant_marker_image(seed, 32), 1))
+        helpers.write_image_file(str(path), image, "png")
+
+
+def fix_config(model_dir, src, dst):
+    return orient.OrientConfig(model_dir=model_dir, paths=(str(src),), fix=True, dst=str(dst),
+                               progress=False, min_confidence=0.3)
+
+
+def test_orient_fix_never_writes_through_a_subfolder_link_or_a_planted_temp_name(
+        tmp_path, model_dir, predictor):
+    """3: DST/sub -> a folder outside, and links at the old predictable temporary
+    names DST/.orient-<pid>.tmp (for every pid): the copy for sub/ is refused
+    (one error row), every other copy lands as a regular file, victims untouched."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    turned_folder(src, ["top.png", "sub/inner.png", "other/x.png"])
+    target, before = victim_dir(tmp_path)
+    victim = victim_file(tmp_path)
+    dst.mkdir()
+    os.symlink(target, dst / "sub")
+    for folder in (dst, dst / "other"):
+        folder.mkdir(exist_ok=True)
+        for pid in range(1, 32769):
+            os.symlink(victim, folder / f".orient-{pid}.tmp")
+    result = orient.run(fix_config(model_dir, src, dst), predictor=predictor)
+    rows = {os.path.relpath(r["path"], src): r for r in result["rows"]}
+    assert rows["sub/inner.png"]["status"] == "error"
+    assert "symbolic link" in rows["sub/inner.png"]["message"]
+    assert "\n" not in rows["sub/inner.png"]["message"]
+    for rel in ("top.png", "other/x.png"):
+        assert rows[rel]["status"] == "ok", rows[rel]
+        assert is_regular(dst / rel)
+        with Image.open(dst / rel) as im:   # upright: the marker is back top-left
+            assert np.array_equal(np.asarray(im.convert("RGB")),
+                                  helpers.quadrant_marker_image(
+                                      ["top.png", "sub/inner.png", "other/x.png"].index(rel), 32))
+    assert listing(target) == before
+    assert victim.read_bytes() == VICTIM_BYTES
+
+
+def test_orient_fix_refuses_a_manifest_link_with_one_line(tmp_path, model_dir, predictor):
+    """3: DST/.orient_done.jsonl -> a file: refused before anything is written."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    turned_folder(src, ["a.png"])
+    victim = victim_file(tmp_path)
+    dst.mkdir()
+    os.symlink(victim, dst / orient.MANIFEST)
+    with pytest.raises(orient.OrientError, match="link or not a regular file"):
+        orient.run(fix_config(model_dir, src, dst), predictor=predictor)
+    assert sorted(os.listdir(dst)) == [orient.MANIFEST]
+    # The console command: exit 2, one line, no traceback.
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT)
+    proc = subprocess.run([sys.executable, "-m", "upright.tools.orient", "--model", model_dir,
+                           "--fix", "--dst", str(dst), str(src)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    line = one_clear_line(proc.stderr)
+    assert line.startswith("orient: error: ") and orient.MANIFEST in line
+    assert victim.read_bytes() == VICTIM_BYTES
+    assert sorted(os.listdir(dst)) == [orient.MANIFEST]
+
+
+# ---------------------------------------------------------------- evaluate
+
+
+def test_evaluate_replaces_links_planted_in_the_model_folder(tmp_path):
+    """4: M/eval_val_confusion.png, M/eval_val.json.tmp, M/eval_val_images.csv.tmp
+    (and the result names themselves) -> files outside: replaced, never written."""
+    recs = str(tmp_path / "records")
+    helpers.write_records(recs, {"train": [helpers.quadrant_marker_image(9)],
+                                 "val": [helpers.quadrant_marker_image(i) for i in range(3)]})
+    model = helpers.write_model_dir(str(tmp_path / "model"), helpers.corner_model(S), S)
+    planted = ["eval_val_confusion.png", "eval_val.json.tmp", "eval_val_images.csv.tmp",
+               "eval_val.json", "eval_val_images.csv", "eval_val_reliability.png"]
+    victims = {name: victim_file(tmp_path, f"victim{i}") for i, name in enumerate(planted)}
+    for name, victim in victims.items():
+        os.symlink(victim, os.path.join(model, name))
+    result = evaluation.evaluate(model, recs, split="val", batch_size=4, plots=True)
+    assert result["num_examples"] == 12
+    for victim in victims.values():
+        assert victim.read_bytes() == VICTIM_BYTES
+    for name in ("eval_val_confusion.png", "eval_val.json", "eval_val_images.csv",
+                 "eval_val_reliability.png"):
+        assert is_regular(os.path.join(model, name)), name
+    with Image.open(os.path.join(model, "eval_val_confusion.png")) as im:
+        assert im.format == "PNG"
+    # The old fixed temporary names are not used: those links are left as they were.
+    assert os.path.islink(os.path.join(model, "eval_val.json.tmp"))

@@ -1,0 +1,1 @@
+"""upright.models: the built-in models' files (pipeline/builtin.py; README.md here)."""
