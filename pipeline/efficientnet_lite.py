@@ -32,7 +32,6 @@ import glob
 import importlib.util
 import math
 import os
-import tempfile
 
 import numpy as np
 
@@ -222,17 +221,12 @@ def convert(variant: str, pth: str, paths: dict) -> None:
 
 
 def save_weights_atomically(net, path: str) -> None:
-    """net.save_weights(path), all or nothing: a temp file in the same folder, then
-    os.replace, so a crash or a second process never leaves half a file at `path`."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".converting-", suffix=".weights.h5", dir=folder)
-    os.close(fd)
-    try:
+    """net.save_weights(path), all or nothing (fileio.replacing: a new temp file
+    beside path, renamed over it), so a crash or a second process converting at
+    the same time never leaves half a file at `path`."""
+    from upright.pipeline import fileio
+    with fileio.replacing(path, suffix=".weights.h5") as tmp:
         net.save_weights(tmp, overwrite=True)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _conv_kernel(w):          # torch [out, in, kh, kw] -> keras [kh, kw, in, out]
