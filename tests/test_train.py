@@ -273,6 +273,8 @@ def test_bad_flags_give_one_clear_line(records, tmp_path):
 
 @pytest.mark.parametrize("flagfile, backbone, head", [
     ("b1.flags", "efficientnetb1", "dense"), ("b0.flags", "efficientnetb0", "linear"),
+    ("lite0.flags", "efficientnet_lite0", "dense"),
+    ("cpu.flags", "efficientnet_lite0", "linear"),
     ("demo.flags", None, None)])
 def test_shipped_flagfiles_parse_and_validate(records, flagfile, backbone, head):
     result = _tool(f"--flagfile={flagfile}", f"--records={records}", "--dry_run")
@@ -280,7 +282,9 @@ def test_shipped_flagfiles_parse_and_validate(records, flagfile, backbone, head)
     if backbone:
         assert f"backbone = '{backbone}'" in result.stdout
         assert f"head = '{head}'" in result.stdout
-        assert "stage1_freeze_below_block = 5" in result.stdout
+        # The article's stage 1 (blocks 1-4 frozen); cpu.flags freezes the whole backbone.
+        frozen = 9 if flagfile == "cpu.flags" else 5
+        assert f"stage1_freeze_below_block = {frozen}" in result.stdout
 
 
 def test_tool_trains_and_its_flags_file_replays(records, tmp_path):
