@@ -51,14 +51,13 @@ module touches no flags and no global state.
 """
 
 import contextlib
-import json
 import os
 import re
 
 import numpy as np
 import tensorflow as tf
 
-from upright.pipeline import recordio, schema
+from upright.pipeline import fileio, recordio, schema
 
 RESIZE_METHODS = ("squash", "pad", "crop")
 AUGMENT_PLACEMENTS = ("host", "device")
@@ -216,8 +215,9 @@ def _listed_shards(records, split):
     """The split's shard paths from info.json, without load_info's checks (which
     would refuse a shard truncated meanwhile before naming its record)."""
     try:
-        with open(os.path.join(records, schema.INFO_FILE), encoding="utf-8") as f:
-            names = json.load(f)["splits"][split]["shards"]
+        names = fileio.load_json(os.path.join(records, schema.INFO_FILE))["splits"][split]["shards"]
+        for index, name in enumerate(names):   # never a name leading outside the folder
+            schema.check_shard_name(name, split, index, len(names))
     except (OSError, ValueError, KeyError, TypeError):
         return []
     return [os.path.join(records, name) for name in names]

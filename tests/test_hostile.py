@@ -237,3 +237,150 @@ def test_evaluate_replaces_links_planted_in_the_model_folder(tmp_path):
         assert im.format == "PNG"
     # The old fixed temporary names are not used: those links are left as they were.
     assert os.path.islink(os.path.join(model, "eval_val.json.tmp"))
+
+
+# ---------------------------------------------------------------- records folders (9, 10, 6, 8)
+
+
+def run_tool(tool, *args, timeout=300):
+    """A console tool in a fresh process; a timeout only a hang reaches."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT)
+    return subprocess.run([sys.executable, "-m", f"upright.tools.{tool}", *args], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def small_records(tmp_path_factory):
+    recs = str(tmp_path_factory.mktemp("records") / "recs")
+    helpers.write_records(recs, {"train": [helpers.quadrant_marker_image(i) for i in range(3)],
+                                 "val": [helpers.quadrant_marker_image(i) for i in range(3, 5)]})
+    return recs
+
+
+def records_copy(small_records, tmp_path):
+    import shutil
+    out = tmp_path / "recs"
+    shutil.copytree(small_records, out)
+    return out
+
+
+def edit_info(out, change):
+    import json
+    info = json.loads((out / "info.json").read_text())
+    info = change(info) or info
+    (out / "info.json").write_text(json.dumps(info))
+
+
+@pytest.mark.parametrize("escape", ["../../outside/x.tfrecord", "ABSOLUTE"])
+def test_shard_names_that_leave_the_records_folder_are_refused(small_records, tmp_path,
+                                                               escape):
+    """9: info.json lists '../../x.tfrecord' or an absolute path, pointing at a
+    valid shard outside: refused by name before anything is read."""
+    out = records_copy(small_records, tmp_path)
+    (tmp_path / "outside").mkdir()
+    foreign = tmp_path / "outside" / "x.tfrecord"
+    foreign.write_bytes((out / "val.tfrecord-00000-of-00001").read_bytes())
+    name = str(foreign) if escape == "ABSOLUTE" else escape
+
+    def change(info):
+        info["splits"]["val"]["shards"] = [name]
+    edit_info(out, change)
+    with pytest.raises(records.recordio.RecordsError, match="shard name .* is not 'val.tfrecord"):
+        records.inspect_records(str(out))
+    with pytest.raises(records.recordio.RecordsError, match="shard name"):
+        evaluation.evaluate(helpers.write_model_dir(str(tmp_path / "m"), helpers.corner_model(S),
+                                                    S), str(out), split="val", plots=False)
+    proc = run_tool("inspect_records", str(out))
+    assert proc.returncode == 1
+    assert one_clear_line(proc.stderr).startswith("inspect_records: error: ")
+
+
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+@pytest.mark.parametrize("text", [
+    "[]", '"info"', DEEP, "{\"schema_version\": true}",
+    '{"schema_version": 1, "convention": [], "splits": {}}',
+    "\xff\xfe not json",
+])
+def test_info_json_of_wrong_types_gives_one_line(small_records, tmp_path, text):
+    """10: info.json that is not an object, of wrong types, or nested 100,000 deep."""
+    out = records_copy(small_records, tmp_path)
+    (out / "info.json").write_bytes(text.encode("latin-1") if text.startswith("\xff")
+                                    else text.encode())
+    with pytest.raises(records.recordio.RecordsError):
+        records.recordio.load_info(str(out))
+
+
+@pytest.mark.parametrize("field, value", [
+    ("splits", []), ("val", "x"), ("shards", "val.tfrecord-00000-of-00001"),
+    ("num_examples", "2"), ("num_examples", 10**12), ("num_examples", -1),
+    ("shard_examples", [2.0]), ("shard_bytes", [None, 3]), ("shards", [7]),
+])
+def test_info_json_fields_of_wrong_types_or_counts_are_refused(small_records, tmp_path,
+                                                                field, value):
+    """10 and 8: fields of the wrong type, and a num_examples the shards do not hold
+    (10**12 would plan billions of steps), each one RecordsError line."""
+    out = records_copy(small_records, tmp_path)
+
+    def change(info):
+        if field == "splits":
+            info["splits"] = value
+        elif field == "val":
+            info["splits"]["val"] = value
+        else:
+            info["splits"]["val"][field] = value
+    edit_info(out, change)
+    with pytest.raises(records.recordio.RecordsError) as caught:
+        records.recordio.load_info(str(out))
+    assert "\n" not in str(caught.value)
+    proc = run_tool("inspect_records", str(out)) if field == "num_examples" and \
+        value == 10**12 else None
+    if proc is not None:
+        assert proc.returncode == 1
+        assert "num_examples" in one_clear_line(proc.stderr)
+
+
+def test_a_huge_record_length_with_a_valid_crc_is_refused_before_tensorflow_reads(
+        small_records, tmp_path):
+    """6: a record whose length field says 2**40 with a correct length CRC (TensorFlow's
+    reader crashes on it): the framing check refuses it, in a fresh process, one line."""
+    import struct
+    out = records_copy(small_records, tmp_path)
+    shard = out / "val.tfrecord-00000-of-00001"
+    data = bytearray(shard.read_bytes())
+    length = struct.pack("<Q", 2**40)
+    data[:12] = length + struct.pack("<I", records.recordio.masked_crc32c(length))
+    shard.write_bytes(bytes(data))
+    with pytest.raises(records.recordio.RecordsError, match="record 0 is damaged.*length field"):
+        records.recordio.load_info(str(out))
+    for tool, args in (("inspect_records", [str(out)]),
+                       ("evaluate", ["--model", helpers.write_model_dir(
+                           str(tmp_path / "m"), helpers.corner_model(S), S),
+                           "--records", str(out), "--split", "val"])):
+        proc = run_tool(tool, *args)
+        assert proc.returncode in (1, 2), (tool, proc.returncode, proc.stderr[-2000:])  # no signal
+        assert "record 0 is damaged" in one_clear_line(proc.stderr)
+
+
+def test_the_crc_matches_tensorflows_own_framing(small_records):
+    import struct
+    data = open(os.path.join(small_records, "train.tfrecord-00000-of-00001"), "rb").read()
+    length_bytes = data[:8]
+    assert struct.unpack("<I", data[8:12])[0] == records.recordio.masked_crc32c(length_bytes)
+    (length,) = struct.unpack("<Q", length_bytes)
+    body_crc = struct.unpack("<I", data[12 + length:16 + length])[0]
+    assert body_crc == records.recordio.masked_crc32c(data[12:12 + length])
+
+
+def test_a_fifo_given_as_a_shard_never_hangs(small_records, tmp_path):
+    """6: the shard replaced by a FIFO nobody writes: refused at once, one line."""
+    out = records_copy(small_records, tmp_path)
+    shard = out / "train.tfrecord-00000-of-00001"
+    shard.unlink()
+    os.mkfifo(shard)
+    with pytest.raises(records.recordio.RecordsError, match="not a regular file"):
+        records.recordio.load_info(str(out))
+    proc = run_tool("inspect_records", str(out))
+    assert proc.returncode == 1
+    assert "a FIFO" in one_clear_line(proc.stderr)
