@@ -413,6 +413,11 @@ def read_regular(path, *, max_bytes: int, dir_fd: int = None, follow: bool = Tru
         return f.read(size)
 
 
+# Folders nested deeper than this inside a folder the tools walk are skipped
+# with a reason: a planted chain of 10,000 folders would otherwise exhaust
+# Python's recursion limit (a traceback) or the path length.
+MAX_FOLDER_DEPTH = 100
+
 MAX_JSON_BYTES = 64 << 20     # info.json, model_info.json: far below this
 
 

@@ -147,7 +147,7 @@ def stored_to_upright(exif_orientation, k: int) -> str:
 # ---------------------------------------------------------------------------
 # Files.
 
-def list_images(paths, exclude=None) -> list:
+def list_images(paths, exclude=None, skipped=None) -> list:
     """[(path, relative destination name)] for files and folders, recursively.
 
     Folders: files whose extension is an image format (imageio.IMAGE_EXTENSIONS,
@@ -155,6 +155,8 @@ def list_images(paths, exclude=None) -> list:
     skipped, sorted; their relative name is the path under the folder. Files
     named explicitly are always included, relative name = base name.
     exclude: a folder whose contents are never listed (the fix destination).
+    skipped: a list that receives (folder, reason) for folders not walked
+      (nested deeper than fileio.MAX_FOLDER_DEPTH).
     Raises OrientError for a path that does not exist.
     """
     exclude = os.path.realpath(exclude) if exclude else None
@@ -169,6 +171,15 @@ def list_images(paths, exclude=None) -> list:
                     dirs[:] = []
                     continue
                 dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                depth = os.path.relpath(root, path).count(os.sep) + (root != path)
+                if depth >= fileio.MAX_FOLDER_DEPTH and dirs:
+                    # os.walk recurses: a planted chain of folders would end in
+                    # RecursionError; deeper folders are reported, not walked.
+                    if skipped is not None:
+                        skipped.extend((os.path.join(root, d), "folder nested deeper than "
+                                        f"{fileio.MAX_FOLDER_DEPTH} levels: not read")
+                                       for d in dirs)
+                    dirs[:] = []
                 for name in sorted(names):
                     if name.startswith(".") or os.path.splitext(name)[1].lower() not in known:
                         continue
@@ -401,7 +412,9 @@ def run(config: OrientConfig, predictor=None) -> dict:
       OrientError for a bad configuration (before any file is touched).
     """
     check_config(config)
-    files = list_images(config.paths, exclude=config.dst if config.fix else None)
+    not_walked = []
+    files = list_images(config.paths, exclude=config.dst if config.fix else None,
+                        skipped=not_walked)
     if predictor is None:
         from upright.pipeline import serve
         try:
@@ -410,7 +423,7 @@ def run(config: OrientConfig, predictor=None) -> dict:
             raise OrientError(str(e)) from None
     jpegtran = jpegtran_path(config) if config.fix else None
     manifest = load_manifest(config.dst) if config.fix else {}
-    rows, taken = [], {}
+    rows, taken = [_error_row(folder, reason) for folder, reason in not_walked], {}
     progress = _progress(len(files), config.progress)
     for start in range(0, len(files), config.batch_size):
         batch = files[start:start + config.batch_size]
@@ -446,6 +459,13 @@ def check_config(config: OrientConfig) -> None:
         raise OrientError(f"report {config.report!r} must end in .csv or .json")
     if not 1 <= config.jpeg_quality <= 100:
         raise OrientError(f"jpeg_quality must be in 1..100, got {config.jpeg_quality}")
+
+
+def _error_row(path, message) -> dict:
+    row = {field: None for field in REPORT_FIELDS}
+    row.update(path=path, status="error", action="skip", exif_disagrees=False,
+               message=message)
+    return row
 
 
 def _process_batch(batch, predictor, config, jpegtran, manifest, taken):

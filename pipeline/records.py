@@ -422,6 +422,10 @@ def _walk_folder(src_b, rel_dir, ancestors, visited, walk):
             elif key in visited:
                 walk.ignored.append(
                     (rel, f"same folder as {_show(visited[key])}, already read"))
+            elif len(ancestors) >= fileio.MAX_FOLDER_DEPTH:
+                walk.skipped.append(
+                    (rel, f"folder nested deeper than {fileio.MAX_FOLDER_DEPTH} levels: "
+                          "not read"))
             else:
                 visited[key] = rel
                 _walk_folder(src_b, rel, ancestors + (key,), visited, walk)

@@ -333,14 +333,7 @@ def load_model_dir(model_dir: str) -> Predictor:
     if not os.path.exists(info_path):
         raise ModelDirError(f"{info_path} is missing: not a trained model_dir "
                             "(train writes it at the end of a run)")
-    with open(info_path) as f:
-        try:
-            info = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ModelDirError(f"{info_path} is not valid JSON: {e}") from None
-    check_convention(info.get("convention"), info_path)
-    if "image_size" not in info:
-        raise ModelDirError(f"{info_path} lacks image_size")
+    info = read_model_info(info_path)
     keras_path = os.path.join(model_dir, MODEL_FILE)
     if not os.path.exists(keras_path):
         export = os.path.join(model_dir, EXPORT_DIR)
@@ -349,10 +342,43 @@ def load_model_dir(model_dir: str) -> Predictor:
         raise ModelDirError(f"{model_dir} has neither {MODEL_FILE} nor {EXPORT_DIR}/")
     model = load_keras_model(keras_path)
     # model_info may carry a calibration temperature (1.0 when absent).
-    temperature = float(info.get("temperature", 1.0))
+    temperature = info.get("temperature", 1.0)
     fn = tf.function(lambda x: scale_probabilities(model(x, training=False), temperature),
                      reduce_retracing=True)
     return Predictor(predict_fn=fn, info=info, source=keras_path, handle=model)
+
+
+MAX_IMAGE_SIZE = 4096
+
+
+def read_model_info(info_path: str) -> dict:
+    """model_info.json, checked: a model folder may come from someone else, so
+    every field used is of its type and range (one ModelDirError line, never a
+    traceback later): a JSON object, the project's convention, image_size an
+    integer in [1, MAX_IMAGE_SIZE], resize one of inputs.RESIZE_METHODS,
+    temperature (when present) a finite number > 0."""
+    try:
+        info = fileio.load_json(info_path)
+    except (OSError, ValueError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise ModelDirError(f"{fileio.show(info_path)} is not valid JSON: {reason}") from None
+    if not isinstance(info, dict):
+        raise ModelDirError(f"{fileio.show(info_path)} is not a JSON object")
+    check_convention(info.get("convention"), info_path)
+    size = info.get("image_size")
+    if size is None:
+        raise ModelDirError(f"{info_path} lacks image_size")
+    if type(size) is not int or not 1 <= size <= MAX_IMAGE_SIZE:
+        raise ModelDirError(f"{info_path}: image_size must be an integer in "
+                            f"[1, {MAX_IMAGE_SIZE}], got {size!r:.40}")
+    if info.get("resize", "squash") not in inputs.RESIZE_METHODS:
+        raise ModelDirError(f"{info_path}: resize must be one of {inputs.RESIZE_METHODS}, "
+                            f"got {info.get('resize')!r:.40}")
+    temperature = info.get("temperature", 1.0)
+    if type(temperature) not in (int, float) or not 0 < temperature < float("inf"):
+        raise ModelDirError(f"{info_path}: temperature must be a finite number > 0, "
+                            f"got {temperature!r:.40}")
+    return info
 
 
 def load_keras_model(path: str):
@@ -374,6 +400,8 @@ def check_convention(convention, where: str) -> None:
     expected = schema.convention()
     if convention is None:
         raise ModelDirError(f"{where} stores no rotation convention")
+    if not isinstance(convention, dict):
+        raise ModelDirError(f"{where}: the rotation convention is not a JSON object")
     for key in ("class_names", "angles_ccw", "rotation"):
         if convention.get(key) != expected[key]:
             raise ModelDirError(

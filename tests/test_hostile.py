@@ -384,3 +384,90 @@ def test_a_fifo_given_as_a_shard_never_hangs(small_records, tmp_path):
     proc = run_tool("inspect_records", str(out))
     assert proc.returncode == 1
     assert "a FIFO" in one_clear_line(proc.stderr)
+
+
+# ---------------------------------------------------------------- tracebacks (10)
+
+
+def nested_folders(top, depth):
+    """A chain of `depth` nested folders with an image at the bottom, built with
+    a descriptor per level (the full path is far beyond PATH_MAX). The caller
+    removes it with remove_nested in a `finally`: left behind, it would break
+    the recursive clean-up of every later pytest run on the machine."""
+    top.mkdir(parents=True, exist_ok=True)
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(depth):
+            os.mkdir("d", dir_fd=fd)
+            inner = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+        with open(os.open("deep.jpg", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd), "wb") as f:
+            f.write(b"\xff\xd8 not really")
+    finally:
+        os.close(fd)
+
+
+def remove_nested(top):
+    """Removes the chain level by level (shutil.rmtree, and so pytest's own clean-up,
+    recurses once per level): the child is moved up beside it, then it is removed."""
+    names = [top.parent / ".peel_a", top.parent / ".peel_b"]
+    current, turn = top, 0
+    while True:
+        for entry in os.listdir(current):
+            if entry != "d":
+                os.unlink(current / entry)
+        if not os.path.exists(current / "d"):
+            os.rmdir(current)
+            return
+        os.rename(current / "d", names[turn])
+        os.rmdir(current)
+        current, turn = names[turn], 1 - turn
+
+
+def test_ten_thousand_nested_folders_are_skipped_with_a_reason(tmp_path, model_dir,
+                                                               predictor):
+    """10: make_records and orient walk a chain deeper than Python's recursion
+    limit (the issue's 10,000 behaves the same: nothing past the depth limit is
+    opened): no RecursionError, the folder past the limit is reported, the real
+    images are read."""
+    src = tmp_path / "src"
+    image_folder(src)
+    nested_folders(src / "chain", sys.getrecursionlimit() + 500)
+    try:
+        info = records.make_records(src=str(src), out=str(tmp_path / "out"), workers=1,
+                                    progress=False, val_fraction=0.5, max_skipped_fraction=0.5)
+        assert info["counts"]["stored"] == 6
+        reasons = [s["reason"] for s in info["skipped"]]
+        assert any("nested deeper than" in r for r in reasons), reasons
+        result = orient.run(orient.OrientConfig(model_dir=model_dir, paths=(str(src),),
+                                                progress=False), predictor=predictor)
+        errors = [r for r in result["rows"] if r["status"] == "error"]
+        assert len(errors) == 1 and "nested deeper than" in errors[0]["message"]
+        assert sum(r["status"] == "ok" for r in result["rows"]) == 6
+    finally:
+        remove_nested(src / "chain")
+
+
+@pytest.mark.parametrize("text", [
+    "[]", "[" * 100_000 + "]" * 100_000,
+    '{"convention": "x", "image_size": 16}',
+    '{"image_size": "16"}', '{"image_size": 10000000}', '{"resize": 3}',
+    '{"temperature": 0}', '{"temperature": -1}', '{"temperature": "1"}',
+    '{"temperature": NaN}',
+])
+def test_model_info_of_wrong_types_gives_one_line(tmp_path, text):
+    """10: model_info.json that is not an object, nested 100,000 deep, or whose
+    fields have the wrong type or range (temperature 0 divides by zero later)."""
+    import json
+    model = helpers.write_model_dir(str(tmp_path / "m"), helpers.corner_model(S), S)
+    info_path = os.path.join(model, "model_info.json")
+    if text.startswith("{"):
+        good = json.load(open(info_path))
+        good.update(json.loads(text))
+        text = json.dumps(good)
+    with open(info_path, "w") as f:
+        f.write(text)
+    with pytest.raises(serve.ModelDirError) as caught:
+        serve.load_model_dir(model)
+    assert "\n" not in str(caught.value)
