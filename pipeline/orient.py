@@ -537,7 +537,7 @@ def _fix_one(row, data, dst_path, config, jpegtran, manifest, taken):
         with fileio.open_append(os.path.join(config.dst, MANIFEST)) as f:
             f.write(json.dumps(record) + "\n")
     except OSError as e:
-        raise OrientError(f"cannot record {_show(dst_path)} in {MANIFEST}: "
+        raise OrientError(f"cannot record {fileio.show(dst_path)} in {MANIFEST}: "
                           f"{_first_line(e)}") from None
 
 
@@ -590,16 +590,6 @@ def summarize(rows, config, jpegtran) -> dict:
     }
 
 
-def _show(value):
-    """A path (or message) fit for UTF-8 text: a file name that is not valid
-    UTF-8 reaches Python as lone surrogates, which no UTF-8 writer accepts (the
-    CSV report and the table would fail at the end of a run); its bytes are
-    shown as \\xNN, as make_records shows them in info.json. Non-strings pass."""
-    if not isinstance(value, str):
-        return value
-    return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
 def write_report(rows, summary, path) -> None:
     """CSV (one row per file, REPORT_FIELDS) or JSON ({"summary", "rows"})."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -611,7 +601,7 @@ def write_report(rows, summary, path) -> None:
             writer = csv.DictWriter(f, fieldnames=REPORT_FIELDS)
             writer.writeheader()
             for row in rows:
-                writer.writerow({k: "" if row.get(k) is None else _show(row[k])
+                writer.writerow({k: "" if row.get(k) is None else fileio.show(row[k])
                                  for k in REPORT_FIELDS})
 
 
@@ -619,7 +609,7 @@ def format_table(rows, width: int = 48) -> str:
     """One line per file: path, predicted rotation, confidence, action, notes."""
     lines = [f"{'file':<{width}}  {'turned':>6}  {'conf':>6}  {'action':<10}  notes"]
     for r in rows:
-        path = _show(r["path"])
+        path = fileio.show(r["path"])
         path = path if len(path) <= width else "..." + path[-(width - 3):]
         turned = f"{r['angle_ccw']}" if r["angle_ccw"] is not None else "-"
         conf = f"{r['confidence']:.3f}" if r["confidence"] is not None else "-"
@@ -634,7 +624,7 @@ def format_table(rows, width: int = 48) -> str:
         if r["method"]:
             notes.append(r["method"])
         if r["message"]:
-            notes.append(_show(r["message"]))
+            notes.append(fileio.show(r["message"]))
         lines.append(f"{path:<{width}}  {turned:>6}  {conf:>6}  {action:<10}  {'; '.join(notes)}")
     return "\n".join(lines)
 
@@ -655,7 +645,7 @@ def format_summary(summary) -> str:
     for key, title in (("unsure_files", "left alone (unsure)"), ("error_files", "errors")):
         files = summary[key]
         if files:
-            shown = [_show(f) for f in files[:20]]
+            shown = [fileio.show(f) for f in files[:20]]
             lines.append(f"{title}: " + ", ".join(shown)
                          + (f" ... and {len(files) - 20} more (see the report)"
                             if len(files) > 20 else ""))

@@ -471,3 +471,44 @@ def test_model_info_of_wrong_types_gives_one_line(tmp_path, text):
     with pytest.raises(serve.ModelDirError) as caught:
         serve.load_model_dir(model)
     assert "\n" not in str(caught.value)
+
+
+# ---------------------------------------------------------------- terminal injection (11)
+
+EVIL_NAMES = ["\x1b[2J\x1b[Hcleared.jpg", "two\nlines.jpg", "bell\x07\r.jpg", "\u202eevil.jpg"]
+
+
+def no_control_characters(text):
+    import unicodedata
+    for line in text.splitlines():
+        assert not any(unicodedata.category(c) in ("Cc", "Cf") for c in line), repr(line)
+
+
+def test_names_with_escapes_and_newlines_are_printed_escaped(tmp_path, model_dir, predictor):
+    """11: file names holding an ANSI clear-screen, a newline, a bell and carriage
+    return, a right-to-left override: make_records' skipped list and orient's table
+    and summary print them escaped, one line per file."""
+    src = tmp_path / "src"
+    image_folder(src)
+    for name in EVIL_NAMES:
+        (src / name).write_bytes(b"\xff\xd8 not an image")   # skipped, with its name shown
+    info = records.make_records(src=str(src), out=str(tmp_path / "out"), workers=1,
+                                progress=False, val_fraction=0.5, max_skipped_fraction=0.9)
+    text = records.format_summary(info)
+    no_control_characters(text)
+    assert "\\x1b[2J" in text and "two\\nlines.jpg" in text
+    result = orient.run(orient.OrientConfig(model_dir=model_dir, paths=(str(src),),
+                                            progress=False), predictor=predictor)
+    table = orient.format_table(result["rows"], width=200)
+    no_control_characters(table)
+    assert len(table.splitlines()) == len(result["rows"]) + 1
+    assert "two\\nlines.jpg" in table and "\\u202eevil.jpg" in table
+    no_control_characters(orient.format_summary(result["summary"]))
+
+
+def test_show_keeps_printable_names_and_escapes_the_rest():
+    from upright.pipeline import fileio
+    assert fileio.show("photos/été 2024/日本.jpg") == "photos/été 2024/日本.jpg"
+    assert fileio.show(b"caf\xe9.jpg") == "caf\\xe9.jpg"       # not UTF-8
+    assert fileio.show("a\x1b[31mb\n") == "a\\x1b[31mb\\n"
+    assert fileio.show(3) == 3
