@@ -23,6 +23,7 @@ Anything that cannot be read this way raises `SkipImage` with a short reason
 (see `REASONS`), never a Pillow exception.
 """
 import dataclasses
+import errno
 import hashlib
 import io
 import os
@@ -31,6 +32,8 @@ import warnings
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from upright.pipeline import fileio
 
 BACKGROUND = (255, 255, 255)   # behind transparent pixels: white, as viewers show it
 DEFAULT_MAX_SIDE = 512
@@ -120,13 +123,19 @@ def read_upright(path, *, max_side: int = DEFAULT_MAX_SIDE,
 
 
 def read_bytes(path) -> bytes:
-    """The file's bytes; SkipImage("unreadable: ...") or ("too large") on failure."""
+    """The file's bytes; SkipImage("unreadable: ...") or ("too large") on failure.
+
+    The name may have been swapped since a walk saw a regular file there (for a
+    FIFO, which would block the read forever, or a link to /dev/zero, which
+    never ends): fileio.read_regular opens without blocking, refuses anything
+    but a regular file after opening, and reads at most the size fstat gives,
+    itself at most MAX_FILE_BYTES.
+    """
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size > MAX_FILE_BYTES:
-                raise SkipImage(f"too large: {size} bytes > {MAX_FILE_BYTES}")
-            return f.read()
+        return fileio.read_regular(path, max_bytes=MAX_FILE_BYTES)
+    except fileio.NotRegularFileError as e:
+        raise SkipImage(e.strerror if e.errno == errno.EFBIG else f"unreadable: {e.strerror}") \
+            from None
     except OSError as e:
         raise SkipImage(f"unreadable: {e.strerror or e}") from None
 

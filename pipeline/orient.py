@@ -195,8 +195,10 @@ def _inside(path, folder):
 
 
 def sha256_file(path) -> str:
+    """Digest of a copy orient wrote into DST: a link or a FIFO planted there in
+    its place is refused (OSError), never followed or waited on."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with os.fdopen(fileio.open_regular(path, follow=False), "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -218,8 +220,12 @@ def load_manifest(dst) -> dict:
 
 
 def is_done(record, src_sha, dst_path) -> bool:
-    return (record is not None and record.get("src_sha256") == src_sha
-            and os.path.exists(dst_path) and sha256_file(dst_path) == record.get("dst_sha256"))
+    if record is None or record.get("src_sha256") != src_sha or not os.path.lexists(dst_path):
+        return False
+    try:
+        return sha256_file(dst_path) == record.get("dst_sha256")
+    except OSError:   # a link or a FIFO in place of the copy: written again (replaced)
+        return False
 
 
 # ---------------------------------------------------------------------------

@@ -463,13 +463,16 @@ def _looks_like_image(path) -> bool:
     import warnings
     from PIL import Image
     try:
-        with open(path, "rb") as f:
+        # Opened without blocking and only if regular (the name may have been
+        # swapped for a FIFO since the walk); Pillow reads the header from it.
+        with os.fdopen(fileio.open_regular(path), "rb") as f:
             if not f.read(1):
                 return False
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(path):
-                return True
+            f.seek(0)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with Image.open(f):
+                    return True
     except Image.DecompressionBombError:
         return True    # an image: read_upright reports it as a bomb
     except Exception:

@@ -512,3 +512,59 @@ def test_show_keeps_printable_names_and_escapes_the_rest():
     assert fileio.show(b"caf\xe9.jpg") == "caf\\xe9.jpg"       # not UTF-8
     assert fileio.show("a\x1b[31mb\n") == "a\\x1b[31mb\\n"
     assert fileio.show(3) == 3
+
+
+# ---------------------------------------------------------------- unbounded reads (7)
+
+
+def test_orient_skips_a_fifo_and_a_link_to_dev_zero_in_src(tmp_path, model_dir):
+    """7: SRC/z.jpg -> /dev/zero (endless) and SRC/f.jpg a FIFO nobody writes
+    (blocks an open forever): the real command ends, both rows say why."""
+    src = tmp_path / "src"
+    turned_folder(src, ["a.png"])
+    os.symlink("/dev/zero", src / "z.jpg")
+    os.mkfifo(src / "f.jpg")
+    import json
+    report = tmp_path / "report.json"
+    proc = run_tool("orient", "--model", model_dir, f"--report={report}", str(src))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {os.path.basename(r["path"]): r for r in json.loads(report.read_text())["rows"]}
+    assert rows["f.jpg"]["message"] == "unreadable: not a regular file (a FIFO)"
+    assert rows["z.jpg"]["message"] == "unreadable: not a regular file (a character device)"
+    assert rows["a.png"]["status"] == "ok"
+    assert "Traceback" not in proc.stderr
+
+
+def test_make_records_reader_never_blocks_on_a_file_swapped_after_the_walk(tmp_path):
+    """7: the walk saw regular files; before the reader opens them they become a
+    FIFO, a link to /dev/zero and a link to a FIFO (read_one is what the worker
+    processes run per file): each is skipped with a reason, in a fresh process."""
+    src = tmp_path / "src"
+    src.mkdir()
+    os.mkfifo(src / "fifo.jpg")
+    os.mkfifo(tmp_path / "outside_fifo")
+    os.symlink("/dev/zero", src / "zero.jpg")
+    os.symlink(tmp_path / "outside_fifo", src / "link.png")
+    os.mkfifo(src / "noext")
+    code = ("import sys; from upright.pipeline import records as r\n"
+            "for rel in (b'fifo.jpg', b'zero.jpg', b'link.png', b'noext'):\n"
+            "    res = r.read_one(rel, src_b=sys.argv[1].encode(), options=r.ReadOptions())\n"
+            "    print(rel.decode(), res.status, res.reason)\n")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT)
+    proc = subprocess.run([sys.executable, "-c", code, str(src)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = dict(line.split(" ", 1) for line in proc.stdout.splitlines())
+    assert out["fifo.jpg"] == "skipped unreadable: not a regular file (a FIFO)"
+    assert out["zero.jpg"] == "skipped unreadable: not a regular file (a character device)"
+    assert out["link.png"] == "skipped unreadable: not a regular file (a FIFO)"
+    assert out["noext"].startswith("ignored ")
+
+
+def test_read_bytes_reads_at_most_the_cap(tmp_path, monkeypatch):
+    from upright.pipeline import imageio
+    big = tmp_path / "big.jpg"
+    big.write_bytes(b"\xff\xd8" + b"\0" * 1000)
+    monkeypatch.setattr(imageio, "MAX_FILE_BYTES", 100)
+    with pytest.raises(imageio.SkipImage, match="too large: 1002 bytes > 100"):
+        imageio.read_bytes(str(big))
