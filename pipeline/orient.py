@@ -105,6 +105,8 @@ class OrientConfig:
     max_side: longest side the image is reduced to before preprocessing, as
       make_records stores it (imageio.DEFAULT_MAX_SIDE).
     progress: tqdm bar; None = when there are >= PROGRESS_MIN_FILES files.
+    trust_model: load a SavedModel without scanning its ops for file, network
+      and Python ops (serve.load_model_dir); only for models from people you trust.
     """
     model_dir: str
     paths: tuple
@@ -119,6 +121,7 @@ class OrientConfig:
     trim_edges: bool = False
     max_side: int = imageio.DEFAULT_MAX_SIDE
     progress: bool = None
+    trust_model: bool = False
 
 
 class OrientError(ValueError):
@@ -424,7 +427,7 @@ def run(config: OrientConfig, predictor=None) -> dict:
     if predictor is None:
         from upright.pipeline import serve
         try:
-            predictor = serve.load_model_dir(config.model_dir)
+            predictor = serve.load_model_dir(config.model_dir, trust_model=config.trust_model)
         except serve.ModelDirError as e:
             raise OrientError(str(e)) from None
     jpegtran = jpegtran_path(config) if config.fix else None

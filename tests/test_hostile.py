@@ -568,3 +568,99 @@ def test_read_bytes_reads_at_most_the_cap(tmp_path, monkeypatch):
     monkeypatch.setattr(imageio, "MAX_FILE_BYTES", 100)
     with pytest.raises(imageio.SkipImage, match="too large: 1002 bytes > 100"):
         imageio.read_bytes(str(big))
+
+
+# ---------------------------------------------------------------- code in a model folder (5)
+
+
+def crafted_saved_model(folder, kind, marker, private):
+    """A model folder without model.keras whose export/ runs `kind` when its
+    signatures (or, for the loader, its functions) are called: tf.io.write_file
+    of `marker`, tf.io.read_file of `private` copied into `marker`, or a
+    Python function (PyFunc) that writes `marker`."""
+    import tensorflow as tf
+
+    class Evil(tf.Module):
+        def __init__(self):
+            super().__init__()
+            self.v = tf.Variable(1.0)
+
+        @tf.function(input_signature=[])
+        def convention(self):
+            if kind == "write_file":
+                tf.io.write_file(str(marker), "written at load time")
+            elif kind == "read_file":
+                tf.io.write_file(str(marker), tf.io.read_file(str(private)))
+            else:
+                tf.numpy_function(lambda: open(str(marker), "w").write("python") and 0.0,
+                                  [], tf.float64)
+            return {"convention_json": tf.constant("{}")}
+
+        @tf.function(input_signature=[tf.TensorSpec([None, S, S, 3], tf.float32)])
+        def predict_images(self, images):
+            return {"probabilities": tf.nn.softmax(tf.reduce_mean(images, [1, 2, 3])[:, None]
+                                                   * tf.ones([4]) * self.v)}
+
+    module = Evil()
+    export = os.path.join(folder, "export")
+    tf.saved_model.save(module, export, signatures={"convention": module.convention,
+                                                    "predict_images": module.predict_images})
+    import json
+    with open(os.path.join(folder, "model_info.json"), "w") as f:
+        json.dump({"image_size": S, "resize": "squash", "convention": schema_convention()}, f)
+    return folder
+
+
+def schema_convention():
+    from upright.pipeline import schema
+    return schema.convention()
+
+
+@pytest.mark.parametrize("kind, op", [("write_file", "WriteFile"), ("read_file", "ReadFile"),
+                                      ("py_func", "PyFunc")])
+def test_a_saved_model_with_file_or_python_ops_is_refused_before_loading(tmp_path, kind, op):
+    """5: a model folder with export/saved_model.pb (no model.keras) whose functions
+    write a file, copy a private file, or run Python: refused by the op scan,
+    before TensorFlow loads it; the marker is never written. Orient says one line."""
+    private = victim_file(tmp_path, "private.txt")
+    marker = tmp_path / "outside" / "marker.txt"
+    model = crafted_saved_model(str(tmp_path / "model"), kind, marker, private)
+    with pytest.raises(serve.ModelDirError, match=f"refusing to load SavedModel .*'{op}"):
+        serve.load_model_dir(model)
+    assert not marker.exists()
+    src = tmp_path / "src"
+    turned_folder(src, ["a.png"])
+    proc = run_tool("orient", "--model", model, str(src))
+    assert proc.returncode == 2
+    line = one_clear_line(proc.stderr)
+    assert line.startswith("orient: error: refusing to load SavedModel") and "--trust_model" in line
+    assert not marker.exists()
+    assert private.read_bytes() == VICTIM_BYTES
+    if kind == "write_file":    # --trust_model bypasses the scan: the user's explicit choice
+        proc = run_tool("orient", "--model", model, "--trust_model", str(src))
+        assert marker.exists() and proc.returncode == 2
+        one_clear_line(proc.stderr)
+
+
+def test_the_projects_own_exports_pass_the_op_scan(tmp_path):
+    """5: real exports (the tiny backbone through export_saved_model, every resize,
+    a temperature) pass the scan and load with their info from assets, no signature called."""
+    from upright.pipeline import model as model_lib
+    for resize in ("squash", "pad"):
+        net = model_lib.build_model(backbone="tiny", image_size=S, weights=None)
+        export = serve.export_saved_model(net, str(tmp_path / resize), image_size=S,
+                                          resize=resize, temperature=1.5)
+        serve.check_saved_model_ops(export)
+        loaded = serve.load_model_dir(export)
+        assert (loaded.image_size, loaded.resize, loaded.info["temperature"]) == (S, resize, 1.5)
+        probs = loaded.predict_images(np.zeros([2, S, S, 3], np.float32))
+        assert probs.shape == (2, 4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backbone", ["efficientnetb0", "mobilenetv3small", "resnet50"])
+def test_every_backbone_family_export_passes_the_op_scan(tmp_path, backbone):
+    from upright.pipeline import model as model_lib
+    net = model_lib.build_model(backbone=backbone, image_size=32, weights=None)
+    serve.check_saved_model_ops(serve.export_saved_model(net, str(tmp_path / "e"),
+                                                         image_size=32, temperature=2.0))

@@ -37,6 +37,10 @@ _TRIM_EDGES = flags.DEFINE_boolean("trim_edges", False, "when a JPEG's size is n
                                    "dropping the partial edge blocks (< 16 pixels) instead "
                                    "of re-encoding.")
 _TABLE = flags.DEFINE_boolean("table", True, "print one line per file.")
+_TRUST_MODEL = flags.DEFINE_boolean(
+    "trust_model", False, "load a SavedModel even if it holds ops outside the allowlist "
+    "(file, network or Python ops): a SavedModel is a program; only for models from people "
+    "you trust. model.keras is always loaded in Keras' safe mode.")
 
 
 def main(argv):
@@ -51,7 +55,8 @@ def main(argv):
         model_dir=_MODEL.value, paths=paths, fix=_FIX.value, dst=_DST.value,
         min_confidence=_MIN_CONFIDENCE.value, report=_REPORT.value,
         batch_size=_BATCH_SIZE.value, lossless=_LOSSLESS.value,
-        jpeg_quality=_JPEG_QUALITY.value, trim_edges=_TRIM_EDGES.value)
+        jpeg_quality=_JPEG_QUALITY.value, trim_edges=_TRIM_EDGES.value,
+        trust_model=_TRUST_MODEL.value)
     try:
         result = orient.run(config)
     except orient.OrientError as e:
