@@ -37,7 +37,10 @@ What happens to each file (files, or folders walked recursively):
        lossless).
    A manifest DST/.orient_done.jsonl records every written file (source
    sha256, destination sha256): a rerun skips a file whose destination exists
-   and matches its record (status "done").
+   and matches its record (status "done"). A file already in DST is replaced
+   only for the source it was written for: another run's copy with the same
+   relative name (or a file orient did not write) is left as it is, and the
+   row says so (status "error").
 Sources are never modified.
 """
 import csv
@@ -433,10 +436,14 @@ def run(config: OrientConfig, predictor=None) -> dict:
     jpegtran = jpegtran_path(config) if config.fix else None
     manifest = load_manifest(config.dst) if config.fix else {}
     rows, taken = [_error_row(folder, reason) for folder, reason in not_walked], {}
+    # Who each existing copy in DST was written for (earlier runs, any source):
+    # a copy is only ever replaced for the source it was written for.
+    owners = {record.get("dst"): src for src, record in manifest.items()}
     progress = _progress(len(files), config.progress)
     for start in range(0, len(files), config.batch_size):
         batch = files[start:start + config.batch_size]
-        rows.extend(_process_batch(batch, predictor, config, jpegtran, manifest, taken))
+        rows.extend(_process_batch(batch, predictor, config, jpegtran, manifest, taken,
+                                   owners))
         progress.update(len(batch))
     progress.close()
     summary = summarize(rows, config, jpegtran)
@@ -477,7 +484,7 @@ def _error_row(path, message) -> dict:
     return row
 
 
-def _process_batch(batch, predictor, config, jpegtran, manifest, taken):
+def _process_batch(batch, predictor, config, jpegtran, manifest, taken, owners):
     rows, ready = [], []   # ready: (row, data, preprocessed image)
     for path, rel in batch:
         row = {field: None for field in REPORT_FIELDS}
@@ -512,11 +519,11 @@ def _process_batch(batch, predictor, config, jpegtran, manifest, taken):
     for (row, data, _, dst_path), p in zip(ready, probs):
         row.update(decide(p, config.min_confidence, row["exif_orientation"]))
         if config.fix and row["action"] == "turn":
-            _fix_one(row, data, dst_path, config, jpegtran, manifest, taken)
+            _fix_one(row, data, dst_path, config, jpegtran, manifest, taken, owners)
     return rows
 
 
-def _fix_one(row, data, dst_path, config, jpegtran, manifest, taken):
+def _fix_one(row, data, dst_path, config, jpegtran, manifest, taken, owners):
     real_dst = os.path.realpath(dst_path)
     if real_dst == os.path.realpath(row["path"]):
         row.update(status="error", message="destination is the source file; not written")
@@ -524,6 +531,15 @@ def _fix_one(row, data, dst_path, config, jpegtran, manifest, taken):
     if real_dst in taken:
         row.update(status="error",
                    message=f"destination {dst_path} already taken by {taken[real_dst]}")
+        return
+    rel, src = os.path.relpath(dst_path, config.dst), os.path.realpath(row["path"])
+    if os.path.lexists(dst_path) and owners.get(rel) != src:
+        # Another run (another source folder with the same relative name), or
+        # someone else, put this file there: never replaced silently.
+        whose = (f"written by an earlier run for {fileio.show(owners[rel])}"
+                 if rel in owners else "not written by orient")
+        row.update(status="error", message=f"destination {fileio.show(dst_path)} exists "
+                   f"({whose}); not overwritten: remove it or choose another --dst")
         return
     k = schema.ANGLES_CCW.index(row["angle_ccw"])
     transform = stored_to_upright(row["exif_orientation"], k)
@@ -540,6 +556,7 @@ def _fix_one(row, data, dst_path, config, jpegtran, manifest, taken):
               **{k: row[k] for k in ("predicted", "angle_ccw", "repair_cw", "confidence",
                                      "exif_orientation")}}
     manifest[record["src"]] = record
+    owners[record["dst"]] = record["src"]
     # One JSON line per written file, appended after the file is in place: a crash
     # loses at most the record of the last file, which is then simply redone.
     try:

@@ -664,3 +664,31 @@ def test_every_backbone_family_export_passes_the_op_scan(tmp_path, backbone):
     net = model_lib.build_model(backbone=backbone, image_size=32, weights=None)
     serve.check_saved_model_ops(serve.export_saved_model(net, str(tmp_path / "e"),
                                                          image_size=32, temperature=2.0))
+
+
+# ---------------------------------------------------------------- two runs, one DST (12)
+
+
+def test_a_second_orient_run_never_overwrites_another_runs_copy(tmp_path, model_dir, predictor):
+    """12: runs from two source folders with the same relative name into one DST:
+    the second refuses that file with a reason, the first copy stays; a file
+    orient did not write is left alone too; the first source's rerun still works."""
+    first, second, dst = tmp_path / "first", tmp_path / "second", tmp_path / "dst"
+    turned_folder(first, ["same.png"])
+    turned_folder(second, ["same.png", "mine.png"])
+    with Image.open(second / "same.png") as im:        # make the second one differ
+        im.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(second / "same.png")
+    result = orient.run(fix_config(model_dir, first, dst), predictor=predictor)
+    assert result["rows"][0]["status"] == "ok"
+    copy = (dst / "same.png").read_bytes()
+    (dst / "mine.png").write_bytes(b"the user's own file")
+    result = orient.run(fix_config(model_dir, second, dst), predictor=predictor)
+    rows = {os.path.basename(r["path"]): r for r in result["rows"]}
+    assert rows["same.png"]["status"] == "error"
+    assert "written by an earlier run for" in rows["same.png"]["message"]
+    assert "not overwritten" in rows["same.png"]["message"]
+    assert "not written by orient" in rows["mine.png"]["message"]
+    assert (dst / "same.png").read_bytes() == copy
+    assert (dst / "mine.png").read_bytes() == b"the user's own file"
+    again = orient.run(fix_config(model_dir, first, dst), predictor=predictor)
+    assert again["rows"][0]["status"] == "done"
