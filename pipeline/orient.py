@@ -60,6 +60,11 @@ import numpy as np
 from upright.pipeline import fileio, imageio, schema
 
 MANIFEST = ".orient_done.jsonl"
+# An upright copy in a format other than JPEG or PNG (written by Pillow, often
+# uncompressed) may be at most this many times its source's size, or
+# MIN_GROWTH_BYTES for small files whose format overhead dominates.
+MAX_GROWTH = 4
+MIN_GROWTH_BYTES = 1 << 20
 DEFAULT_MIN_CONFIDENCE = 0.9
 PROGRESS_MIN_FILES = 20
 EXIF_ORIENTATION = 0x0112
@@ -348,7 +353,15 @@ def turn_with_pillow(data: bytes, transform: str, *, jpeg_quality: int) -> tuple
             buffer = io.BytesIO()
             turned.save(buffer, fmt)
             method += ", metadata not kept"
-    return buffer.getvalue(), method
+    payload = buffer.getvalue()
+    if fmt not in ("JPEG", "PNG") and len(payload) > max(MAX_GROWTH * len(data),
+                                                         MIN_GROWTH_BYTES):
+        # A run-length-encoded BMP (or TIFF) is written back uncompressed: 991 KB
+        # became 121 MB. The copy would not be the file the user gave.
+        raise ValueError(f"the {fmt} copy would be {len(payload) / 1e6:.1f} MB from "
+                         f"{len(data) / 1e6:.1f} MB (a compressed source written back "
+                         "uncompressed); convert it to PNG or JPEG first")
+    return payload, method
 
 
 def _trimmed(before: bytes, after: bytes) -> str:

@@ -64,6 +64,7 @@ import errno
 import fcntl
 import functools
 import hashlib
+import io
 import multiprocessing
 import os
 import re
@@ -1136,6 +1137,12 @@ def _check_record(path, index, serialized, tf) -> schema.Record:
     where = f"{path}: record {index} ({record.source_id!r})"
     if record.format not in schema.FORMATS:
         raise recordio.RecordsError(f"{where}: unknown image/format {record.format!r}")
+    # The header first: TensorFlow's decoder allocates whatever size it declares.
+    declared = _declared_pixels(record.encoded)
+    if declared > RECORD_MAX_PIXELS:
+        raise recordio.RecordsError(
+            f"{where}: image declares {declared / 1e6:.0f} MP > limit "
+            f"{RECORD_MAX_PIXELS / 1e6:.0f} MP; not decoded (make_records never stores it)")
     try:
         image = tf.io.decode_image(record.encoded, channels=3, expand_animations=False)
     except tf.errors.OpError as e:
@@ -1147,6 +1154,25 @@ def _check_record(path, index, serialized, tf) -> schema.Record:
             f"{where}: image decodes to {height}x{width}, record says "
             f"{record.height}x{record.width}")
     return record
+
+
+RECORD_MAX_PIXELS = 128_000_000   # = inputs.MAX_RECORD_PIXELS, without importing TensorFlow
+
+
+def _declared_pixels(encoded: bytes) -> int:
+    """Width x height from the image header (Pillow reads no pixels); 0 if unknown."""
+    import warnings
+    from PIL import Image
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(encoded)) as image:
+                return image.size[0] * image.size[1]
+    except Image.DecompressionBombError as e:   # Pillow's own limit, above ours
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        return int(found.group(1)) if found else 2**62
+    except Exception:
+        return 0      # not an image Pillow knows: TensorFlow's decoder says so next
 
 
 def draw_contact_sheet(records_dir: str, path: str, *, num_images: int = 6,

@@ -692,3 +692,98 @@ def test_a_second_orient_run_never_overwrites_another_runs_copy(tmp_path, model_
     assert (dst / "mine.png").read_bytes() == b"the user's own file"
     again = orient.run(fix_config(model_dir, first, dst), predictor=predictor)
     assert again["rows"][0]["status"] == "done"
+
+
+# ---------------------------------------------------------------- resource bombs (8)
+
+
+def records_with(tmp_path, encoded):
+    """A records folder whose one val record holds `encoded` (claimed 32 x 32)."""
+    from upright.pipeline import recordio, schema
+    out = str(tmp_path / "bomb_records")
+    os.makedirs(out)
+    good = helpers.encode(helpers.quadrant_marker_image(1), "png")
+    entries = {
+        "train": recordio.write_split(out, "train", [schema.encode_example(schema.Record(
+            good, "png", 32, 32, "good.png", "0" * 64))], 1),
+        "val": recordio.write_split(out, "val", [schema.encode_example(schema.Record(
+            encoded, "png", 32, 32, "bomb.png", "1" * 64))], 1)}
+    recordio.write_info(out, entries)
+    return out
+
+
+def test_a_huge_png_inside_a_record_is_refused_before_decoding(tmp_path):
+    """8: a record holding a PNG whose header declares 20000 x 20000 (400 MP, 1.2 GB
+    decoded): evaluate (decoding in the tf.data graph) and inspect_records refuse it
+    from the header, one RecordsError line, nothing allocated."""
+    out = records_with(tmp_path, helpers.png_header_only(20000, 20000))
+    model = helpers.write_model_dir(str(tmp_path / "m"), helpers.corner_model(S), S)
+    with pytest.raises(records.recordio.RecordsError, match="declares 400 MP > limit 128 MP"):
+        evaluation.evaluate(model, out, split="val", batch_size=4, plots=False)
+    with pytest.raises(records.recordio.RecordsError, match="declares 400 MP > limit 128 MP"):
+        records.inspect_records(out)
+
+
+def test_a_record_image_that_is_neither_jpeg_nor_png_is_refused_in_the_graph(tmp_path):
+    import io as io_lib
+    buffer = io_lib.BytesIO()
+    Image.fromarray(helpers.quadrant_marker_image(2)).save(buffer, "BMP")
+    out = records_with(tmp_path, buffer.getvalue())
+    model = helpers.write_model_dir(str(tmp_path / "m"), helpers.corner_model(S), S)
+    with pytest.raises(records.recordio.RecordsError, match="neither JPEG nor PNG"):
+        evaluation.evaluate(model, out, split="val", batch_size=4, plots=False)
+
+
+def test_a_jpeg_with_thousands_of_scans_is_skipped_unread(tmp_path, model_dir, predictor):
+    """8: a JPEG whose start-of-scan markers number 4,000 (each scan is a pass of
+    the decoder over the whole image): skipped with a reason by make_records and
+    orient before any decoding."""
+    from upright.pipeline import imageio
+    src = tmp_path / "src"
+    image_folder(src)
+    data = helpers.encode(helpers.distinct_image(7, 40, 56), "jpeg")
+    (src / "scans.jpg").write_bytes(data[:2] + b"\xff\xfe\x00\x02" + b"\xff\xda" * 4000
+                                    + data[2:])
+    info = records.make_records(src=str(src), out=str(tmp_path / "out"), workers=1,
+                                progress=False, val_fraction=0.5, max_skipped_fraction=0.5)
+    reasons = {s["path"]: s["reason"] for s in info["skipped"]}
+    assert reasons["scans.jpg"] == (f"too much work to decode: 4001 JPEG scans > limit "
+                                    f"{imageio.MAX_JPEG_SCANS}")
+    result = orient.run(orient.OrientConfig(model_dir=model_dir, paths=(str(src),),
+                                            progress=False), predictor=predictor)
+    rows = {os.path.basename(r["path"]): r for r in result["rows"]}
+    assert rows["scans.jpg"]["status"] == "error" and "JPEG scans" in rows["scans.jpg"]["message"]
+
+
+def rle8_bmp(width, height):
+    """An 8-bit run-length-encoded BMP of one colour: a few bytes per row."""
+    import struct
+    row = b""
+    left = width
+    while left:
+        run = min(255, left)
+        row += bytes([run, 1])
+        left -= run
+    rle = (row + b"\x00\x00") * height + b"\x00\x01"
+    palette = b"\x00\x00\x00\x00" + b"\xff\xff\xff\x00" * 255
+    offset = 14 + 40 + len(palette)
+    header = b"BM" + struct.pack("<IHHI", offset + len(rle), 0, 0, offset)
+    info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 8, 1, len(rle), 2835, 2835,
+                       256, 0)
+    return header + info + palette + rle
+
+
+def test_an_rle_bmp_is_not_written_back_many_times_larger(tmp_path):
+    """8: orient --fix on a 3000 x 3000 RLE BMP of ~80 KB (9 MB uncompressed): the
+    copy is refused with a reason instead of landing 100 times larger in DST."""
+    model = helpers.write_model_dir(str(tmp_path / "m"),
+                                    helpers.fixed_output_model(S, [0.01, 0.97, 0.01, 0.01]), S)
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    (src / "rle.bmp").write_bytes(rle8_bmp(3000, 3000))
+    assert os.path.getsize(src / "rle.bmp") < 100_000
+    result = orient.run(fix_config(model, src, dst), predictor=serve.load_model_dir(model))
+    (row,) = result["rows"]
+    assert row["status"] == "error", row
+    assert "BMP copy would be 9.0 MB from 0.1 MB" in row["message"]
+    assert not os.path.exists(dst / "rle.bmp")
