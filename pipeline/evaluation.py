@@ -291,7 +291,7 @@ def predict_split(predictor, records: str, *, split: str = "val", batch_size: in
 
 def evaluate(model_dir: str, records: str, *, split: str = "val", batch_size: int = 64,
              tta: bool = False, out_json: str = None, num_bins: int = DEFAULT_NUM_BINS,
-             plots: bool = True, predictor=None) -> dict:
+             plots: bool = True, predictor=None, trust_model: bool = False) -> dict:
     """Evaluates a trained model on a records split; writes JSON (+ PNGs).
 
     Args:
@@ -302,12 +302,13 @@ def evaluate(model_dir: str, records: str, *, split: str = "val", batch_size: in
         coverage JSON go beside it: <stem>_confusion.png, <stem>_reliability.png,
         <stem>_coverage.png, <stem>_coverage.json.
       predictor: an already loaded model (tests); default: load model_dir.
+      trust_model: load a SavedModel without scanning its ops (serve.load_model_dir).
     Returns:
       the result dict that was written.
     """
     from upright.pipeline import serve
     if predictor is None:
-        predictor = serve.load_model(model_dir)
+        predictor = serve.load_model(model_dir, trust_model=trust_model)
     if out_json is None:
         out_json = os.path.join(model_dir, f"eval_{split}.json")
     from upright.pipeline import inputs

@@ -364,3 +364,108 @@ def remove_file(path, *, dir_fd: int = None) -> None:
     """Unlinks path if it exists (a link is removed, not its target)."""
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path, dir_fd=dir_fd)
+
+
+# ---------------------------------------------------------------- reading
+#
+# Files the tools READ from folders others filled (SRC, records, a model folder)
+# are bounded the same way: opened with O_NONBLOCK (a FIFO or a device never
+# blocks the open), checked with fstat to be a regular file AFTER opening (the
+# name may have been swapped since a walk looked at it), and read up to the size
+# fstat gives and a cap, never to an end that may not come (/dev/zero).
+
+class NotRegularFileError(OSError):
+    """A FIFO, device, socket or folder where a regular file is read, or a file over a cap."""
+
+
+def open_regular(path, *, dir_fd: int = None, follow: bool = True) -> int:
+    """A read-only descriptor of a regular file; NotRegularFileError otherwise.
+
+    follow=False refuses a symbolic link at the last component (ELOOP).
+    O_NONBLOCK is cleared again once fstat has shown a regular file.
+    """
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
+    fd = os.open(path, flags, dir_fd=dir_fd)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise NotRegularFileError(errno.EINVAL, f"not a regular file ({_kind(mode)})",
+                                      os.fsdecode(path))
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_regular(path, *, max_bytes: int, dir_fd: int = None, follow: bool = True) -> bytes:
+    """The bytes of a regular file of at most max_bytes (its fstat size, read once).
+
+    Raises NotRegularFileError for anything else or a larger file, OSError when
+    the file cannot be opened. Memory: at most max_bytes.
+    """
+    fd = open_regular(path, dir_fd=dir_fd, follow=follow)
+    with os.fdopen(fd, "rb") as f:
+        size = os.fstat(fd).st_size
+        if size > max_bytes:
+            raise NotRegularFileError(errno.EFBIG, f"too large: {size} bytes > {max_bytes}",
+                                      os.fsdecode(path))
+        return f.read(size)
+
+
+# Folders nested deeper than this inside a folder the tools walk are skipped
+# with a reason: a planted chain of 10,000 folders would otherwise exhaust
+# Python's recursion limit (a traceback) or the path length.
+MAX_FOLDER_DEPTH = 100
+
+MAX_JSON_BYTES = 64 << 20     # info.json, model_info.json: far below this
+
+
+def load_json(path, *, max_bytes: int = MAX_JSON_BYTES, dir_fd: int = None):
+    """json.loads of a regular file; ValueError (one line) for bad or too deep JSON."""
+    data = read_regular(path, max_bytes=max_bytes, dir_fd=dir_fd)
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"not UTF-8 text: {e.reason}") from None
+
+
+def _kind(mode) -> str:
+    for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a file"
+
+
+# ---------------------------------------------------------------- display
+
+def show(value) -> str:
+    """A path or name fit for a terminal line, a CSV cell or info.json.
+
+    Names come from folders others filled: they may hold bytes that are not
+    UTF-8 (shown as \\xNN), or control characters (an ANSI escape can clear or
+    rewrite the screen, a newline can forge a line of output), shown as \\xNN,
+    \\n, \\r, \\t. Printable text, any script, is kept as it is. Non-strings
+    (numbers, None) pass unchanged.
+    """
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "surrogateescape")
+    if not isinstance(value, str):
+        return value
+    value = value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    if value.isprintable():
+        return value
+    return "".join(c if c.isprintable() else _escape(c) for c in value)
+
+
+def _escape(c) -> str:
+    named = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+    if c in named:
+        return named[c]
+    code = ord(c)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 \
+        else f"\\U{code:08x}"

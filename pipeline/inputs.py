@@ -51,14 +51,13 @@ module touches no flags and no global state.
 """
 
 import contextlib
-import json
 import os
 import re
 
 import numpy as np
 import tensorflow as tf
 
-from upright.pipeline import recordio, schema
+from upright.pipeline import fileio, recordio, schema
 
 RESIZE_METHODS = ("squash", "pad", "crop")
 AUGMENT_PLACEMENTS = ("host", "device")
@@ -202,6 +201,16 @@ def naming_damaged_records(records: str, split: str):
     """
     try:
         yield
+    except tf.errors.InvalidArgumentError as e:
+        found = re.search(_TOO_LARGE + r"\]\s*\[(-?\d+)\]\s*\[(\d+)\]", e.message or str(e))
+        if not found:
+            raise
+        pixels, limit = int(found.group(1)), int(found.group(2))
+        what = ("is neither JPEG nor PNG" if pixels < 0 else
+                f"declares {pixels / 1e6:.0f} MP > limit {limit / 1e6:.0f} MP")
+        raise recordio.RecordsError(
+            f"{records!r}: split {split!r}: a record's image {what} (refused before "
+            "decoding; make_records never stores such images): remake the records") from None
     except tf.errors.DataLossError as e:
         located = find_damaged_record(_listed_shards(records, split))
         if located is None:
@@ -216,8 +225,9 @@ def _listed_shards(records, split):
     """The split's shard paths from info.json, without load_info's checks (which
     would refuse a shard truncated meanwhile before naming its record)."""
     try:
-        with open(os.path.join(records, schema.INFO_FILE), encoding="utf-8") as f:
-            names = json.load(f)["splits"][split]["shards"]
+        names = fileio.load_json(os.path.join(records, schema.INFO_FILE))["splits"][split]["shards"]
+        for index, name in enumerate(names):   # never a name leading outside the folder
+            schema.check_shard_name(name, split, index, len(names))
     except (OSError, ValueError, KeyError, TypeError):
         return []
     return [os.path.join(records, name) for name in names]
@@ -366,7 +376,48 @@ def _options():
 
 
 def _parse_and_preprocess(serialized, image_size, resize):
-    return preprocess_image(schema.parse_example(serialized)["encoded"], image_size, resize)
+    encoded = guard_record_image(schema.parse_example(serialized)["encoded"])
+    return preprocess_image(encoded, image_size, resize)
+
+
+# Records may come from someone else: an image's header can declare any size,
+# and TensorFlow's decoders allocate what it declares (a 1.17 MB PNG of
+# 20000 x 20000 took 6.8 GB). make_records stores JPEG or PNG within its
+# --max_pixels (default 128 MP; its stored sides are bounded by --max_side),
+# so a record image beyond that is refused before decoding, in the graph.
+MAX_RECORD_PIXELS = 128_000_000
+_TOO_LARGE = "RECORD_IMAGE_TOO_LARGE"
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def guard_record_image(encoded, max_pixels: int = MAX_RECORD_PIXELS):
+    """encoded (scalar tf.string), passed on only if its header declares a JPEG or
+    PNG of at most max_pixels; otherwise the read fails (InvalidArgumentError
+    with _TOO_LARGE, which naming_damaged_records turns into a RecordsError).
+    Reads the header only: extract_jpeg_shape for JPEG, the IHDR width and
+    height (bytes 16..23, big-endian) for PNG. Other formats are refused: make_records
+    never stores them."""
+    padded = tf.strings.join([encoded, tf.constant(b"\0" * 24)])   # substr needs the bytes
+
+    def png_pixels():
+        raw = tf.cast(tf.io.decode_raw(tf.strings.substr(padded, 16, 8), tf.uint8), tf.int64)
+        width = raw[0] * 2**24 + raw[1] * 2**16 + raw[2] * 2**8 + raw[3]
+        height = raw[4] * 2**24 + raw[5] * 2**16 + raw[6] * 2**8 + raw[7]
+        return width * height
+
+    def jpeg_pixels():
+        shape = tf.cast(tf.io.extract_jpeg_shape(encoded), tf.int64)
+        return shape[0] * shape[1]
+
+    is_png = tf.equal(tf.strings.substr(padded, 0, 8), _PNG_MAGIC)
+    pixels = tf.cond(tf.io.is_jpeg(encoded), jpeg_pixels,
+                     lambda: tf.cond(is_png, png_pixels,
+                                     lambda: tf.constant(-1, tf.int64)))
+    ok = tf.logical_and(pixels >= 0, pixels <= max_pixels)
+    check = tf.debugging.Assert(ok, [tf.constant(_TOO_LARGE), pixels, tf.constant(max_pixels,
+                                                                                   tf.int64)])
+    with tf.control_dependencies([check]):
+        return tf.identity(encoded)
 
 
 # ---------------------------------------------------------------------------

@@ -37,7 +37,10 @@ What happens to each file (files, or folders walked recursively):
        lossless).
    A manifest DST/.orient_done.jsonl records every written file (source
    sha256, destination sha256): a rerun skips a file whose destination exists
-   and matches its record (status "done").
+   and matches its record (status "done"). A file already in DST is replaced
+   only for the source it was written for: another run's copy with the same
+   relative name (or a file orient did not write) is left as it is, and the
+   row says so (status "error").
 PDF files (pipeline/pdf.py) are read page by page: each page is rendered as a
 viewer shows it and predicted like an image, one report row per page
 ("scan.pdf#page=3"). With fix, a PDF with at least one page to turn is written
@@ -64,6 +67,11 @@ import numpy as np
 from upright.pipeline import fileio, imageio, schema
 
 MANIFEST = ".orient_done.jsonl"
+# An upright copy in a format other than JPEG or PNG (written by Pillow, often
+# uncompressed) may be at most this many times its source's size, or
+# MIN_GROWTH_BYTES for small files whose format overhead dominates.
+MAX_GROWTH = 4
+MIN_GROWTH_BYTES = 1 << 20
 DEFAULT_MIN_CONFIDENCE = 0.9
 PROGRESS_MIN_FILES = 20
 EXIF_ORIENTATION = 0x0112
@@ -117,6 +125,8 @@ class OrientConfig:
     max_pdf_pages: a PDF with more pages is not processed (one error line).
     models_dir: where built-in models are looked up (builtin.lookup_dir);
       None = $UPRIGHT_MODELS_DIR or the package's own upright/models/.
+    trust_model: load a SavedModel without scanning its ops for file, network
+      and Python ops (serve.load_model_dir); only for models from people you trust.
     """
     model_dir: str
     paths: tuple
@@ -133,6 +143,7 @@ class OrientConfig:
     progress: bool = None
     models_dir: str = None
     max_pdf_pages: int = 2000
+    trust_model: bool = False
 
 
 class OrientError(ValueError):
@@ -161,7 +172,7 @@ def stored_to_upright(exif_orientation, k: int) -> str:
 # ---------------------------------------------------------------------------
 # Files.
 
-def list_images(paths, exclude=None) -> list:
+def list_images(paths, exclude=None, skipped=None) -> list:
     """[(path, relative destination name)] for files and folders, recursively.
 
     Folders: files whose extension is an image format (imageio.IMAGE_EXTENSIONS,
@@ -169,6 +180,8 @@ def list_images(paths, exclude=None) -> list:
     skipped, sorted; their relative name is the path under the folder. Files
     named explicitly are always included, relative name = base name.
     exclude: a folder whose contents are never listed (the fix destination).
+    skipped: a list that receives (folder, reason) for folders not walked
+      (nested deeper than fileio.MAX_FOLDER_DEPTH).
     Raises OrientError for a path that does not exist.
     """
     exclude = os.path.realpath(exclude) if exclude else None
@@ -183,6 +196,15 @@ def list_images(paths, exclude=None) -> list:
                     dirs[:] = []
                     continue
                 dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                depth = os.path.relpath(root, path).count(os.sep) + (root != path)
+                if depth >= fileio.MAX_FOLDER_DEPTH and dirs:
+                    # os.walk recurses: a planted chain of folders would end in
+                    # RecursionError; deeper folders are reported, not walked.
+                    if skipped is not None:
+                        skipped.extend((os.path.join(root, d), "folder nested deeper than "
+                                        f"{fileio.MAX_FOLDER_DEPTH} levels: not read")
+                                       for d in dirs)
+                    dirs[:] = []
                 for name in sorted(names):
                     if name.startswith(".") or os.path.splitext(name)[1].lower() not in known:
                         continue
@@ -198,8 +220,10 @@ def _inside(path, folder):
 
 
 def sha256_file(path) -> str:
+    """Digest of a copy orient wrote into DST: a link or a FIFO planted there in
+    its place is refused (OSError), never followed or waited on."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with os.fdopen(fileio.open_regular(path, follow=False), "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -221,8 +245,12 @@ def load_manifest(dst) -> dict:
 
 
 def is_done(record, src_sha, dst_path) -> bool:
-    return (record is not None and record.get("src_sha256") == src_sha
-            and os.path.exists(dst_path) and sha256_file(dst_path) == record.get("dst_sha256"))
+    if record is None or record.get("src_sha256") != src_sha or not os.path.lexists(dst_path):
+        return False
+    try:
+        return sha256_file(dst_path) == record.get("dst_sha256")
+    except OSError:   # a link or a FIFO in place of the copy: written again (replaced)
+        return False
 
 
 # ---------------------------------------------------------------------------
@@ -339,7 +367,15 @@ def turn_with_pillow(data: bytes, transform: str, *, jpeg_quality: int) -> tuple
             buffer = io.BytesIO()
             turned.save(buffer, fmt)
             method += ", metadata not kept"
-    return buffer.getvalue(), method
+    payload = buffer.getvalue()
+    if fmt not in ("JPEG", "PNG") and len(payload) > max(MAX_GROWTH * len(data),
+                                                         MIN_GROWTH_BYTES):
+        # A run-length-encoded BMP (or TIFF) is written back uncompressed: 991 KB
+        # became 121 MB. The copy would not be the file the user gave.
+        raise ValueError(f"the {fmt} copy would be {len(payload) / 1e6:.1f} MB from "
+                         f"{len(data) / 1e6:.1f} MB (a compressed source written back "
+                         "uncompressed); convert it to PNG or JPEG first")
+    return payload, method
 
 
 def _trimmed(before: bytes, after: bytes) -> str:
@@ -415,20 +451,27 @@ def run(config: OrientConfig, predictor=None) -> dict:
       OrientError for a bad configuration (before any file is touched).
     """
     check_config(config)
-    files = list_images(config.paths, exclude=config.dst if config.fix else None)
+    not_walked = []
+    files = list_images(config.paths, exclude=config.dst if config.fix else None,
+                        skipped=not_walked)
     if predictor is None:
         from upright.pipeline import serve
         try:
-            predictor = serve.load_model(config.model_dir, models_dir=config.models_dir)
+            predictor = serve.load_model(config.model_dir, models_dir=config.models_dir,
+                                         trust_model=config.trust_model)
         except serve.ModelDirError as e:
             raise OrientError(str(e)) from None
     jpegtran = jpegtran_path(config) if config.fix else None
     manifest = load_manifest(config.dst) if config.fix else {}
-    rows, taken, batch = [], {}, []
+    rows, taken, batch = [_error_row(folder, reason) for folder, reason in not_walked], {}, []
+    # Who each existing copy in DST was written for (earlier runs, any source):
+    # a copy is only ever replaced for the source it was written for.
+    owners = {record.get("dst"): src for src, record in manifest.items()}
     progress = _progress(len(files), config.progress)
 
     def flush():
-        rows.extend(_process_batch(batch, predictor, config, jpegtran, manifest, taken))
+        rows.extend(_process_batch(batch, predictor, config, jpegtran, manifest, taken,
+                                   owners))
         progress.update(len(batch))
         batch.clear()
 
@@ -520,7 +563,14 @@ def check_config(config: OrientConfig) -> None:
         raise OrientError(f"jpeg_quality must be in 1..100, got {config.jpeg_quality}")
 
 
-def _process_batch(batch, predictor, config, jpegtran, manifest, taken):
+def _error_row(path, message) -> dict:
+    row = {field: None for field in REPORT_FIELDS}
+    row.update(path=path, status="error", action="skip", exif_disagrees=False,
+               message=message)
+    return row
+
+
+def _process_batch(batch, predictor, config, jpegtran, manifest, taken, owners):
     rows, ready = [], []   # ready: (row, data, preprocessed image)
     for path, rel in batch:
         row = {field: None for field in REPORT_FIELDS}
@@ -555,7 +605,7 @@ def _process_batch(batch, predictor, config, jpegtran, manifest, taken):
     for (row, data, _, dst_path), p in zip(ready, probs):
         row.update(decide(p, config.min_confidence, row["exif_orientation"]))
         if config.fix and row["action"] == "turn":
-            _fix_one(row, data, dst_path, config, jpegtran, manifest, taken)
+            _fix_one(row, data, dst_path, config, jpegtran, manifest, taken, owners)
     return rows
 
 
@@ -670,12 +720,12 @@ def _process_pdf(path, rel, predictor, config, manifest, taken):
         with fileio.open_append(os.path.join(config.dst, MANIFEST)) as f:
             f.write(json.dumps(record) + "\n")
     except OSError as e:
-        raise OrientError(f"cannot record {_show(dst_path)} in {MANIFEST}: "
+        raise OrientError(f"cannot record {fileio.show(dst_path)} in {MANIFEST}: "
                           f"{_first_line(e)}") from None
     return rows
 
 
-def _fix_one(row, data, dst_path, config, jpegtran, manifest, taken):
+def _fix_one(row, data, dst_path, config, jpegtran, manifest, taken, owners):
     real_dst = os.path.realpath(dst_path)
     if real_dst == os.path.realpath(row["path"]):
         row.update(status="error", message="destination is the source file; not written")
@@ -683,6 +733,15 @@ def _fix_one(row, data, dst_path, config, jpegtran, manifest, taken):
     if real_dst in taken:
         row.update(status="error",
                    message=f"destination {dst_path} already taken by {taken[real_dst]}")
+        return
+    rel, src = os.path.relpath(dst_path, config.dst), os.path.realpath(row["path"])
+    if os.path.lexists(dst_path) and owners.get(rel) != src:
+        # Another run (another source folder with the same relative name), or
+        # someone else, put this file there: never replaced silently.
+        whose = (f"written by an earlier run for {fileio.show(owners[rel])}"
+                 if rel in owners else "not written by orient")
+        row.update(status="error", message=f"destination {fileio.show(dst_path)} exists "
+                   f"({whose}); not overwritten: remove it or choose another --dst")
         return
     k = schema.ANGLES_CCW.index(row["angle_ccw"])
     transform = stored_to_upright(row["exif_orientation"], k)
@@ -699,13 +758,14 @@ def _fix_one(row, data, dst_path, config, jpegtran, manifest, taken):
               **{k: row[k] for k in ("predicted", "angle_ccw", "repair_cw", "confidence",
                                      "exif_orientation")}}
     manifest[record["src"]] = record
+    owners[record["dst"]] = record["src"]
     # One JSON line per written file, appended after the file is in place: a crash
     # loses at most the record of the last file, which is then simply redone.
     try:
         with fileio.open_append(os.path.join(config.dst, MANIFEST)) as f:
             f.write(json.dumps(record) + "\n")
     except OSError as e:
-        raise OrientError(f"cannot record {_show(dst_path)} in {MANIFEST}: "
+        raise OrientError(f"cannot record {fileio.show(dst_path)} in {MANIFEST}: "
                           f"{_first_line(e)}") from None
 
 
@@ -758,16 +818,6 @@ def summarize(rows, config, jpegtran) -> dict:
     }
 
 
-def _show(value):
-    """A path (or message) fit for UTF-8 text: a file name that is not valid
-    UTF-8 reaches Python as lone surrogates, which no UTF-8 writer accepts (the
-    CSV report and the table would fail at the end of a run); its bytes are
-    shown as \\xNN, as make_records shows them in info.json. Non-strings pass."""
-    if not isinstance(value, str):
-        return value
-    return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
 def write_report(rows, summary, path) -> None:
     """CSV (one row per file, REPORT_FIELDS) or JSON ({"summary", "rows"})."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -779,7 +829,7 @@ def write_report(rows, summary, path) -> None:
             writer = csv.DictWriter(f, fieldnames=REPORT_FIELDS)
             writer.writeheader()
             for row in rows:
-                writer.writerow({k: "" if row.get(k) is None else _show(row[k])
+                writer.writerow({k: "" if row.get(k) is None else fileio.show(row[k])
                                  for k in REPORT_FIELDS})
 
 
@@ -787,7 +837,7 @@ def format_table(rows, width: int = 48) -> str:
     """One line per file: path, predicted rotation, confidence, action, notes."""
     lines = [f"{'file':<{width}}  {'turned':>6}  {'conf':>6}  {'action':<10}  notes"]
     for r in rows:
-        path = _show(r["path"])
+        path = fileio.show(r["path"])
         path = path if len(path) <= width else "..." + path[-(width - 3):]
         turned = f"{r['angle_ccw']}" if r["angle_ccw"] is not None else "-"
         conf = f"{r['confidence']:.3f}" if r["confidence"] is not None else "-"
@@ -802,7 +852,7 @@ def format_table(rows, width: int = 48) -> str:
         if r["method"]:
             notes.append(r["method"])
         if r["message"]:
-            notes.append(_show(r["message"]))
+            notes.append(fileio.show(r["message"]))
         lines.append(f"{path:<{width}}  {turned:>6}  {conf:>6}  {action:<10}  {'; '.join(notes)}")
     return "\n".join(lines)
 
@@ -823,7 +873,7 @@ def format_summary(summary) -> str:
     for key, title in (("unsure_files", "left alone (unsure)"), ("error_files", "errors")):
         files = summary[key]
         if files:
-            shown = [_show(f) for f in files[:20]]
+            shown = [fileio.show(f) for f in files[:20]]
             lines.append(f"{title}: " + ", ".join(shown)
                          + (f" ... and {len(files) - 20} more (see the report)"
                             if len(files) > 20 else ""))

@@ -64,6 +64,7 @@ import errno
 import fcntl
 import functools
 import hashlib
+import io
 import multiprocessing
 import os
 import re
@@ -179,12 +180,12 @@ def make_records(*, src: str, out: str, val_fraction: float = 0.2,
         lock = _lock(out_b)
     except OSError as e:   # read-only filesystem, no permission, disk full
         raise MakeRecordsError(
-            f"cannot write into the output folder {_show(out_b)}: {_describe_os_error(e)}; "
+            f"cannot write into the output folder {fileio.show(out_b)}: {_describe_os_error(e)}; "
             "choose another --out") from None
     try:
         walk = find_files(src_b)
         if not walk.files:
-            raise MakeRecordsError(f"no files to read under {_show(src_b)} "
+            raise MakeRecordsError(f"no files to read under {fileio.show(src_b)} "
                                    f"({_describe_empty(walk)})", refused=True)
         options = ReadOptions(max_side=max_side, jpeg_quality=jpeg_quality,
                               max_pixels=max_pixels)
@@ -212,7 +213,7 @@ def make_records(*, src: str, out: str, val_fraction: float = 0.2,
             # The scratch file (disk full, quota, file size limit): nothing of
             # OUT's previous output has been touched yet.
             raise MakeRecordsError(
-                f"cannot write into {_show(out_b)}: {_describe_os_error(e)}; the previous "
+                f"cannot write into {fileio.show(out_b)}: {_describe_os_error(e)}; the previous "
                 "output there (if any) is untouched; free space and run again",
                 refused=True) from None
         finally:
@@ -245,22 +246,22 @@ def _check_folders(src, out, overwrite):
     """Returns (src, out) as bytes paths after the refusals of step 1."""
     src_b, out_b = os.fsencode(src), os.fsencode(out)
     if not os.path.exists(src_b):
-        raise MakeRecordsError(f"source folder {_show(src_b)} does not exist")
+        raise MakeRecordsError(f"source folder {fileio.show(src_b)} does not exist")
     if not os.path.isdir(src_b):
-        raise MakeRecordsError(f"source {_show(src_b)} is not a folder")
+        raise MakeRecordsError(f"source {fileio.show(src_b)} is not a folder")
     real_src, real_out = os.path.realpath(src_b), os.path.realpath(out_b)
     if real_out == real_src or real_out.startswith(real_src.rstrip(b"/") + b"/"):
         raise MakeRecordsError(
-            f"output folder {_show(out_b)} is inside the source folder {_show(src_b)}: "
+            f"output folder {fileio.show(out_b)} is inside the source folder {fileio.show(src_b)}: "
             "its records would be read as images next time; choose an --out outside it")
     if os.path.exists(out_b):
         if not os.path.isdir(out_b):
-            raise MakeRecordsError(f"output {_show(out_b)} exists and is not a folder")
+            raise MakeRecordsError(f"output {fileio.show(out_b)} exists and is not a folder")
         foreign = sorted(n for n in os.listdir(out_b) if not _is_own_file(n))
         if foreign and not overwrite:
-            shown = ", ".join(_show(n) for n in foreign[:3])
+            shown = ", ".join(fileio.show(n) for n in foreign[:3])
             raise MakeRecordsError(
-                f"output folder {_show(out_b)} is not empty and is not a make_records "
+                f"output folder {fileio.show(out_b)} is not empty and is not a make_records "
                 f"output (it holds {shown}{', ...' if len(foreign) > 3 else ''}); "
                 "choose another --out, or pass --overwrite to write into it anyway")
     return src_b, out_b
@@ -304,7 +305,7 @@ def _lock(out_b):
             os.close(fd)
             raise
         os.close(fd)
-    raise MakeRecordsError(f"cannot take the lock in {_show(out_b)}: it keeps being "
+    raise MakeRecordsError(f"cannot take the lock in {fileio.show(out_b)}: it keeps being "
                            "replaced; is another program writing there?", refused=True)
 
 
@@ -320,7 +321,7 @@ def _holds_lock_on_name(fd, path, out_b) -> bool:
             holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
             raise MakeRecordsError(
                 f"another make_records run (pid {holder or '?'}) is writing into "
-                f"{_show(out_b)}; wait for it to finish or choose another --out",
+                f"{fileio.show(out_b)}; wait for it to finish or choose another --out",
                 refused=True) from None
         raise
     return _same_file(mine, path)
@@ -418,10 +419,14 @@ def _walk_folder(src_b, rel_dir, ancestors, visited, walk):
         if stat.S_ISDIR(st.st_mode):
             if key in ancestors:
                 walk.skipped.append(
-                    (rel, f"symlink loop: points to its own ancestor folder {_show(visited[key])}"))
+                    (rel, f"symlink loop: points to its own ancestor folder {fileio.show(visited[key])}"))
             elif key in visited:
                 walk.ignored.append(
-                    (rel, f"same folder as {_show(visited[key])}, already read"))
+                    (rel, f"same folder as {fileio.show(visited[key])}, already read"))
+            elif len(ancestors) >= fileio.MAX_FOLDER_DEPTH:
+                walk.skipped.append(
+                    (rel, f"folder nested deeper than {fileio.MAX_FOLDER_DEPTH} levels: "
+                          "not read"))
             else:
                 visited[key] = rel
                 _walk_folder(src_b, rel, ancestors + (key,), visited, walk)
@@ -459,13 +464,16 @@ def _looks_like_image(path) -> bool:
     import warnings
     from PIL import Image
     try:
-        with open(path, "rb") as f:
+        # Opened without blocking and only if regular (the name may have been
+        # swapped for a FIFO since the walk); Pillow reads the header from it.
+        with os.fdopen(fileio.open_regular(path), "rb") as f:
             if not f.read(1):
                 return False
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(path):
-                return True
+            f.seek(0)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with Image.open(f):
+                    return True
     except Image.DecompressionBombError:
         return True    # an image: read_upright reports it as a bomb
     except Exception:
@@ -622,10 +630,10 @@ def _plan(results, walk, *, val_fraction, max_skipped_fraction, src_b,
             first[r.sha256] = len(kept)
             kept.append(r)
             paths_of.append([r.rel])
-    details = [f"  skipped {_show(rel)}: {reason}" for rel, reason in sorted(skipped)]
+    details = [f"  skipped {fileio.show(rel)}: {reason}" for rel, reason in sorted(skipped)]
     if not kept:
         raise MakeRecordsError(
-            f"no images could be read under {_show(src_b)}: {len(skipped)} skipped, "
+            f"no images could be read under {fileio.show(src_b)}: {len(skipped)} skipped, "
             f"{len(ignored)} ignored ({_first_reason(sorted(skipped) + sorted(ignored))})",
             details, refused=True)
     if skipped and len(skipped) > max_skipped_fraction * candidates:
@@ -865,14 +873,14 @@ def _write(out_b, plan, spans, scratch, *, src_b, arguments, num_shards=0) -> di
     except (OSError, tf.errors.OpError) as e:
         fileio.remove_tree(staging_b, ignore_errors=True)
         raise MakeRecordsError(
-            f"cannot write the records into {_show(out_b)}: {_describe_os_error(e)}; "
+            f"cannot write the records into {fileio.show(out_b)}: {_describe_os_error(e)}; "
             "the previous output there (if any) is untouched; free space and run again",
             refused=True) from None
     try:
         _commit(out_b, staging_b, entries)
     except OSError as e:
         raise MakeRecordsError(
-            f"cannot move the new records into place in {_show(out_b)}: "
+            f"cannot move the new records into place in {fileio.show(out_b)}: "
             f"{_describe_os_error(e)}; it holds no output a reader accepts now; "
             "run again", refused=True) from None
     return info
@@ -883,7 +891,7 @@ def _provenance(plan, spans, *, src_b, arguments) -> dict:
     kept = [r for items in plan.splits.values() for r in items]
     provenance = {
         "created_by": "make_records",
-        "source": _show(os.path.abspath(src_b)),
+        "source": fileio.show(os.path.abspath(src_b)),
         "arguments": arguments,
         "counts": {
             "candidates": plan.candidates,
@@ -907,14 +915,14 @@ def _provenance(plan, spans, *, src_b, arguments) -> dict:
             "links_outside_source": len(plan.outside),
         },
         "group_by": plan.named_groups,
-        "links_outside_source": [{"path": _show(rel), "target": _show(target)}
+        "links_outside_source": [{"path": fileio.show(rel), "target": fileio.show(target)}
                                  for rel, target in plan.outside],
         "image_stats": _image_stats(kept, spans),
-        "skipped": [{"path": _show(rel), "reason": reason} for rel, reason in plan.skipped],
-        "ignored": [{"path": _show(rel), "reason": reason} for rel, reason in plan.ignored],
-        "duplicates": [{"path": _show(rel), "duplicate_of": _show(of)}
+        "skipped": [{"path": fileio.show(rel), "reason": reason} for rel, reason in plan.skipped],
+        "ignored": [{"path": fileio.show(rel), "reason": reason} for rel, reason in plan.ignored],
+        "duplicates": [{"path": fileio.show(rel), "duplicate_of": fileio.show(of)}
                        for rel, of in plan.duplicates],
-        "near_duplicate_groups": [[_show(rel) for rel in g] for g in plan.groups],
+        "near_duplicate_groups": [[fileio.show(rel) for rel in g] for g in plan.groups],
         "stored_image": {"color": "RGB, 8-bit", "format": "jpeg",
                          "alpha_background": list(imageio.BACKGROUND),
                          "exif_orientation": "applied; stored images carry no orientation tag",
@@ -946,7 +954,7 @@ def _commit(out_b, staging_b, entries):
 def _describe_os_error(e) -> str:
     """'No space left on device (path)' for an OSError or TensorFlow's OpError."""
     if isinstance(e, OSError):
-        where = f" ({_show(e.filename)})" if e.filename else ""
+        where = f" ({fileio.show(e.filename)})" if e.filename else ""
         return f"{e.strerror or e}{where}"
     lines = (getattr(e, "message", "") or str(e)).strip().splitlines()
     return lines[0] if lines else type(e).__name__
@@ -986,13 +994,6 @@ def _image_stats(kept, spans) -> dict:
 # ---------------------------------------------------------------- display
 
 
-def _show(path) -> str:
-    """A path for messages and info.json: UTF-8, undecodable bytes as \\xNN."""
-    if isinstance(path, str):
-        path = os.fsencode(path)
-    return path.decode("utf-8", "backslashreplace")
-
-
 def _describe_empty(walk) -> str:
     if walk.skipped or walk.ignored:
         return (f"{len(walk.ignored)} ignored, {len(walk.skipped)} skipped: "
@@ -1005,7 +1006,7 @@ def _first_reason(entries) -> str:
     if not entries:
         return ""
     rel, reason = entries[0]
-    return f"e.g. {_show(rel)}: {reason}"
+    return f"e.g. {fileio.show(rel)}: {reason}"
 
 
 def format_summary(info: dict) -> str:
@@ -1027,7 +1028,7 @@ def format_summary(info: dict) -> str:
         lines.append(f"--group_by: {named['keys']} keys, {named['split_groups']} groups split "
                      f"as units, {named['unmatched']} paths did not match")
     for entry in info["skipped"][:20]:
-        lines.append(f"  skipped {entry['path']}: {entry['reason']}")
+        lines.append(f"  skipped {fileio.show(entry['path'])}: {fileio.show(entry['reason'])}")
     if len(info["skipped"]) > 20:
         lines.append(f"  ... and {len(info['skipped']) - 20} more (see info.json)")
     return "\n".join(lines)
@@ -1136,6 +1137,12 @@ def _check_record(path, index, serialized, tf) -> schema.Record:
     where = f"{path}: record {index} ({record.source_id!r})"
     if record.format not in schema.FORMATS:
         raise recordio.RecordsError(f"{where}: unknown image/format {record.format!r}")
+    # The header first: TensorFlow's decoder allocates whatever size it declares.
+    declared = _declared_pixels(record.encoded)
+    if declared > RECORD_MAX_PIXELS:
+        raise recordio.RecordsError(
+            f"{where}: image declares {declared / 1e6:.0f} MP > limit "
+            f"{RECORD_MAX_PIXELS / 1e6:.0f} MP; not decoded (make_records never stores it)")
     try:
         image = tf.io.decode_image(record.encoded, channels=3, expand_animations=False)
     except tf.errors.OpError as e:
@@ -1147,6 +1154,25 @@ def _check_record(path, index, serialized, tf) -> schema.Record:
             f"{where}: image decodes to {height}x{width}, record says "
             f"{record.height}x{record.width}")
     return record
+
+
+RECORD_MAX_PIXELS = 128_000_000   # = inputs.MAX_RECORD_PIXELS, without importing TensorFlow
+
+
+def _declared_pixels(encoded: bytes) -> int:
+    """Width x height from the image header (Pillow reads no pixels); 0 if unknown."""
+    import warnings
+    from PIL import Image
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(encoded)) as image:
+                return image.size[0] * image.size[1]
+    except Image.DecompressionBombError as e:   # Pillow's own limit, above ours
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        return int(found.group(1)) if found else 2**62
+    except Exception:
+        return 0      # not an image Pillow knows: TensorFlow's decoder says so next
 
 
 def draw_contact_sheet(records_dir: str, path: str, *, num_images: int = 6,

@@ -65,6 +65,22 @@ def shard_name(split: str, index: int, num_shards: int) -> str:
     return f"{split}.tfrecord-{index:05d}-of-{num_shards:05d}"
 
 
+def check_shard_name(name, split: str, index: int, num_shards: int) -> None:
+    """Refuses a shard name that is not exactly shard_name(split, index, num_shards).
+
+    info.json comes with records others may have made: a name such as
+    '../../x' or '/etc/x' would make readers open a file outside the records
+    folder. Only the plain names this module writes are accepted.
+    Raises:
+      ValueError saying what was expected.
+    """
+    expected = shard_name(split, index, num_shards)
+    if name != expected:
+        shown = name.encode("unicode_escape").decode("ascii") if isinstance(name, str) else name
+        raise ValueError(f"shard name {shown!r} is not {expected!r}"
+                         " (shard names are plain file names of the schema's pattern)")
+
+
 @dataclasses.dataclass(frozen=True)
 class Record:
     """One stored image, as plain Python values."""

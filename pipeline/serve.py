@@ -318,7 +318,7 @@ class ModelDirError(ValueError):
     """A model_dir that cannot be used; str(e) says why in one line."""
 
 
-def load_model_dir(model_dir: str) -> Predictor:
+def load_model_dir(model_dir: str, *, trust_model: bool = False) -> Predictor:
     """Loads a trained model for prediction.
 
     Accepts a trainer model_dir (model.keras + model_info.json; falls back to
@@ -327,31 +327,29 @@ def load_model_dir(model_dir: str) -> Predictor:
     (model.tflite + model_info.json: the built-in models). Checks that the
     stored convention is this project's. model_info.json's "temperature" is
     applied to Keras and TFLite outputs (the SavedModel carries its own).
+    model.keras is loaded with Keras' safe_mode (no Python code from the file).
+    A SavedModel is a program: unless trust_model, its op types are scanned
+    (`check_saved_model_ops`) before TensorFlow loads it, and its metadata is
+    read from its assets/convention.json, never by calling a signature.
 
     Raises:
-      ModelDirError: missing files, unreadable model, or a foreign convention.
+      ModelDirError: missing files, unreadable model, a foreign convention, or
+      a SavedModel with ops outside the allowlist.
     """
     if not os.path.isdir(model_dir):
         raise ModelDirError(f"model dir {model_dir!r} does not exist")
     if os.path.exists(os.path.join(model_dir, "saved_model.pb")):
-        return _load_export(model_dir)
+        return _load_export(model_dir, trust_model)
     info_path = os.path.join(model_dir, INFO_FILE)
     if not os.path.exists(info_path):
         raise ModelDirError(f"{info_path} is missing: not a trained model_dir "
                             "(train writes it at the end of a run)")
-    with open(info_path) as f:
-        try:
-            info = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ModelDirError(f"{info_path} is not valid JSON: {e}") from None
-    check_convention(info.get("convention"), info_path)
-    if "image_size" not in info:
-        raise ModelDirError(f"{info_path} lacks image_size")
+    info = read_model_info(info_path)
     keras_path = os.path.join(model_dir, MODEL_FILE)
     if not os.path.exists(keras_path):
         export = os.path.join(model_dir, EXPORT_DIR)
         if os.path.exists(os.path.join(export, "saved_model.pb")):
-            return _load_export(export)
+            return _load_export(export, trust_model)
         tflite_path = os.path.join(model_dir, TFLITE_FILE)
         if os.path.isfile(tflite_path):
             return _load_tflite(tflite_path, info)
@@ -359,13 +357,13 @@ def load_model_dir(model_dir: str) -> Predictor:
                             f"{TFLITE_FILE}")
     model = load_keras_model(keras_path)
     # model_info may carry a calibration temperature (1.0 when absent).
-    temperature = float(info.get("temperature", 1.0))
+    temperature = info.get("temperature", 1.0)
     fn = tf.function(lambda x: scale_probabilities(model(x, training=False), temperature),
                      reduce_retracing=True)
     return Predictor(predict_fn=fn, info=info, source=keras_path, handle=model)
 
 
-def load_model(model: str, *, models_dir: str = None) -> Predictor:
+def load_model(model: str, *, models_dir: str = None, trust_model: bool = False) -> Predictor:
     """load_model_dir for a folder; otherwise `model` names a built-in model
     (builtin.resolve: shipped in the package, or under models_dir /
     $UPRIGHT_MODELS_DIR). Raises ModelDirError (one line) when neither."""
@@ -374,7 +372,7 @@ def load_model(model: str, *, models_dir: str = None) -> Predictor:
         folder = builtin.resolve(model, models_dir=models_dir)
     except builtin.BuiltinModelError as e:
         raise ModelDirError(str(e)) from None
-    return load_model_dir(folder)
+    return load_model_dir(folder, trust_model=trust_model)
 
 
 def _load_tflite(path, info):
@@ -443,6 +441,39 @@ def _first_line(e):
     return text.splitlines()[0][:200] if text else type(e).__name__
 
 
+MAX_IMAGE_SIZE = 4096
+
+
+def read_model_info(info_path: str, convention_key="convention") -> dict:
+    """model_info.json, checked: a model folder may come from someone else, so
+    every field used is of its type and range (one ModelDirError line, never a
+    traceback later): a JSON object, the project's convention, image_size an
+    integer in [1, MAX_IMAGE_SIZE], resize one of inputs.RESIZE_METHODS,
+    temperature (when present) a finite number > 0."""
+    try:
+        info = fileio.load_json(info_path)
+    except (OSError, ValueError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise ModelDirError(f"{fileio.show(info_path)} is not valid JSON: {reason}") from None
+    if not isinstance(info, dict):
+        raise ModelDirError(f"{fileio.show(info_path)} is not a JSON object")
+    check_convention(info.get(convention_key) if convention_key else info, info_path)
+    size = info.get("image_size")
+    if size is None:
+        raise ModelDirError(f"{info_path} lacks image_size")
+    if type(size) is not int or not 1 <= size <= MAX_IMAGE_SIZE:
+        raise ModelDirError(f"{info_path}: image_size must be an integer in "
+                            f"[1, {MAX_IMAGE_SIZE}], got {size!r:.40}")
+    if info.get("resize", "squash") not in inputs.RESIZE_METHODS:
+        raise ModelDirError(f"{info_path}: resize must be one of {inputs.RESIZE_METHODS}, "
+                            f"got {info.get('resize')!r:.40}")
+    temperature = info.get("temperature", 1.0)
+    if type(temperature) not in (int, float) or not 0 < temperature < float("inf"):
+        raise ModelDirError(f"{info_path}: temperature must be a finite number > 0, "
+                            f"got {temperature!r:.40}")
+    return info
+
+
 def load_keras_model(path: str):
     """keras.saving.load_model without the optimizer; custom layers registered first."""
     import keras
@@ -462,6 +493,8 @@ def check_convention(convention, where: str) -> None:
     expected = schema.convention()
     if convention is None:
         raise ModelDirError(f"{where} stores no rotation convention")
+    if not isinstance(convention, dict):
+        raise ModelDirError(f"{where}: the rotation convention is not a JSON object")
     for key in ("class_names", "angles_ccw", "rotation"):
         if convention.get(key) != expected[key]:
             raise ModelDirError(
@@ -469,16 +502,150 @@ def check_convention(convention, where: str) -> None:
                 f"this project's {expected[key]!r}; refusing to guess")
 
 
-def _load_export(export_dir):
+def _load_export(export_dir, trust_model=False):
+    if not trust_model:
+        check_saved_model_ops(export_dir)
+    info_path = os.path.join(export_dir, "assets", CONVENTION_ASSET)
     try:
-        loaded = tf.saved_model.load(export_dir)
-        info = read_export_convention(loaded)
-    except (OSError, KeyError, ValueError) as e:
-        raise ModelDirError(f"cannot load SavedModel {export_dir}: {e}") from None
+        if trust_model and not os.path.exists(info_path):
+            loaded = tf.saved_model.load(export_dir)
+            info = read_export_convention(loaded)      # trusted: may call a signature
+        else:
+            info = _read_export_info(info_path)
+            loaded = tf.saved_model.load(export_dir)
+    except ModelDirError:
+        raise
+    except Exception as e:  # TensorFlow raises many types for a bad SavedModel
+        raise ModelDirError(f"cannot load SavedModel {export_dir}: "
+                            f"{str(e).strip().splitlines()[0] if str(e).strip() else e!r}") \
+            from None
     check_convention(info, export_dir)
+    if "predict_images" not in getattr(loaded, "signatures", {}):
+        raise ModelDirError(f"SavedModel {export_dir} has no predict_images signature")
     signature = loaded.signatures["predict_images"]
     return Predictor(predict_fn=lambda x: signature(images=x)["probabilities"],
                      info=info, source=export_dir, handle=loaded)
+
+
+def _read_export_info(info_path):
+    """The export's own model info (assets/convention.json, written by
+    export_saved_model), checked like model_info.json."""
+    if not os.path.exists(info_path):
+        raise ModelDirError(f"{info_path} is missing: not an export of this project "
+                            "(pass --trust_model to load it anyway)")
+    info = read_model_info(info_path, convention_key=None)
+    return info
+
+
+# The op types a SavedModel may hold to be loaded without --trust_model: those
+# that this project's own exports contain (export_saved_model of every backbone
+# family, tiny included, each resize method, temperature != 1; see
+# tests/test_hostile.py, which checks that real exports pass). Nothing here
+# touches files, the network, or Python: no ReadFile/WriteFile, PyFunc,
+# MatchingFiles, no dataset, queue, reader or summary ops.
+SAFE_OPS = frozenset({
+    "AddV2", "ArgMax", "AssignVariableOp", "AvgPool", "BiasAdd", "Cast", "Const", "Conv2D",
+    "DecodeImage", "DecodeJpeg", "DepthwiseConv2dNative", "DisableCopyOnRead",
+    "EnsureShape", "Equal", "ExpandDims", "ExtractJpegShape", "FloorDiv", "FloorMod",
+    "GreaterEqual", "Identity", "IdentityN", "LeakyRelu", "Less", "Log", "LogicalAnd",
+    "MatMul", "Max", "MaxPool", "Maximum", "Mean", "Minimum", "Mul", "NoOp", "Pack", "Pad",
+    "Placeholder", "ReadVariableOp", "RealDiv", "Relu", "Relu6", "Reshape", "Round", "Rsqrt",
+    "ScaleAndTranslate", "Select", "SelectV2", "Shape", "Sigmoid", "Softmax", "Sqrt",
+    "Square", "Squeeze", "StatefulPartitionedCall", "PartitionedCall", "StatelessCase",
+    "StatelessIf", "StatelessWhile", "StaticRegexFullMatch", "StridedSlice", "StringJoin",
+    "Sub", "Substr", "Sum", "TensorListFromTensor", "TensorListGetItem",
+    "TensorListReserve", "TensorListSetItem", "TensorListStack", "VarHandleOp",
+    "VarIsInitializedOp",
+})
+# Checkpoint ops write and read files: allowed only in the save and restore
+# functions that tf.saved_model.save adds for the saver_def (which
+# tf.saved_model.load never runs: it restores variables with its own reader),
+# and only when nothing else refers to those functions.
+SAVER_OPS = frozenset({"SaveV2", "RestoreV2", "MergeV2Checkpoints", "ShardedFilename"})
+MAX_SAVED_MODEL_BYTES = 512 << 20
+
+
+def check_saved_model_ops(export_dir: str) -> None:
+    """Refuses a SavedModel that could touch files, the network or Python when loaded.
+
+    Reads saved_model.pb (bounded, no TensorFlow runtime involved) and checks
+    the op type of every node of every MetaGraphDef's graph and of every
+    function in its library against SAFE_OPS; checkpoint ops (SAVER_OPS) only
+    in the saver_def's own save/restore functions, referred to by nothing else.
+    An object graph is required (a TF1-style SavedModel would have its init
+    and restore ops run at load).
+    Raises:
+      ModelDirError: one line naming the first op refused and where it is.
+    """
+    from tensorflow.core.protobuf import saved_model_pb2
+    pb = os.path.join(export_dir, "saved_model.pb")
+    try:
+        data = fileio.read_regular(pb, max_bytes=MAX_SAVED_MODEL_BYTES)
+        saved = saved_model_pb2.SavedModel.FromString(data)
+    except OSError as e:
+        raise ModelDirError(f"cannot read {fileio.show(pb)}: {e.strerror or e}") from None
+    except Exception as e:   # protobuf's DecodeError, a nesting limit
+        raise ModelDirError(f"{fileio.show(pb)} is not a SavedModel: {type(e).__name__}") \
+            from None
+    refuse = lambda what: ModelDirError(  # noqa: E731
+        f"refusing to load SavedModel {fileio.show(export_dir)}: {what}; a SavedModel is "
+        "a program: pass --trust_model only if you trust whoever made it")
+    if not saved.meta_graphs:
+        raise refuse("it holds no graph")
+    for meta in saved.meta_graphs:
+        if not meta.object_graph_def.nodes:
+            raise refuse("it is a TF1-style SavedModel (no object graph)")
+        library = {f.signature.name: f for f in meta.graph_def.library.function}
+        saver_nodes = {meta.saver_def.save_tensor_name.split(":")[0],
+                       meta.saver_def.restore_op_name.split(":")[0]} - {""}
+        saver_fns, other_refs = set(), set()
+        for node in meta.graph_def.node:
+            if node.op not in SAFE_OPS:
+                raise refuse(f"graph node {fileio.show(node.name)!r} has op "
+                             f"{fileio.show(node.op)!r}")
+            refs = _function_refs(node)
+            (saver_fns if node.name in saver_nodes else other_refs).update(refs)
+        for name, function in library.items():
+            for node in function.node_def:
+                other_refs.update(_function_refs(node))
+                if node.op in library:
+                    other_refs.add(node.op)
+        for item in meta.object_graph_def.nodes:
+            other_refs.update(_object_refs(item))
+        if saver_fns & other_refs:
+            raise refuse("its checkpoint functions are also called from elsewhere")
+        for name, function in library.items():
+            allowed = SAFE_OPS | (SAVER_OPS if name in saver_fns else frozenset())
+            for node in function.node_def:
+                if node.op not in allowed and node.op not in library:
+                    raise refuse(f"function {fileio.show(name)!r} has op "
+                                 f"{fileio.show(node.op)!r}")
+                if name in saver_fns and (node.op in library or _function_refs(node)):
+                    raise refuse(f"checkpoint function {fileio.show(name)!r} calls others")
+
+
+def _function_refs(node) -> set:
+    """Names of the functions a NodeDef refers to through its attributes."""
+    refs = set()
+    for value in node.attr.values():
+        if value.HasField("func"):
+            refs.add(value.func.name)
+        refs.update(f.name for f in value.list.func)
+    return refs
+
+
+def _object_refs(item) -> set:
+    """Functions an object-graph node makes the loader create or call (resources'
+    initializers and saveables' save/restore functions are "function" nodes too)."""
+    kind = item.WhichOneof("kind")
+    refs = set()
+    if kind == "function":
+        refs.update(item.function.concrete_functions)
+    elif kind == "bare_concrete_function":
+        refs.add(item.bare_concrete_function.concrete_function_name)
+    elif kind == "captured_tensor":
+        refs.add(item.captured_tensor.concrete_function)
+    return refs - {""}
 
 
 def file_size(path: str) -> int:

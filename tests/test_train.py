@@ -580,8 +580,10 @@ def _damaged_copy(sharded_records, tmp_path, split, how, legacy=False):
 def test_truncated_train_shard_through_the_tool_names_file_and_record(sharded_records,
                                                                      tmp_path):
     """A truncated train shard in a folder whose info.json has no shard sizes
-    (written before that field existed), so only reading finds it: one line
-    naming the shard and the record, exit 1; the subprocess timeout fails a hang."""
+    (written before that field existed): the framing check of load_info finds
+    the record that runs past the end before training starts (a config error,
+    exit 2): one line naming the shard and the record; the subprocess timeout
+    fails a hang."""
     out, shard, index = _damaged_copy(sharded_records, tmp_path, "train", "truncate",
                                       legacy=True)
     result = _tool(f"--records={out}", f"--model_dir={tmp_path / 'run'}", "--backbone=tiny",
@@ -589,7 +591,7 @@ def test_truncated_train_shard_through_the_tool_names_file_and_record(sharded_re
                    "--stage1_epochs=1", "--stage1_freeze_below_block=3", "--stage2_epochs=0",
                    "--steps_per_epoch=3", "--augment_policy=none", "--noexport", "--verbose=0",
                    timeout=600)
-    assert result.returncode == 1, result.stderr[-3000:]
+    assert result.returncode == 2, result.stderr[-3000:]
     lines = _error_lines(result)
     assert len(lines) == 1, result.stderr[-3000:]
     assert lines[0].startswith(f"train: error: {shard}: record {index} is damaged "
@@ -613,12 +615,14 @@ def test_damaged_shard_met_by_fit_or_validation_is_named(sharded_records, tmp_pa
                                                          how):
     """Flipped bytes (the size is unchanged) or a truncated shard of a folder
     without sizes, in the train split (met by fit) or the val split (met by
-    fit's validation): RecordsError naming the shard file and the record."""
+    fit's validation): RecordsError naming the shard file and the record. (A
+    truncation, or a flip that hits a length field, is found before any work by
+    load_info's framing check: then a ConfigError with the same line.)"""
     from upright.pipeline import recordio
     out, shard, index = _damaged_copy(sharded_records, tmp_path, split, how, legacy=True)
     config = tiny_config(out, str(tmp_path / "run"), stage2_epochs=0, steps_per_epoch=3,
                          augment_policy="none")
-    with pytest.raises(recordio.RecordsError) as caught:
+    with pytest.raises((recordio.RecordsError, train.ConfigError)) as caught:
         train.train_and_evaluate(config)
     assert str(caught.value).startswith(f"{shard}: record {index} is damaged"), caught.value
 

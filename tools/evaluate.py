@@ -27,6 +27,10 @@ _OUT = flags.DEFINE_string("out", None, "result JSON; default MODEL/eval_<split>
 _NUM_BINS = flags.DEFINE_integer("num_bins", 15, "equal-width confidence bins for the "
                                  "calibration error and reliability diagram.", lower_bound=1)
 _PLOTS = flags.DEFINE_boolean("plots", True, "write the PNG charts.")
+_TRUST_MODEL = flags.DEFINE_boolean(
+    "trust_model", False, "load a SavedModel even if it holds ops outside the allowlist "
+    "(file, network or Python ops): a SavedModel is a program; only for models from people "
+    "you trust. model.keras is always loaded in Keras' safe mode.")
 
 
 def main(argv):
@@ -37,7 +41,7 @@ def main(argv):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from upright.pipeline import evaluation, recordio, serve
     try:
-        predictor = serve.load_model(_MODEL.value)
+        predictor = serve.load_model(_MODEL.value, trust_model=_TRUST_MODEL.value)
         info = recordio.load_info(_RECORDS.value)
         recordio.shard_paths(_RECORDS.value, _SPLIT.value, info)
     except (serve.ModelDirError, recordio.RecordsError, ValueError) as e:
