@@ -157,6 +157,29 @@ def test_evaluate_fixed_output_model_exact(tmp_path, records):
     assert float(rows[0]["confidence"]) == pytest.approx(0.6, abs=1e-6)
 
 
+def test_evaluate_temperature_scaling_block_uses_the_fitted_temperature(tmp_path, records):
+    """The "after" numbers of evaluate's temperature_scaling block, by hand: the
+    model always says p = [0.1, 0.6, 0.2, 0.1] on 12 examples, 3 per label."""
+    p = np.array([0.1, 0.6, 0.2, 0.1])
+    model_dir = helpers.write_model_dir(str(tmp_path / "model"),
+                                        helpers.fixed_output_model(S, p), S)
+    ts = evaluation.evaluate(model_dir, records, split="val", batch_size=5, num_bins=10,
+                             plots=False)["temperature_scaling"]
+    # Balanced labels and one constant prediction: the NLL falls all the way to
+    # uniform, so the fit ends at fit_temperature's upper bound, 20.
+    t = ts["temperature"]
+    assert t == pytest.approx(20.0, rel=1e-4)
+    q = p ** (1 / t) / np.sum(p ** (1 / t))          # softmax(log p / T), by hand
+    assert q.max() == pytest.approx(0.26494, abs=1e-4)
+    assert ts["nll_before"] == pytest.approx(-np.mean(np.log(p)), rel=1e-6)
+    assert ts["nll_after"] == pytest.approx(-np.mean(np.log(q)), rel=1e-6)
+    # One confidence bin, accuracy 1/4 (always "90"): ECE = |0.25 - max q|.
+    assert ts["ece_after"] == pytest.approx(q.max() - 0.25, abs=1e-6)
+    # Every scaled confidence is below every summary threshold: all left alone.
+    assert [(r["threshold"], r["left_alone"], r["error_acted"]) for r in ts["coverage_after"]] \
+        == [(t_, 1.0, None) for t_ in evaluation.SUMMARY_THRESHOLDS]
+
+
 def read_csv(path):
     import csv
     with open(path, newline="", encoding="utf-8") as f:
