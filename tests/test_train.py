@@ -170,6 +170,31 @@ def test_kept_model_is_the_best_epoch_of_history(records, tmp_path):
     assert np.mean(probs.argmax(1) == labels) == pytest.approx(val[best_epoch], abs=1e-6)
 
 
+def test_training_learns_an_easy_orientation_task(tmp_path):
+    """The real trainer on an easy task (a bright quadrant marks the top-left):
+    a seeded run of 16 steps takes the tiny model from chance to >= 90 % on
+    held-out pictures, in every orientation."""
+    records = str(tmp_path / "rec")
+    helpers.write_records(records, {
+        "train": [helpers.quadrant_marker_image(i) for i in range(64)],
+        "val": [helpers.quadrant_marker_image(1000 + i) for i in range(16)]})
+    config = train.TrainConfig(
+        records=records, model_dir=str(tmp_path / "run"), batch_size=16, image_size=32,
+        seed=0, augment_policy="none", augment_on="host", backbone="tiny", weights=None,
+        head="linear", stage1_epochs=0, stage2_epochs=2, stage2_lr=1e-2,
+        stage2_freeze_below_block=0, steps_per_epoch=8, export=False, verbose=0)
+    keras.utils.set_random_seed(config.seed)   # the run's own starting point
+    untrained = model_lib.build_model(backbone="tiny", image_size=32, weights=None,
+                                      head="linear")
+    _, probs, labels = _val_probs(untrained, config)
+    assert np.mean(probs.argmax(1) == labels) <= 0.5
+    metrics = train.train_and_evaluate(config)
+    final = metrics["final"]
+    assert final["val_examples"] == 64
+    assert final["val_accuracy"] >= 0.9, metrics
+    assert min(final["per_class_accuracy"].values()) >= 0.9, final["per_class_accuracy"]
+
+
 def test_stage1_keeps_frozen_blocks_exactly_and_stage2_changes_them(reference):
     config, _ = reference
     # The run's initial weights: same seed, same construction.
