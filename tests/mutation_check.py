@@ -75,6 +75,11 @@ MUTANTS = (
            "pipeline/inputs.py",
            (("_JPEG_RATIOS = (1, 2, 4, 8)", "_JPEG_RATIOS = (1, 1, 1, 1)"),),
            ("tests/test_inputs.py::test_jpeg_decoded_size_before_resizing",)),
+    Mutant("M6", "the stage's learning rate 1000x too small (training barely moves)",
+           "pipeline/train.py",
+           (('optimizer=keras.optimizers.Adam(learning_rate=s["lr"]),',
+             'optimizer=keras.optimizers.Adam(learning_rate=s["lr"] * 1e-3),'),),
+           ("tests/test_train.py::test_training_learns_an_easy_orientation_task",)),
 )
 
 
