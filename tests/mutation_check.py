@@ -80,6 +80,15 @@ MUTANTS = (
            (('optimizer=keras.optimizers.Adam(learning_rate=s["lr"]),',
              'optimizer=keras.optimizers.Adam(learning_rate=s["lr"] * 1e-3),'),),
            ("tests/test_train.py::test_training_learns_an_easy_orientation_task",)),
+    Mutant("M7", "evaluate command: --num_bins not passed on to the library",
+           "tools/evaluate.py",
+           (("tta=_TTA.value, out_json=_OUT.value, num_bins=_NUM_BINS.value, plots=_PLOTS.value",
+             "tta=_TTA.value, out_json=_OUT.value, plots=_PLOTS.value"),),
+           ("tests/test_evaluation.py::test_evaluate_tool_flags_reach_the_library",)),
+    Mutant("M8", "evaluate command: --tta ignored",
+           "tools/evaluate.py",
+           (("tta=_TTA.value, out_json", "tta=False, out_json"),),
+           ("tests/test_evaluation.py::test_evaluate_tool_flags_reach_the_library",)),
 )
 
 

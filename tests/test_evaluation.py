@@ -214,6 +214,47 @@ def test_evaluate_perfect_and_upright_only_models_with_tta(tmp_path, records):
                for r in rows)
 
 
+def _evaluate_tool(*args):
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-m", "upright.tools.evaluate", *args],
+                          capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+
+
+def test_evaluate_tool_flags_reach_the_library(tmp_path, records):
+    """--tta, --num_bins, --out and --plots on the command line give what
+    evaluation.evaluate gives with those arguments, in the places they name."""
+    model_dir = helpers.write_model_dir(str(tmp_path / "model"),
+                                        helpers.upright_only_model(S), S)
+    out = tmp_path / "elsewhere" / "scores.json"
+    done = _evaluate_tool("--model", model_dir, "--records", records, "--batch_size", "5",
+                          "--tta", "--num_bins", "7", "--out", str(out), "--plots")
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    expected = evaluation.evaluate(model_dir, records, batch_size=5, tta=True, num_bins=7,
+                                   out_json=str(tmp_path / "library" / "scores.json"),
+                                   plots=True)
+    assert {k: v for k, v in result.items() if k != "files"} == \
+        json.loads(json.dumps({k: v for k, v in expected.items() if k != "files"}))
+    assert result["calibration"]["num_bins"] == 7 and len(result["calibration"]["bins"]) == 7
+    assert result["tta"]["accuracy"] == 1.0 and result["accuracy"] < 1.0
+    assert sorted(os.listdir(out.parent)) == sorted(
+        ["scores.json", "scores_coverage.json", "scores_images.csv", "scores_confusion.png",
+         "scores_reliability.png", "scores_coverage.png"])
+    assert not os.path.exists(os.path.join(model_dir, "eval_val.json"))
+    assert done.stdout.strip() == evaluation.format_summary(result).strip()
+    # The defaults: no test-time agreement, 15 bins, MODEL/eval_val.json; --noplots.
+    done = _evaluate_tool("--model", model_dir, "--records", records, "--noplots")
+    assert done.returncode == 0, done.stderr[-2000:]
+    with open(os.path.join(model_dir, "eval_val.json")) as f:
+        result = json.load(f)
+    assert "tta" not in result and result["calibration"]["num_bins"] == 15
+    assert sorted(os.listdir(model_dir)) == ["eval_val.json", "eval_val_coverage.json",
+                                             "eval_val_images.csv", "model.keras",
+                                             "model_info.json"]
+
+
 def test_evaluate_tool_bad_input_is_one_line(tmp_path, records):
     import subprocess
     import sys
