@@ -141,7 +141,11 @@ def apply(copy: str, mutant: Mutant) -> str:
 def run_pytest(copy: str, tests) -> tuple:
     """(pytest exit code or 'timeout', its last summary line, seconds)."""
     start = time.monotonic()
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    # Its own pytest temp root: /tmp/pytest-of-<user> is shared by every pytest
+    # session of the user, and each one prunes the others' old folders.
+    temproot = copy.rstrip(os.sep) + "-pytest-tmp"   # beside the copy, not inside it
+    os.makedirs(temproot, exist_ok=True)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTEST_DEBUG_TEMPROOT=temproot)
     try:
         proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", *tests],
                               cwd=copy, env=env, capture_output=True, text=True,
