@@ -101,6 +101,103 @@ def test_end_to_end_writes_a_usable_model_dir(reference):
     assert metrics["model"]["tflite_bytes"] == os.path.getsize(os.path.join(d, "model.tflite"))
 
 
+def _val_probs(model, config):
+    """The model's own probabilities on the val split in all four orientations."""
+    from upright.pipeline import inputs
+    ds = inputs.input_fn(config.records, split="val", batch_size=config.batch_size,
+                         image_size=config.image_size, training=False, resize=config.resize)
+    images, labels = zip(*[(x.numpy(), y.numpy()) for x, y in ds])
+    images, labels = np.concatenate(images), np.concatenate(labels)
+    return images, np.asarray(model.predict_on_batch(images), np.float64), labels
+
+
+def test_fitted_temperature_reaches_model_info_export_and_orient(reference, tmp_path):
+    """The calibration temperature, fitted on val from model.keras's own
+    probabilities, is the one in model_info.json, the one the SavedModel applies,
+    and the one orient --min_confidence judges by."""
+    from upright.pipeline import evaluation, imageio, orient, serve
+    config, _ = reference
+    d = config.model_dir
+    model = keras.saving.load_model(os.path.join(d, "model.keras"), compile=False)
+    images, raw, labels = _val_probs(model, config)
+    t = evaluation.fit_temperature(raw, labels)
+    # Far enough from 1 that T and 1/T are told apart (this run: about 1.78).
+    assert abs(np.log(t)) > 0.2, t
+    info = json.load(open(os.path.join(d, "model_info.json")))
+    assert info["temperature"] == pytest.approx(t, rel=1e-6)
+    calibrated = evaluation.apply_temperature(raw, t)
+    export = os.path.join(d, "export")
+    for source in (d, export):   # model.keras + model_info.json, and the SavedModel
+        np.testing.assert_allclose(serve.load_model_dir(source).predict_images(images),
+                                   calibrated, atol=1e-5, err_msg=source)
+    # orient on one picture, with --min_confidence halfway between the raw and
+    # the calibrated confidence: only the calibrated one decides.
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    path = str(folder / "a.png")
+    helpers.write_image_file(path, helpers.upright_image(1000, 40, 48), "png")
+    # What orient feeds the model: the picture as make_records would store it.
+    x = serve.load_model_dir(d).preprocess(imageio.read_upright(path).encoded)[None]
+    raw_one = np.asarray(model.predict_on_batch(x), np.float64)
+    cal_one = evaluation.apply_temperature(raw_one, t)[0]
+    raw_conf, cal_conf = raw_one.max(), cal_one.max()
+    assert abs(raw_conf - cal_conf) > 1e-3, (raw_conf, cal_conf)
+    middle = (raw_conf + cal_conf) / 2
+    sure = cal_conf >= middle                     # False when T > 1 (softer)
+    k = int(np.argmax(cal_one))
+    for source in (d, export):
+        row, = orient.run(orient.OrientConfig(model_dir=source, paths=(str(folder),),
+                                              min_confidence=middle, progress=False))["rows"]
+        assert row["confidence"] == pytest.approx(cal_conf, abs=2e-6), source
+        assert row["action"] == ("unsure" if not sure else "none" if k == 0 else "turn"), source
+
+
+def test_kept_model_is_the_best_epoch_of_history(records, tmp_path):
+    """A run whose val accuracy goes down, up, down (seeded, so the same each
+    time): model.keras and best.json are the epoch with the highest val_accuracy
+    in history.csv, not the first, the last or the worst."""
+    config = tiny_config(records, str(tmp_path / "run"), stage1_epochs=0, stage2_epochs=4,
+                         stage2_lr=3e-2, augment_policy="none")
+    metrics = train.train_and_evaluate(config)
+    rows = open(os.path.join(config.model_dir, "history.csv")).read().splitlines()
+    header = rows[0].split(",")
+    val = [float(r.split(",")[header.index("val_accuracy")]) for r in rows[1:]]
+    best_epoch = int(np.argmax(val))
+    # The run must have this shape for the check to mean anything (this seed:
+    # 0.50, 0.35, 0.55, 0.50).
+    assert 0 < best_epoch < len(val) - 1 and min(val) < val[0] < max(val), val
+    assert metrics["best"] == {"val_accuracy": pytest.approx(val[best_epoch]), "stage": 2,
+                               "epoch": best_epoch}
+    kept = keras.saving.load_model(os.path.join(config.model_dir, "model.keras"), compile=False)
+    _, probs, labels = _val_probs(kept, config)
+    assert np.mean(probs.argmax(1) == labels) == pytest.approx(val[best_epoch], abs=1e-6)
+
+
+def test_training_learns_an_easy_orientation_task(tmp_path):
+    """The real trainer on an easy task (a bright quadrant marks the top-left):
+    a seeded run of 16 steps takes the tiny model from chance to >= 90 % on
+    held-out pictures, in every orientation."""
+    records = str(tmp_path / "rec")
+    helpers.write_records(records, {
+        "train": [helpers.quadrant_marker_image(i) for i in range(64)],
+        "val": [helpers.quadrant_marker_image(1000 + i) for i in range(16)]})
+    config = train.TrainConfig(
+        records=records, model_dir=str(tmp_path / "run"), batch_size=16, image_size=32,
+        seed=0, augment_policy="none", augment_on="host", backbone="tiny", weights=None,
+        head="linear", stage1_epochs=0, stage2_epochs=2, stage2_lr=1e-2,
+        stage2_freeze_below_block=0, steps_per_epoch=8, export=False, verbose=0)
+    keras.utils.set_random_seed(config.seed)   # the run's own starting point
+    untrained = model_lib.build_model(backbone="tiny", image_size=32, weights=None,
+                                      head="linear")
+    _, probs, labels = _val_probs(untrained, config)
+    assert np.mean(probs.argmax(1) == labels) <= 0.5
+    metrics = train.train_and_evaluate(config)
+    final = metrics["final"]
+    assert final["val_examples"] == 64
+    assert final["val_accuracy"] >= 0.9, metrics
+    assert min(final["per_class_accuracy"].values()) >= 0.9, final["per_class_accuracy"]
+
+
 def test_stage1_keeps_frozen_blocks_exactly_and_stage2_changes_them(reference):
     config, _ = reference
     # The run's initial weights: same seed, same construction.
