@@ -789,3 +789,201 @@ def test_every_commit_point_of_a_run_is_durable(records, tmp_path, monkeypatch):
                      "stages/stage1.weights.npz", "stages/stage1.done.json",
                      "stages/stage2.done.json", "model.keras", "metrics.json"):
         assert landed.get(expected), (expected, landed)
+
+
+# ------------------------------------------- trainer flags of BUILD.md, by value
+
+def _spy_on_fit(monkeypatch):
+    """Records what fit() runs with, read from the live objects: per stage the
+    jit_compile given to compile() and the compiled model's own attribute, the
+    model fit() trains, and the optimizer's learning rate at each epoch start
+    (the rate that epoch trains with). Returns the list it fills, one dict per
+    fitted stage."""
+    seen = []
+    original = keras.Model.compile
+
+    def compile(self, *args, **kwargs):
+        seen.append({"jit_compile_arg": kwargs.get("jit_compile"), "lr": []})
+        return original(self, *args, **kwargs)
+
+    class Spy(train._callback("History")):
+        def on_train_begin(self, logs=None):
+            seen[-1].update(stage=self.stage, model=self.model,
+                            jit_compile=self.model.jit_compile)
+
+        def on_epoch_begin(self, epoch, logs=None):
+            seen[-1]["lr"].append(float(keras.ops.convert_to_numpy(
+                self.model.optimizer.learning_rate)))
+
+    monkeypatch.setattr(keras.Model, "compile", compile)
+    monkeypatch.setitem(train._CALLBACKS, "History", Spy)
+    return seen
+
+
+def _history(model_dir):
+    """history.csv as {column: [float per row]}."""
+    rows = open(os.path.join(model_dir, "history.csv")).read().splitlines()
+    header = rows[0].split(",")
+    return {k: [float(r.split(",")[i]) for r in rows[1:]] for i, k in enumerate(header)}
+
+
+def test_bn_momentum_reaches_every_backbone_batchnorm(records, tmp_path, monkeypatch):
+    """--bn_momentum=0.5: every BatchNorm of the backbone of the model fit()
+    trains and of the saved model.keras has momentum 0.5 (the tiny backbone's
+    own is 0.9); the head's BatchNorm, outside the backbone, keeps Keras' 0.99."""
+    seen = _spy_on_fit(monkeypatch)
+    config = tiny_config(records, str(tmp_path / "run"), bn_momentum=0.5, stage1_epochs=0,
+                         stage2_epochs=1, steps_per_epoch=1, validation_steps=1,
+                         augment_policy="none")
+    train.train_and_evaluate(config)
+    saved = keras.saving.load_model(os.path.join(config.model_dir, "model.keras"),
+                                    compile=False)
+    for model in (seen[0]["model"], saved):
+        backbone = model_lib.get_backbone(model)
+        momenta = {layer.name: layer.momentum for layer in backbone.layers
+                   if isinstance(layer, keras.layers.BatchNormalization)}
+        assert momenta == {f"block{b}_bn": 0.5 for b in (1, 2, 3, 4)}
+        assert model.get_layer("head_bn").momentum == 0.99
+
+
+def test_early_stopping_stops_after_the_peak_and_restores_the_best_weights(records, tmp_path):
+    """The seeded run of test_kept_model_is_the_best_epoch_of_history (val
+    accuracy 0.50, 0.35, 0.55, 0.50 over 4 epochs) with --early_stopping_patience=1
+    stops after epoch 2, and the stage's final weights are epoch 1's (the ones
+    best.keras kept when epoch 1 ended), not epoch 2's."""
+    config = tiny_config(records, str(tmp_path / "run"), stage1_epochs=0, stage2_epochs=4,
+                         stage2_lr=3e-2, augment_policy="none", early_stopping_patience=1)
+    metrics = train.train_and_evaluate(config)
+    val = _history(config.model_dir)["val_accuracy"]
+    assert len(val) == 2 and val[1] < val[0], val   # the peak, then a fall: stopped
+    stage = metrics["stages"]["2"]
+    assert stage["stopped_early"] is True and stage["epochs_run_this_process"] == 2
+    assert metrics["best"]["val_accuracy"] == pytest.approx(val[0])
+    best = keras.saving.load_model(os.path.join(config.model_dir, "checkpoints", "best.keras"),
+                                   compile=False)
+    final = _npz(os.path.join(config.model_dir, "stages", "stage2.weights.npz"))
+    assert len(final) == len(best.get_weights())
+    for x, y in zip(final, best.get_weights()):
+        np.testing.assert_array_equal(x, y)
+    # The stage's own closing evaluation ran on the restored weights.
+    assert stage["val_accuracy"] == pytest.approx(val[0])
+
+
+def test_reduce_lr_on_plateau_multiplies_by_the_factor_down_to_min_lr(records, tmp_path,
+                                                                        monkeypatch):
+    """--reduce_lr_patience=1 --reduce_lr_factor=0.5 --min_lr=1e-2 from lr 3e-2:
+    the rate each epoch trains with, read from the optimizer, is the previous
+    one x 0.5 after each epoch whose val loss is no better than the best so far,
+    clipped at 1e-2, and unchanged otherwise. The seeded run has to show the
+    factor (3e-2 -> 1.5e-2) and the floor (1.5e-2 -> 1e-2, not 7.5e-3)."""
+    seen = _spy_on_fit(monkeypatch)
+    lr, factor, floor = 3e-2, 0.5, 1e-2
+    config = tiny_config(records, str(tmp_path / "run"), stage1_epochs=0, stage2_epochs=5,
+                         stage2_lr=lr, augment_policy="none", reduce_lr_patience=1,
+                         reduce_lr_factor=factor, min_lr=floor)
+    train.train_and_evaluate(config)
+    val_loss = _history(config.model_dir)["val_loss"]
+    expected, best = [lr], float("inf")
+    for v in val_loss[:-1]:
+        current = expected[-1]
+        if v < best - 1e-4:   # Keras' min_delta
+            best = v
+        else:
+            current = max(current * factor, floor)
+        expected.append(current)
+    assert seen[0]["lr"] == pytest.approx(expected, rel=1e-6), (val_loss, seen[0]["lr"])
+    assert {lr, lr * factor, floor} <= {round(x, 9) for x in expected}, (val_loss, expected)
+
+
+def test_measure_steps_writes_a_consistent_throughput_block(records, tmp_path, monkeypatch):
+    """--measure_steps=2: metrics.json gets the throughput block of BUILD.md
+    (stage 2, the steps, the batch size, images/s on the real stream and on a
+    cached batch, input_wait_fraction = max(0, 1 - t_cached / t_real)), and the
+    timing ran 3 warm-up + 2 timed steps on each of the two streams."""
+    steps = []
+    original = keras.Model.train_on_batch
+    monkeypatch.setattr(keras.Model, "train_on_batch",
+                        lambda self, *a, **k: steps.append(1) or original(self, *a, **k))
+    config = tiny_config(records, str(tmp_path / "run"), stage1_epochs=0, stage2_epochs=1,
+                         steps_per_epoch=1, validation_steps=1, augment_policy="none",
+                         measure_steps=2)
+    metrics = train.train_and_evaluate(config)
+    block = metrics["throughput"]
+    assert json.load(open(os.path.join(config.model_dir, "metrics.json")))["throughput"] == block
+    assert sorted(block) == ["batch_size", "compute_only_images_per_s", "images_per_s",
+                             "input_wait_fraction", "stage", "steps"]
+    assert (block["stage"], block["steps"], block["batch_size"]) == (2, 2, 8)
+    assert len(steps) == 2 * (3 + 2)
+    real, cached = block["images_per_s"], block["compute_only_images_per_s"]
+    assert real > 0 and cached > 0
+    # t_cached / t_real = real / cached (images/s is batch_size / t); all rounded.
+    assert block["input_wait_fraction"] == pytest.approx(max(0.0, 1 - real / cached), abs=2e-3)
+    assert 0 <= block["input_wait_fraction"] < 1
+
+
+@pytest.mark.parametrize("value, passed, compiled", [
+    ("true", True, True), ("false", False, False), ("auto", "auto", None)])
+def test_jit_compile_reaches_model_compile(records, tmp_path, monkeypatch, value, passed,
+                                           compiled):
+    """--jit_compile: true and false reach compile() and the compiled model's
+    jit_compile attribute; auto reaches compile() as "auto" (Keras resolves it:
+    XLA only with an accelerator), with host augmentation."""
+    seen = _spy_on_fit(monkeypatch)
+    config = tiny_config(records, str(tmp_path / "run"), stage1_epochs=0, stage2_epochs=1,
+                         steps_per_epoch=1, validation_steps=1, augment_policy="none",
+                         jit_compile=value)
+    train.train_and_evaluate(config)
+    assert [s["jit_compile_arg"] for s in seen] == [passed]
+    if compiled is not None:
+        assert seen[0]["jit_compile"] is compiled
+
+
+@pytest.mark.parametrize("train_batchnorm", [False, True])
+def test_stage2_train_batchnorm_decides_if_frozen_batchnorm_statistics_move(
+        records, tmp_path, train_batchnorm):
+    """Stage 2 with the whole backbone frozen (freeze below block 5 of 4):
+    --stage2_train_batchnorm=false leaves every BatchNorm weight (moving mean
+    and variance included) exactly as initialised; true moves every moving
+    mean and variance. The convolutions stay frozen and the head trains in both."""
+    config = tiny_config(records, str(tmp_path / "run"), stage1_epochs=0, stage2_epochs=1,
+                         stage2_freeze_below_block=5, stage2_train_batchnorm=train_batchnorm,
+                         head="linear", dropout=0.0, augment_policy="none",
+                         validation_steps=1)
+    keras.utils.set_random_seed(config.seed)   # the run's initial weights
+    model = model_lib.build_model(backbone="tiny", image_size=32, weights=None, head="linear")
+    initial = _weights_by_name(model, model.get_weights())
+    train.train_and_evaluate(config)
+    after = _weights_by_name(model, _npz(os.path.join(config.model_dir, "stages",
+                                                      "stage2.weights.npz")))
+    bn = [p for p in initial if "_bn/" in p]
+    assert len(bn) == 4 * 4
+    for path in bn:
+        if train_batchnorm and path.endswith(("moving_mean", "moving_variance")):
+            assert not np.allclose(after[path], initial[path]), path
+        elif not train_batchnorm:
+            np.testing.assert_array_equal(after[path], initial[path], err_msg=path)
+    for b in (1, 2, 3, 4):
+        np.testing.assert_array_equal(after[f"block{b}_conv/kernel"],
+                                      initial[f"block{b}_conv/kernel"])
+    assert not np.allclose(after["head_logits/kernel"], initial["head_logits/kernel"])
+
+
+def test_validation_steps_is_the_number_of_val_batches(records, tmp_path):
+    """--validation_steps=2 with 20 val examples (5 images x 4 turns) in batches
+    of 8: fit's validation and the stage's closing evaluation score exactly the
+    first 16 examples (their loss under the final weights), not all 20."""
+    config = tiny_config(records, str(tmp_path / "run"), stage1_epochs=0, stage2_epochs=1,
+                         stage2_lr=3e-2, augment_policy="none", validation_steps=2)
+    metrics = train.train_and_evaluate(config)
+    model = model_lib.build_model(backbone="tiny", image_size=32, weights=None, head="dense",
+                                  dropout=config.dropout)
+    model.set_weights(_npz(os.path.join(config.model_dir, "stages", "stage2.weights.npz")))
+    _, probs, labels = _val_probs(model, config)
+    assert len(labels) == 20
+    loss = keras.losses.SparseCategoricalCrossentropy()
+    first16 = float(loss(labels[:16], probs[:16]))
+    for other in (8, 20):   # one batch, the whole split: far from the 16 at this tolerance
+        assert abs(float(loss(labels[:other], probs[:other])) - first16) > 1e-3 * first16
+    assert metrics["stages"]["2"]["val_loss"] == pytest.approx(first16, rel=1e-5)
+    assert _history(config.model_dir)["val_loss"][-1] == pytest.approx(first16, rel=1e-5)
+    assert metrics["final"]["val_examples"] == 20   # the final evaluation: the whole split
