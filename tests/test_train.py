@@ -987,3 +987,19 @@ def test_validation_steps_is_the_number_of_val_batches(records, tmp_path):
     assert metrics["stages"]["2"]["val_loss"] == pytest.approx(first16, rel=1e-5)
     assert _history(config.model_dir)["val_loss"][-1] == pytest.approx(first16, rel=1e-5)
     assert metrics["final"]["val_examples"] == 20   # the final evaluation: the whole split
+
+
+def test_tool_passes_the_hygiene_and_speed_flags_into_the_config(records, tmp_path):
+    """The tests above drive TrainConfig; this is the tool's half: each of those
+    flags, at a value other than its default, reaches the TrainConfig it builds."""
+    values = {"bn_momentum": 0.5, "early_stopping_patience": 3, "reduce_lr_patience": 2,
+              "reduce_lr_factor": 0.5, "min_lr": 0.001, "measure_steps": 4,
+              "jit_compile": "false", "stage2_train_batchnorm": False, "validation_steps": 7}
+    defaults = train.TrainConfig()
+    assert all(getattr(defaults, k) != v for k, v in values.items())
+    flags = [f"--no{k}" if v is False else f"--{k}={v}" for k, v in values.items()]
+    result = _tool(f"--records={records}", f"--model_dir={tmp_path / 'run'}",
+                   "--backbone=tiny", "--weights=none", "--image_size=32", "--dry_run", *flags)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for key, value in values.items():
+        assert f"{key} = {value!r}" in result.stdout.splitlines(), key
