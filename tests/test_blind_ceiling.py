@@ -86,12 +86,23 @@ def test_score_counts_sure_and_groups_exactly(made, tmp_path):
     for t in tiles:   # right and sure on odd tiles, "top" and unsure on even ones
         lines.append(f"#{t['n']} {t['top_edge']} sure" if t["n"] % 2 else f"#{t['n']} top unsure")
     (tmp_path / "a.txt").write_text("\n".join(lines) + "\n")
+    # Group by the last digit of the record's index, 0-4 only: five groups of
+    # one tile (ids val/00000.png .. val/00004.png) and the rest unmatched.
     result = blind_ceiling.score(str(made / "key.json"), str(tmp_path / "a.txt"),
-                                 group_by=r"^val/(\d)")
+                                 group_by=r"^val/\d{4}([0-4])\.png$")
     even_right = sum(t["top_edge"] == "top" for t in tiles if t["n"] % 2 == 0)
     assert result["sure"] == (5, 5)
     assert result["all"] == (5 + even_right, 10)
-    assert sum(n for _, n in result["groups"].values()) == 10
+    expected = {}
+    for t in tiles:
+        index = int(t["source_id"][len("val/"):-len(".png")])
+        group = str(index) if index <= 4 else "(no match)"
+        right = int(t["n"] % 2 == 1 or t["top_edge"] == "top")
+        c, n = expected.get(group, (0, 0))
+        expected[group] = (c + right, n + 1)
+    assert sorted(t["source_id"] for t in tiles) == [f"val/{i:05d}.png" for i in range(10)]
+    assert result["groups"] == expected
+    assert [n for _, n in expected.values()].count(1) == 5 and expected["(no match)"][1] == 5
     low, high = blind_ceiling.wilson(5, 10)
     assert low == pytest.approx(0.2366, abs=1e-3) and high == pytest.approx(0.7634, abs=1e-3)
     assert blind_ceiling.wilson(0, 10)[0] == 0.0 and blind_ceiling.wilson(10, 10)[1] == 1.0

@@ -186,12 +186,15 @@ def test_data_service_tool_dispatcher_and_worker_serve(records_dir):
 
 def test_data_service_tool_bad_flags_one_line():
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    for args in (["--role=worker", "--port=5051"],
-                 ["--role=worker", "--port=5051", "--dispatcher=nonsense"],
-                 ["--role=dispatcher"]):
+    # absl prints the usage text, then the error alone on the last line.
+    for args, message in (
+            (["--role=worker", "--port=5051"],
+             "--role=worker needs --dispatcher=grpc://HOST:PORT"),
+            (["--role=worker", "--port=5051", "--dispatcher=nonsense"],
+             "tf.data service address must look like grpc://HOST:PORT, got 'nonsense'"),
+            (["--role=dispatcher"], "--role (dispatcher or worker) and --port are required")):
         done = subprocess.run([sys.executable, "-m", "upright.tools.data_service", *args],
                               capture_output=True, text=True, env=env, timeout=60)
-        assert done.returncode != 0
+        assert done.returncode == 1, args
         assert "Traceback" not in done.stderr
-        last = done.stderr.strip().splitlines()[-1]
-        assert "--" in last or "grpc://HOST:PORT" in last
+        assert done.stderr.strip().splitlines()[-1] == message

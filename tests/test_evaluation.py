@@ -157,6 +157,29 @@ def test_evaluate_fixed_output_model_exact(tmp_path, records):
     assert float(rows[0]["confidence"]) == pytest.approx(0.6, abs=1e-6)
 
 
+def test_evaluate_temperature_scaling_block_uses_the_fitted_temperature(tmp_path, records):
+    """The "after" numbers of evaluate's temperature_scaling block, by hand: the
+    model always says p = [0.1, 0.6, 0.2, 0.1] on 12 examples, 3 per label."""
+    p = np.array([0.1, 0.6, 0.2, 0.1])
+    model_dir = helpers.write_model_dir(str(tmp_path / "model"),
+                                        helpers.fixed_output_model(S, p), S)
+    ts = evaluation.evaluate(model_dir, records, split="val", batch_size=5, num_bins=10,
+                             plots=False)["temperature_scaling"]
+    # Balanced labels and one constant prediction: the NLL falls all the way to
+    # uniform, so the fit ends at fit_temperature's upper bound, 20.
+    t = ts["temperature"]
+    assert t == pytest.approx(20.0, rel=1e-4)
+    q = p ** (1 / t) / np.sum(p ** (1 / t))          # softmax(log p / T), by hand
+    assert q.max() == pytest.approx(0.26494, abs=1e-4)
+    assert ts["nll_before"] == pytest.approx(-np.mean(np.log(p)), rel=1e-6)
+    assert ts["nll_after"] == pytest.approx(-np.mean(np.log(q)), rel=1e-6)
+    # One confidence bin, accuracy 1/4 (always "90"): ECE = |0.25 - max q|.
+    assert ts["ece_after"] == pytest.approx(q.max() - 0.25, abs=1e-6)
+    # Every scaled confidence is below every summary threshold: all left alone.
+    assert [(r["threshold"], r["left_alone"], r["error_acted"]) for r in ts["coverage_after"]] \
+        == [(t_, 1.0, None) for t_ in evaluation.SUMMARY_THRESHOLDS]
+
+
 def read_csv(path):
     import csv
     with open(path, newline="", encoding="utf-8") as f:
@@ -189,6 +212,47 @@ def test_evaluate_perfect_and_upright_only_models_with_tta(tmp_path, records):
     assert sum(r["correct"] == "1" for r in rows) / 12 == result["accuracy"]
     assert all(r["tta_correct"] == "1" and r["tta_predicted_angle"] == r["true_angle"]
                for r in rows)
+
+
+def _evaluate_tool(*args):
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-m", "upright.tools.evaluate", *args],
+                          capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+
+
+def test_evaluate_tool_flags_reach_the_library(tmp_path, records):
+    """--tta, --num_bins, --out and --plots on the command line give what
+    evaluation.evaluate gives with those arguments, in the places they name."""
+    model_dir = helpers.write_model_dir(str(tmp_path / "model"),
+                                        helpers.upright_only_model(S), S)
+    out = tmp_path / "elsewhere" / "scores.json"
+    done = _evaluate_tool("--model", model_dir, "--records", records, "--batch_size", "5",
+                          "--tta", "--num_bins", "7", "--out", str(out), "--plots")
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    expected = evaluation.evaluate(model_dir, records, batch_size=5, tta=True, num_bins=7,
+                                   out_json=str(tmp_path / "library" / "scores.json"),
+                                   plots=True)
+    assert {k: v for k, v in result.items() if k != "files"} == \
+        json.loads(json.dumps({k: v for k, v in expected.items() if k != "files"}))
+    assert result["calibration"]["num_bins"] == 7 and len(result["calibration"]["bins"]) == 7
+    assert result["tta"]["accuracy"] == 1.0 and result["accuracy"] < 1.0
+    assert sorted(os.listdir(out.parent)) == sorted(
+        ["scores.json", "scores_coverage.json", "scores_images.csv", "scores_confusion.png",
+         "scores_reliability.png", "scores_coverage.png"])
+    assert not os.path.exists(os.path.join(model_dir, "eval_val.json"))
+    assert done.stdout.strip() == evaluation.format_summary(result).strip()
+    # The defaults: no test-time agreement, 15 bins, MODEL/eval_val.json; --noplots.
+    done = _evaluate_tool("--model", model_dir, "--records", records, "--noplots")
+    assert done.returncode == 0, done.stderr[-2000:]
+    with open(os.path.join(model_dir, "eval_val.json")) as f:
+        result = json.load(f)
+    assert "tta" not in result and result["calibration"]["num_bins"] == 15
+    assert sorted(os.listdir(model_dir)) == ["eval_val.json", "eval_val_coverage.json",
+                                             "eval_val_images.csv", "model.keras",
+                                             "model_info.json"]
 
 
 def test_evaluate_tool_bad_input_is_one_line(tmp_path, records):

@@ -98,6 +98,34 @@ def test_preprocess_jpeg_block_crop_and_reduced_decode():
     assert 0 <= tiny.numpy().min() and tiny.numpy().max() <= 255
 
 
+@pytest.mark.parametrize("height, width, size, resize, ratio, decoded", [
+    # 300 x 203 keeps whole blocks, 288 x 192; the side that must keep >= S pixels
+    # is the short one (squash, crop) or the long one (pad).
+    (300, 203, 32, "squash", 4, (72, 48)),   # 192 / 8 = 24 < 32 <= 192 / 4
+    (300, 203, 32, "crop", 4, (72, 48)),
+    (300, 203, 32, "pad", 8, (36, 24)),      # 288 / 8 = 36 >= 32
+    (300, 203, 96, "squash", 2, (144, 96)),  # 192 / 2 = 96 >= 96 exactly
+    (300, 203, 100, "squash", 1, (288, 192)),
+    (12, 40, 8, "squash", 1, (12, 32)),      # a side under one block: not aligned, full scale
+])
+def test_jpeg_decoded_size_before_resizing(height, width, size, resize, ratio, decoded):
+    """The decode path actually used: libjpeg's reduced decode at the largest ratio
+    that still leaves S pixels, seen in the decoded size before resizing, and the
+    preprocessed image is that decode resized (not the full-size decode)."""
+    data = helpers.encode(helpers.upright_image(4, height, width), "jpeg")
+    image = inputs._decode_jpeg_aligned(tf.constant(data), size, resize).numpy()
+    assert image.shape == decoded + (3,)
+    reduced = tf.io.decode_jpeg(data, channels=3, ratio=ratio, fancy_upscaling=False).numpy()
+    np.testing.assert_array_equal(image, reduced[:decoded[0], :decoded[1]])
+    got = inputs.preprocess_image(data, size, resize).numpy()
+    np.testing.assert_array_equal(got, inputs.resize_image(image, size, resize).numpy())
+    if ratio > 1:
+        full = tf.io.decode_jpeg(data, channels=3, fancy_upscaling=False).numpy()
+        from_full = inputs.resize_image(full[:decoded[0] * ratio, :decoded[1] * ratio],
+                                        size, resize).numpy()
+        assert np.abs(got - from_full).max() > 1.0   # the two paths are distinguishable
+
+
 # ------------------------------------------------------------------ validation stream
 
 @pytest.mark.parametrize("resize", inputs.RESIZE_METHODS)

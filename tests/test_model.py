@@ -47,6 +47,71 @@ def test_resnet50_scaling_equals_keras_preprocess_input(resnet):
     assert not net.get_layer("resnet50_preprocess").trainable
 
 
+# What each backbone family's Keras application expects its input to be, from
+# [0, 255] RGB pixels: (the documented preprocess_input of that family, whether
+# a plain keras.applications model stands behind it). EfficientNet and
+# MobileNetV3 scale inside the application (their preprocess_input is a
+# pass-through); ResNet50 wants caffe-style BGR minus the ImageNet mean. A new
+# family in model.BACKBONES fails test_input_scaling_matches_keras_application
+# until it gets a row here.
+EXPECTED_SCALING = {
+    "efficientnet": (keras.applications.efficientnet.preprocess_input, True),
+    "resnet": (keras.applications.resnet50.preprocess_input, True),
+    "mobilenetv3": (keras.applications.mobilenet_v3.preprocess_input, True),
+    # Test-only backbone, no Keras application: its stem divides by 255.
+    "tiny": (lambda x: x / 255.0, False),
+}
+# One backbone per family (the first listed: the cheapest); the members of a
+# family share build_model's code path, and building all eight EfficientNets
+# would cost a minute of CPU.
+_FAMILIES = {}
+for _name in model_lib.known_backbones():
+    _FAMILIES.setdefault(model_lib.backbone_spec(_name).family, _name)
+
+
+def _first_conv(net):
+    return next(layer for layer in net.layers if isinstance(layer, keras.layers.Conv2D))
+
+
+@pytest.mark.parametrize("family, backbone", sorted(_FAMILIES.items()))
+def test_input_scaling_matches_keras_application(family, backbone):
+    """Real [0, 255] pixels through the built model's layers up to its backbone's
+    first convolution give what the plain Keras application (same weights) feeds
+    that convolution after the family's own preprocess_input: a missing, doubled
+    or wrong scaling changes these values."""
+    assert family in EXPECTED_SCALING, (
+        f"backbone family {family!r} ({backbone}) has no row in EXPECTED_SCALING: "
+        "add the input scaling its Keras application expects")
+    scaling, has_application = EXPECTED_SCALING[family]
+    spec = model_lib.backbone_spec(backbone)
+    net = model_lib.build_model(backbone=backbone, image_size=32, weights=None, head="linear")
+    x = _images(3, seed=1)
+    # The model's own path: the layers before the nested backbone, then the
+    # backbone up to (not including) its first convolution.
+    h = x
+    for layer in net.layers[1:]:
+        if layer.name == model_lib.BACKBONE_NAME:
+            break
+        h = layer(h)
+    backbone_net = model_lib.get_backbone(net)
+    ours = np.asarray(keras.Model(backbone_net.input, _first_conv(backbone_net).input)(h))
+    if has_application:
+        # Keras defaults (no include_preprocessing argument): the documented use
+        # is application(preprocess_input(pixels)).
+        app = getattr(keras.applications, spec.constructor)(
+            include_top=False, weights=None, input_shape=(32, 32, 3), pooling="avg")
+        app.set_weights(backbone_net.get_weights())   # e.g. Normalization statistics
+        expected = np.asarray(keras.Model(app.input, _first_conv(app).input)(
+            scaling(x.copy())))
+    else:
+        expected = scaling(x)
+    assert ours.shape == expected.shape
+    np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-4)
+    # The check has teeth: what the network expects is far from the raw pixels
+    # (unscaled, the convolution would see values up to about 255).
+    assert np.abs(expected).max() < 200 < x.max()
+
+
 def test_output_stays_float32_under_mixed_precision():
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy("mixed_float16")

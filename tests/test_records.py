@@ -157,6 +157,30 @@ def test_duplicates_and_near_duplicates_never_straddle_splits(tmp_path):
     assert set(split_of.values()) == {"train", "val"}
 
 
+def test_val_share_is_near_val_fraction(tmp_path):
+    """300 distinct pictures, each one its own group: a correct split puts each
+    in val independently with probability val_fraction (a hash of its bytes),
+    so the val count is Binomial(300, f). The bound is 5 standard deviations,
+    5 * sqrt(f (1 - f) / 300): 0.115 for f = 0.2, 0.144 for f = 0.5; a correct
+    hash split falls outside it with probability < 1e-6. A split that ignores
+    the fraction or inverts the comparison (share 1 - f) lands outside it for
+    0.2. The hash threshold is monotone: val at 0.2 is inside val at 0.5."""
+    src = tmp_path / "src"
+    make_good_folder(src, range(300), size=(16, 24))
+    val_of = {}
+    for fraction in (0.2, 0.5):
+        info = run(src, tmp_path / f"out{fraction}", val_fraction=fraction)
+        counts = info["counts"]
+        assert counts["stored"] == 300 and counts["near_duplicate_groups"] == 0, counts
+        assert counts["train"] + counts["val"] == 300
+        assert info["splits"]["val"]["num_examples"] == counts["val"]
+        bound = 5 * (fraction * (1 - fraction) / 300) ** 0.5
+        assert abs(counts["val"] / 300 - fraction) < bound, (fraction, counts)
+        val_of[fraction] = {r.sha256 for r in read_split(tmp_path / f"out{fraction}", "val")}
+        assert len(val_of[fraction]) == counts["val"]
+    assert val_of[0.2] < val_of[0.5]
+
+
 def test_group_near_duplicates_is_transitive_and_exact():
     pictures = [helpers.distinct_image(s, 32, 32) for s in range(5)]
     sigs = [imageio.signature(Image.fromarray(p)) for p in pictures]

@@ -87,7 +87,10 @@ def test_keras_savedmodel_tflite_agree(exported, capsys):
     lite = serve.tflite_predict(exported["tflite"], images)
     assert np.all(np.isfinite(lite))
     np.testing.assert_array_equal(lite.argmax(1), top1)
-    np.testing.assert_allclose(lite, keras_probs, atol=2e-2)
+    # Measured max |TFLite - Keras| here: 3.5e-4 (float16 weights; per image
+    # 2.7e-4..3.5e-4). Bound 1e-3: about 3x margin for other TFLite kernels
+    # (XNNPACK or not), still 20x tighter than a conversion that drops state.
+    np.testing.assert_allclose(lite, keras_probs, atol=1e-3)
 
     # Users who convert the SavedModel themselves get the same answers too.
     converter = tf.lite.TFLiteConverter.from_saved_model(exported["export"],
@@ -205,7 +208,11 @@ def test_export_sizes_efficientnet(tmp_path, backbone, head, capsys):
     saved = serve.load_model_dir(export).predict_images(images)
     np.testing.assert_allclose(saved, keras_probs, atol=1e-5)
     lite = serve.tflite_predict(tflite, images)
-    np.testing.assert_allclose(lite, keras_probs, atol=2e-2)
+    # Measured max |TFLite - Keras|: 0 (b0/linear) and 3e-8 (b1/dense); bound
+    # 1e-6, 30x margin. Weak here: random-weight EfficientNets give nearly
+    # uniform probabilities (0.25 +- 2e-6), so test_keras_savedmodel_tflite_agree
+    # (a confident tiny model) is the real agreement check.
+    np.testing.assert_allclose(lite, keras_probs, atol=1e-6)
     sizes = {name: serve.file_size(p) / 1e6 for name, p in
              (("keras", os.path.join(root, "model.keras")), ("saved_model", export),
               ("tflite", tflite))}

@@ -101,6 +101,103 @@ def test_end_to_end_writes_a_usable_model_dir(reference):
     assert metrics["model"]["tflite_bytes"] == os.path.getsize(os.path.join(d, "model.tflite"))
 
 
+def _val_probs(model, config):
+    """The model's own probabilities on the val split in all four orientations."""
+    from upright.pipeline import inputs
+    ds = inputs.input_fn(config.records, split="val", batch_size=config.batch_size,
+                         image_size=config.image_size, training=False, resize=config.resize)
+    images, labels = zip(*[(x.numpy(), y.numpy()) for x, y in ds])
+    images, labels = np.concatenate(images), np.concatenate(labels)
+    return images, np.asarray(model.predict_on_batch(images), np.float64), labels
+
+
+def test_fitted_temperature_reaches_model_info_export_and_orient(reference, tmp_path):
+    """The calibration temperature, fitted on val from model.keras's own
+    probabilities, is the one in model_info.json, the one the SavedModel applies,
+    and the one orient --min_confidence judges by."""
+    from upright.pipeline import evaluation, imageio, orient, serve
+    config, _ = reference
+    d = config.model_dir
+    model = keras.saving.load_model(os.path.join(d, "model.keras"), compile=False)
+    images, raw, labels = _val_probs(model, config)
+    t = evaluation.fit_temperature(raw, labels)
+    # Far enough from 1 that T and 1/T are told apart (this run: about 1.78).
+    assert abs(np.log(t)) > 0.2, t
+    info = json.load(open(os.path.join(d, "model_info.json")))
+    assert info["temperature"] == pytest.approx(t, rel=1e-6)
+    calibrated = evaluation.apply_temperature(raw, t)
+    export = os.path.join(d, "export")
+    for source in (d, export):   # model.keras + model_info.json, and the SavedModel
+        np.testing.assert_allclose(serve.load_model_dir(source).predict_images(images),
+                                   calibrated, atol=1e-5, err_msg=source)
+    # orient on one picture, with --min_confidence halfway between the raw and
+    # the calibrated confidence: only the calibrated one decides.
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    path = str(folder / "a.png")
+    helpers.write_image_file(path, helpers.upright_image(1000, 40, 48), "png")
+    # What orient feeds the model: the picture as make_records would store it.
+    x = serve.load_model_dir(d).preprocess(imageio.read_upright(path).encoded)[None]
+    raw_one = np.asarray(model.predict_on_batch(x), np.float64)
+    cal_one = evaluation.apply_temperature(raw_one, t)[0]
+    raw_conf, cal_conf = raw_one.max(), cal_one.max()
+    assert abs(raw_conf - cal_conf) > 1e-3, (raw_conf, cal_conf)
+    middle = (raw_conf + cal_conf) / 2
+    sure = cal_conf >= middle                     # False when T > 1 (softer)
+    k = int(np.argmax(cal_one))
+    for source in (d, export):
+        row, = orient.run(orient.OrientConfig(model_dir=source, paths=(str(folder),),
+                                              min_confidence=middle, progress=False))["rows"]
+        assert row["confidence"] == pytest.approx(cal_conf, abs=2e-6), source
+        assert row["action"] == ("unsure" if not sure else "none" if k == 0 else "turn"), source
+
+
+def test_kept_model_is_the_best_epoch_of_history(records, tmp_path):
+    """A run whose val accuracy goes down, up, down (seeded, so the same each
+    time): model.keras and best.json are the epoch with the highest val_accuracy
+    in history.csv, not the first, the last or the worst."""
+    config = tiny_config(records, str(tmp_path / "run"), stage1_epochs=0, stage2_epochs=4,
+                         stage2_lr=3e-2, augment_policy="none")
+    metrics = train.train_and_evaluate(config)
+    rows = open(os.path.join(config.model_dir, "history.csv")).read().splitlines()
+    header = rows[0].split(",")
+    val = [float(r.split(",")[header.index("val_accuracy")]) for r in rows[1:]]
+    best_epoch = int(np.argmax(val))
+    # The run must have this shape for the check to mean anything (this seed:
+    # 0.50, 0.35, 0.55, 0.50).
+    assert 0 < best_epoch < len(val) - 1 and min(val) < val[0] < max(val), val
+    assert metrics["best"] == {"val_accuracy": pytest.approx(val[best_epoch]), "stage": 2,
+                               "epoch": best_epoch}
+    kept = keras.saving.load_model(os.path.join(config.model_dir, "model.keras"), compile=False)
+    _, probs, labels = _val_probs(kept, config)
+    assert np.mean(probs.argmax(1) == labels) == pytest.approx(val[best_epoch], abs=1e-6)
+
+
+def test_training_learns_an_easy_orientation_task(tmp_path):
+    """The real trainer on an easy task (a bright quadrant marks the top-left):
+    a seeded run of 16 steps takes the tiny model from chance to >= 90 % on
+    held-out pictures, in every orientation."""
+    records = str(tmp_path / "rec")
+    helpers.write_records(records, {
+        "train": [helpers.quadrant_marker_image(i) for i in range(64)],
+        "val": [helpers.quadrant_marker_image(1000 + i) for i in range(16)]})
+    config = train.TrainConfig(
+        records=records, model_dir=str(tmp_path / "run"), batch_size=16, image_size=32,
+        seed=0, augment_policy="none", augment_on="host", backbone="tiny", weights=None,
+        head="linear", stage1_epochs=0, stage2_epochs=2, stage2_lr=1e-2,
+        stage2_freeze_below_block=0, steps_per_epoch=8, export=False, verbose=0)
+    keras.utils.set_random_seed(config.seed)   # the run's own starting point
+    untrained = model_lib.build_model(backbone="tiny", image_size=32, weights=None,
+                                      head="linear")
+    _, probs, labels = _val_probs(untrained, config)
+    assert np.mean(probs.argmax(1) == labels) <= 0.5
+    metrics = train.train_and_evaluate(config)
+    final = metrics["final"]
+    assert final["val_examples"] == 64
+    assert final["val_accuracy"] >= 0.9, metrics
+    assert min(final["per_class_accuracy"].values()) >= 0.9, final["per_class_accuracy"]
+
+
 def test_stage1_keeps_frozen_blocks_exactly_and_stage2_changes_them(reference):
     config, _ = reference
     # The run's initial weights: same seed, same construction.
@@ -700,3 +797,217 @@ def test_every_commit_point_of_a_run_is_durable(records, tmp_path, monkeypatch):
                      "stages/stage1.weights.npz", "stages/stage1.done.json",
                      "stages/stage2.done.json", "model.keras", "metrics.json"):
         assert landed.get(expected), (expected, landed)
+
+
+# ------------------------------------------- trainer flags of BUILD.md, by value
+
+def _spy_on_fit(monkeypatch):
+    """Records what fit() runs with, read from the live objects: per stage the
+    jit_compile given to compile() and the compiled model's own attribute, the
+    model fit() trains, and the optimizer's learning rate at each epoch start
+    (the rate that epoch trains with). Returns the list it fills, one dict per
+    fitted stage."""
+    seen = []
+    original = keras.Model.compile
+
+    def compile(self, *args, **kwargs):
+        seen.append({"jit_compile_arg": kwargs.get("jit_compile"), "lr": []})
+        return original(self, *args, **kwargs)
+
+    class Spy(train._callback("History")):
+        def on_train_begin(self, logs=None):
+            seen[-1].update(stage=self.stage, model=self.model,
+                            jit_compile=self.model.jit_compile)
+
+        def on_epoch_begin(self, epoch, logs=None):
+            seen[-1]["lr"].append(float(keras.ops.convert_to_numpy(
+                self.model.optimizer.learning_rate)))
+
+    monkeypatch.setattr(keras.Model, "compile", compile)
+    monkeypatch.setitem(train._CALLBACKS, "History", Spy)
+    return seen
+
+
+def _history(model_dir):
+    """history.csv as {column: [float per row]}."""
+    rows = open(os.path.join(model_dir, "history.csv")).read().splitlines()
+    header = rows[0].split(",")
+    return {k: [float(r.split(",")[i]) for r in rows[1:]] for i, k in enumerate(header)}
+
+
+def test_bn_momentum_reaches_every_backbone_batchnorm(records, tmp_path, monkeypatch):
+    """--bn_momentum=0.5: every BatchNorm of the backbone of the model fit()
+    trains and of the saved model.keras has momentum 0.5 (the tiny backbone's
+    own is 0.9); the head's BatchNorm, outside the backbone, keeps Keras' 0.99."""
+    seen = _spy_on_fit(monkeypatch)
+    config = tiny_config(records, str(tmp_path / "run"), bn_momentum=0.5, stage1_epochs=0,
+                         stage2_epochs=1, steps_per_epoch=1, validation_steps=1,
+                         augment_policy="none")
+    train.train_and_evaluate(config)
+    saved = keras.saving.load_model(os.path.join(config.model_dir, "model.keras"),
+                                    compile=False)
+    for model in (seen[0]["model"], saved):
+        backbone = model_lib.get_backbone(model)
+        momenta = {layer.name: layer.momentum for layer in backbone.layers
+                   if isinstance(layer, keras.layers.BatchNormalization)}
+        assert momenta == {f"block{b}_bn": 0.5 for b in (1, 2, 3, 4)}
+        assert model.get_layer("head_bn").momentum == 0.99
+
+
+def test_early_stopping_stops_after_the_peak_and_restores_the_best_weights(records, tmp_path):
+    """The seeded run of test_kept_model_is_the_best_epoch_of_history (val
+    accuracy 0.50, 0.35, 0.55, 0.50 over 4 epochs) with --early_stopping_patience=1
+    stops after epoch 2, and the stage's final weights are epoch 1's (the ones
+    best.keras kept when epoch 1 ended), not epoch 2's."""
+    config = tiny_config(records, str(tmp_path / "run"), stage1_epochs=0, stage2_epochs=4,
+                         stage2_lr=3e-2, augment_policy="none", early_stopping_patience=1)
+    metrics = train.train_and_evaluate(config)
+    val = _history(config.model_dir)["val_accuracy"]
+    assert len(val) == 2 and val[1] < val[0], val   # the peak, then a fall: stopped
+    stage = metrics["stages"]["2"]
+    assert stage["stopped_early"] is True and stage["epochs_run_this_process"] == 2
+    assert metrics["best"]["val_accuracy"] == pytest.approx(val[0])
+    best = keras.saving.load_model(os.path.join(config.model_dir, "checkpoints", "best.keras"),
+                                   compile=False)
+    final = _npz(os.path.join(config.model_dir, "stages", "stage2.weights.npz"))
+    assert len(final) == len(best.get_weights())
+    for x, y in zip(final, best.get_weights()):
+        np.testing.assert_array_equal(x, y)
+    # The stage's own closing evaluation ran on the restored weights.
+    assert stage["val_accuracy"] == pytest.approx(val[0])
+
+
+def test_reduce_lr_on_plateau_multiplies_by_the_factor_down_to_min_lr(records, tmp_path,
+                                                                        monkeypatch):
+    """--reduce_lr_patience=1 --reduce_lr_factor=0.5 --min_lr=1e-2 from lr 3e-2:
+    the rate each epoch trains with, read from the optimizer, is the previous
+    one x 0.5 after each epoch whose val loss is no better than the best so far,
+    clipped at 1e-2, and unchanged otherwise. The seeded run has to show the
+    factor (3e-2 -> 1.5e-2) and the floor (1.5e-2 -> 1e-2, not 7.5e-3)."""
+    seen = _spy_on_fit(monkeypatch)
+    lr, factor, floor = 3e-2, 0.5, 1e-2
+    config = tiny_config(records, str(tmp_path / "run"), stage1_epochs=0, stage2_epochs=5,
+                         stage2_lr=lr, augment_policy="none", reduce_lr_patience=1,
+                         reduce_lr_factor=factor, min_lr=floor)
+    train.train_and_evaluate(config)
+    val_loss = _history(config.model_dir)["val_loss"]
+    expected, best = [lr], float("inf")
+    for v in val_loss[:-1]:
+        current = expected[-1]
+        if v < best - 1e-4:   # Keras' min_delta
+            best = v
+        else:
+            current = max(current * factor, floor)
+        expected.append(current)
+    assert seen[0]["lr"] == pytest.approx(expected, rel=1e-6), (val_loss, seen[0]["lr"])
+    assert {lr, lr * factor, floor} <= {round(x, 9) for x in expected}, (val_loss, expected)
+
+
+def test_measure_steps_writes_a_consistent_throughput_block(records, tmp_path, monkeypatch):
+    """--measure_steps=2: metrics.json gets the throughput block of BUILD.md
+    (stage 2, the steps, the batch size, images/s on the real stream and on a
+    cached batch, input_wait_fraction = max(0, 1 - t_cached / t_real)), and the
+    timing ran 3 warm-up + 2 timed steps on each of the two streams."""
+    steps = []
+    original = keras.Model.train_on_batch
+    monkeypatch.setattr(keras.Model, "train_on_batch",
+                        lambda self, *a, **k: steps.append(1) or original(self, *a, **k))
+    config = tiny_config(records, str(tmp_path / "run"), stage1_epochs=0, stage2_epochs=1,
+                         steps_per_epoch=1, validation_steps=1, augment_policy="none",
+                         measure_steps=2)
+    metrics = train.train_and_evaluate(config)
+    block = metrics["throughput"]
+    assert json.load(open(os.path.join(config.model_dir, "metrics.json")))["throughput"] == block
+    assert sorted(block) == ["batch_size", "compute_only_images_per_s", "images_per_s",
+                             "input_wait_fraction", "stage", "steps"]
+    assert (block["stage"], block["steps"], block["batch_size"]) == (2, 2, 8)
+    assert len(steps) == 2 * (3 + 2)
+    real, cached = block["images_per_s"], block["compute_only_images_per_s"]
+    assert real > 0 and cached > 0
+    # t_cached / t_real = real / cached (images/s is batch_size / t); all rounded.
+    assert block["input_wait_fraction"] == pytest.approx(max(0.0, 1 - real / cached), abs=2e-3)
+    assert 0 <= block["input_wait_fraction"] < 1
+
+
+@pytest.mark.parametrize("value, passed, compiled", [
+    ("true", True, True), ("false", False, False), ("auto", "auto", None)])
+def test_jit_compile_reaches_model_compile(records, tmp_path, monkeypatch, value, passed,
+                                           compiled):
+    """--jit_compile: true and false reach compile() and the compiled model's
+    jit_compile attribute; auto reaches compile() as "auto" (Keras resolves it:
+    XLA only with an accelerator), with host augmentation."""
+    seen = _spy_on_fit(monkeypatch)
+    config = tiny_config(records, str(tmp_path / "run"), stage1_epochs=0, stage2_epochs=1,
+                         steps_per_epoch=1, validation_steps=1, augment_policy="none",
+                         jit_compile=value)
+    train.train_and_evaluate(config)
+    assert [s["jit_compile_arg"] for s in seen] == [passed]
+    if compiled is not None:
+        assert seen[0]["jit_compile"] is compiled
+
+
+@pytest.mark.parametrize("train_batchnorm", [False, True])
+def test_stage2_train_batchnorm_decides_if_frozen_batchnorm_statistics_move(
+        records, tmp_path, train_batchnorm):
+    """Stage 2 with the whole backbone frozen (freeze below block 5 of 4):
+    --stage2_train_batchnorm=false leaves every BatchNorm weight (moving mean
+    and variance included) exactly as initialised; true moves every moving
+    mean and variance. The convolutions stay frozen and the head trains in both."""
+    config = tiny_config(records, str(tmp_path / "run"), stage1_epochs=0, stage2_epochs=1,
+                         stage2_freeze_below_block=5, stage2_train_batchnorm=train_batchnorm,
+                         head="linear", dropout=0.0, augment_policy="none",
+                         validation_steps=1)
+    keras.utils.set_random_seed(config.seed)   # the run's initial weights
+    model = model_lib.build_model(backbone="tiny", image_size=32, weights=None, head="linear")
+    initial = _weights_by_name(model, model.get_weights())
+    train.train_and_evaluate(config)
+    after = _weights_by_name(model, _npz(os.path.join(config.model_dir, "stages",
+                                                      "stage2.weights.npz")))
+    bn = [p for p in initial if "_bn/" in p]
+    assert len(bn) == 4 * 4
+    for path in bn:
+        if train_batchnorm and path.endswith(("moving_mean", "moving_variance")):
+            assert not np.allclose(after[path], initial[path]), path
+        elif not train_batchnorm:
+            np.testing.assert_array_equal(after[path], initial[path], err_msg=path)
+    for b in (1, 2, 3, 4):
+        np.testing.assert_array_equal(after[f"block{b}_conv/kernel"],
+                                      initial[f"block{b}_conv/kernel"])
+    assert not np.allclose(after["head_logits/kernel"], initial["head_logits/kernel"])
+
+
+def test_validation_steps_is_the_number_of_val_batches(records, tmp_path):
+    """--validation_steps=2 with 20 val examples (5 images x 4 turns) in batches
+    of 8: fit's validation and the stage's closing evaluation score exactly the
+    first 16 examples (their loss under the final weights), not all 20."""
+    config = tiny_config(records, str(tmp_path / "run"), stage1_epochs=0, stage2_epochs=1,
+                         stage2_lr=3e-2, augment_policy="none", validation_steps=2)
+    metrics = train.train_and_evaluate(config)
+    model = model_lib.build_model(backbone="tiny", image_size=32, weights=None, head="dense",
+                                  dropout=config.dropout)
+    model.set_weights(_npz(os.path.join(config.model_dir, "stages", "stage2.weights.npz")))
+    _, probs, labels = _val_probs(model, config)
+    assert len(labels) == 20
+    loss = keras.losses.SparseCategoricalCrossentropy()
+    first16 = float(loss(labels[:16], probs[:16]))
+    for other in (8, 20):   # one batch, the whole split: far from the 16 at this tolerance
+        assert abs(float(loss(labels[:other], probs[:other])) - first16) > 1e-3 * first16
+    assert metrics["stages"]["2"]["val_loss"] == pytest.approx(first16, rel=1e-5)
+    assert _history(config.model_dir)["val_loss"][-1] == pytest.approx(first16, rel=1e-5)
+    assert metrics["final"]["val_examples"] == 20   # the final evaluation: the whole split
+
+
+def test_tool_passes_the_hygiene_and_speed_flags_into_the_config(records, tmp_path):
+    """The tests above drive TrainConfig; this is the tool's half: each of those
+    flags, at a value other than its default, reaches the TrainConfig it builds."""
+    values = {"bn_momentum": 0.5, "early_stopping_patience": 3, "reduce_lr_patience": 2,
+              "reduce_lr_factor": 0.5, "min_lr": 0.001, "measure_steps": 4,
+              "jit_compile": "false", "stage2_train_batchnorm": False, "validation_steps": 7}
+    defaults = train.TrainConfig()
+    assert all(getattr(defaults, k) != v for k, v in values.items())
+    flags = [f"--no{k}" if v is False else f"--{k}={v}" for k, v in values.items()]
+    result = _tool(f"--records={records}", f"--model_dir={tmp_path / 'run'}",
+                   "--backbone=tiny", "--weights=none", "--image_size=32", "--dry_run", *flags)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for key, value in values.items():
+        assert f"{key} = {value!r}" in result.stdout.splitlines(), key
