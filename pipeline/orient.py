@@ -127,6 +127,11 @@ class OrientConfig:
       None = $UPRIGHT_MODELS_DIR or the package's own upright/models/.
     trust_model: load a SavedModel without scanning its ops for file, network
       and Python ops (serve.load_model_dir); only for models from people you trust.
+    tta: predict every image in its four quarter turns and combine them
+      (evaluation.combine_rotations: the shifted-back log-probabilities
+      averaged); 4x the model's work. A model with a bias towards one turn
+      (upside-down pages read as upright) loses it: on the held-out document
+      pages it took accuracy from 0.91 to 1.00 (BUILD.md).
     """
     model_dir: str
     paths: tuple
@@ -144,6 +149,7 @@ class OrientConfig:
     models_dir: str = None
     max_pdf_pages: int = 2000
     trust_model: bool = False
+    tta: bool = False
 
 
 class OrientError(ValueError):
@@ -425,6 +431,19 @@ def write_upright(data: bytes, dst_path: str, transform: str, *, config: OrientC
 # ---------------------------------------------------------------------------
 # The run.
 
+def predict(predictor, images, config: OrientConfig) -> np.ndarray:
+    """Probabilities [N, 4] for preprocessed images [N, S, S, 3]; with config.tta,
+    combined over the images' four quarter turns (preprocessing commutes with
+    rot90, so turning the preprocessed square is turning the file)."""
+    if not config.tta:
+        return predictor.predict_images(images, batch_size=config.batch_size)
+    from upright.pipeline import evaluation
+    by_turn = [predictor.predict_images(np.ascontiguousarray(np.rot90(images, j, axes=(1, 2))),
+                                        batch_size=config.batch_size)
+               for j in range(schema.NUM_CLASSES)]
+    return evaluation.combine_rotations(by_turn)[0]
+
+
 def decide(probs, min_confidence: float, exif_orientation) -> dict:
     """Row fields from one probability vector [4]."""
     probs = np.asarray(probs, np.float64)
@@ -498,7 +517,7 @@ def run(config: OrientConfig, predictor=None) -> dict:
 
 def orient_images(paths, *, model: str = "documents",
                   min_confidence: float = DEFAULT_MIN_CONFIDENCE, batch_size: int = 32,
-                  models_dir: str = None, predictor=None) -> list:
+                  models_dir: str = None, predictor=None, tta: bool = False) -> list:
     """Predicts the orientation of image files (and PDF pages); writes nothing.
 
     Args:
@@ -507,6 +526,7 @@ def orient_images(paths, *, model: str = "documents",
       min_confidence: below it an image is left alone (turn 0, left_alone True).
       models_dir: override of the built-in models folder (builtin.lookup_dir).
       predictor: an already loaded serve.Predictor (then `model` is not loaded).
+      tta: combine each image's four quarter turns (OrientConfig.tta).
     Returns:
       One dict per image (PDF: per page, path "FILE#page=N"), in input order:
         path; angle_ccw (int degrees the image is turned counter-clockwise, or
@@ -520,7 +540,7 @@ def orient_images(paths, *, model: str = "documents",
         paths = [paths]
     config = OrientConfig(model_dir=model, paths=tuple(os.fspath(p) for p in paths),
                           min_confidence=min_confidence, batch_size=batch_size,
-                          progress=False, models_dir=models_dir)
+                          progress=False, models_dir=models_dir, tta=tta)
     out = []
     for row in run(config, predictor=predictor)["rows"]:
         ok = row["status"] != "error" and row["angle_ccw"] is not None
@@ -600,8 +620,7 @@ def _process_batch(batch, predictor, config, jpegtran, manifest, taken, owners):
                        message=f"corrupt: {type(e).__name__}: {_first_line(e)}")
     if not ready:
         return rows
-    probs = predictor.predict_images(np.stack([image for _, _, image, _ in ready]),
-                                     batch_size=config.batch_size)
+    probs = predict(predictor, np.stack([image for _, _, image, _ in ready]), config)
     for (row, data, _, dst_path), p in zip(ready, probs):
         row.update(decide(p, config.min_confidence, row["exif_orientation"]))
         if config.fix and row["action"] == "turn":
@@ -670,8 +689,7 @@ def _process_pdf(path, rel, predictor, config, manifest, taken):
                                f"{type(e).__name__}: {_first_line(e)}")
             if not ready:
                 continue
-            probs = predictor.predict_images(np.stack([image for *_, image in ready]),
-                                             batch_size=config.batch_size)
+            probs = predict(predictor, np.stack([image for *_, image in ready]), config)
             for (row, index, rotation, _), p in zip(ready, probs):
                 row.update(decide(p, config.min_confidence, None))
                 if row["action"] == "turn":

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from upright.pipeline import orient, serve
+from upright.pipeline import evaluation, orient, serve
 from tests import helpers
 
 S = 16
@@ -252,3 +252,33 @@ def test_orient_tool_end_to_end(tmp_path):
                            str(tmp_path), "--fix"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("orient: error: fix needs")
+
+
+def test_tta_combines_the_four_turns_and_repairs_what_a_biased_model_misses(tmp_path):
+    """upright_only_model only knows the upright marker: alone it calls every
+    turned file upright (or is unsure); over the four turns of each file it is
+    right on all of them."""
+    model_dir = helpers.write_model_dir(str(tmp_path / "model"),
+                                        helpers.upright_only_model(S, scale=0.2), S)
+    biased = serve.load_model_dir(model_dir)
+    src = tmp_path / "src"
+    src.mkdir()
+    for k in range(4):
+        save(src / f"turned{k}.png", np.rot90(helpers.quadrant_marker_image(k, 32), k), "png")
+
+    def predicted(tta):
+        result = orient.run(config(tmp_path, [str(src)], tta=tta, min_confidence=0.0),
+                            predictor=biased)
+        return {os.path.basename(r["path"]): r["angle_ccw"] for r in result["rows"]}
+
+    truth = {f"turned{k}.png": 90 * k for k in range(4)}
+    assert predicted(tta=False) != truth
+    assert predicted(tta=True) == truth
+    # The combination is evaluation's: orient.predict equals combine_rotations.
+    images = np.stack([biased.preprocess(open(src / f"turned{k}.png", "rb").read())
+                       for k in range(4)])
+    by_turn = [biased.predict_images(np.rot90(images, j, axes=(1, 2)).copy())
+               for j in range(4)]
+    np.testing.assert_allclose(
+        orient.predict(biased, images, config(tmp_path, [str(src)], tta=True)),
+        evaluation.combine_rotations(by_turn)[0], atol=1e-6)

@@ -44,6 +44,9 @@ _TRIM_EDGES = flags.DEFINE_boolean("trim_edges", False, "when a JPEG's size is n
 _MAX_PDF_PAGES = flags.DEFINE_integer("max_pdf_pages", 2000, "a PDF with more pages is not "
                                      "processed (one error line).", lower_bound=1)
 _TABLE = flags.DEFINE_boolean("table", True, "print one line per file.")
+_TTA = flags.DEFINE_boolean("tta", False, "predict each image in its four quarter turns and "
+                            "combine them: 4x the model's work, removes a model's bias "
+                            "towards one turn (recommended for --model documents).")
 _TRUST_MODEL = flags.DEFINE_boolean(
     "trust_model", False, "load a SavedModel even if it holds ops outside the allowlist "
     "(file, network or Python ops): a SavedModel is a program; only for models from people "
@@ -63,7 +66,7 @@ def main(argv):
         min_confidence=_MIN_CONFIDENCE.value, report=_REPORT.value,
         batch_size=_BATCH_SIZE.value, lossless=_LOSSLESS.value,
         jpeg_quality=_JPEG_QUALITY.value, trim_edges=_TRIM_EDGES.value,
-        max_pdf_pages=_MAX_PDF_PAGES.value, trust_model=_TRUST_MODEL.value)
+        max_pdf_pages=_MAX_PDF_PAGES.value, trust_model=_TRUST_MODEL.value, tta=_TTA.value)
     try:
         result = orient.run(config)
     except orient.OrientError as e:

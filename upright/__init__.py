@@ -14,14 +14,16 @@ TensorFlow is imported on the first call.
 
 
 def orient_images(paths, *, model="documents", min_confidence=0.9, batch_size=32,
-                  models_dir=None):
+                  models_dir=None, tta=False):
     """Per image (PDF: per page) a dict: path, angle_ccw (degrees turned
     counter-clockwise), confidence, turn_cw (degrees to turn clockwise to repair
     it; 0 when upright or left alone), left_alone (confidence < min_confidence),
-    action, probabilities, error. See upright.pipeline.orient.orient_images."""
+    action, probabilities, error. tta: combine each image's four quarter turns
+    (4x the work; removes a model's bias towards one turn). See
+    upright.pipeline.orient.orient_images."""
     from upright.pipeline import orient
     return orient.orient_images(paths, model=model, min_confidence=min_confidence,
-                                batch_size=batch_size, models_dir=models_dir)
+                                batch_size=batch_size, models_dir=models_dir, tta=tta)
 
 
 def builtin_models():
