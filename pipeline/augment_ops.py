@@ -281,6 +281,13 @@ class Op:
     def transform(self, images, seeds, u):
         raise NotImplementedError
 
+    def call_static(self, images, labels, seeds):
+        """The same values as __call__, with static shapes only (no grouping
+        of rows by a random choice, no data-dependent sizes): what XLA needs to
+        compile a policy inside a model step. Ops whose __call__ is already
+        static keep it; the others override this."""
+        return self(images, labels, seeds)
+
     def spec(self) -> str:
         return self.name
 
@@ -426,6 +433,9 @@ class _Noise(Op):
         out = tf.where(shared, images + noise(1), images + noise(3))
         return tf.clip_by_value(out, 0.0, 255.0), labels
 
+    def call_static(self, images, labels, seeds):
+        return self.dense(images, labels, seeds)
+
 
 class GaussianNoise(_Noise):
     """N(0, scale^2) per pixel; scale in grey levels."""
@@ -528,6 +538,44 @@ class _Replace(Op):
         if not self.sparse_ok(images):
             return self.transform_dense(images, fold_seeds(seeds, self.salt)), labels
         return scatter_hits(images, [self.hits(images, seeds)]), labels
+
+    def hit_pixels(self, images, seeds, chosen=None):
+        """The hits of `hits` as dense per-pixel arrays, static shapes only:
+        (hit bool [B, H, W, 1], value float32 [B, H, W, 1]). The same draws:
+        every image keeps all max_hits candidate positions and counts only the
+        first `count` (a scatter-add, instead of tf.where's dynamic list), and
+        a hit's value is a function of its position, so it can be computed
+        for every pixel and selected where hit."""
+        seeds = fold_seeds(seeds, self.salt)
+        u = uniforms(seeds, self.num_params)
+        h, w = images.shape[1], images.shape[2]
+        lam = self.p * h * w
+        sd = math.sqrt(lam * (1.0 - self.p))
+        max_hits = int(math.ceil(lam + 6.0 * sd + 8.0))
+        z = tf.math.ndtri(tf.clip_by_value(u[:, 0], 1e-7, 1.0 - 1e-7))
+        count = tf.clip_by_value(tf.round(lam + sd * z), 0.0, float(max_hits))
+        if chosen is not None:
+            count *= tf.cast(chosen, tf.float32)
+        keys = image_keys(seeds)
+        bits = hash_bits(keys[:, None],
+                         tf.constant(np.arange(max_hits, dtype=np.uint32) + np.uint32(1 << 31)))
+        pos = tf.cast(tf.floor(bits_to_uniform(bits) * (h * w)), tf.int32)
+        pos = tf.minimum(pos, h * w - 1)
+        keep = tf.cast(tf.range(max_hits, dtype=tf.float32)[None, :] < count[:, None], tf.float32)
+        b = tf.shape(images)[0]
+        flat = tf.reshape(tf.range(b)[:, None] * (h * w) + pos, [-1, 1])
+        hit = tf.scatter_nd(flat, tf.reshape(keep, [-1]), [b * h * w]) > 0.0
+        counters = tf.constant(np.arange(h * w, dtype=np.uint32))
+        value = self.value(bits_to_uniform(hash_bits(keys[:, None], counters[None, :])))
+        return tf.reshape(hit, [-1, h, w, 1]), tf.reshape(value, [-1, h, w, 1])
+
+    @plain
+    def call_static(self, images, labels, seeds):
+        images = tf.convert_to_tensor(images, tf.float32)
+        if not self.sparse_ok(images):
+            return self.transform_dense(images, fold_seeds(seeds, self.salt)), labels
+        hit, value = self.hit_pixels(images, seeds)
+        return tf.where(hit, value, images), labels
 
     def transform_dense(self, images, seeds):
         """One uniform per pixel: for unknown sizes and large p."""
@@ -888,6 +936,11 @@ class MedianBlur(Op):
 
     def transform(self, images, seeds, u):
         return run_xla_bucketed(_MEDIAN_XLA[self.k], images)
+
+    @plain
+    def call_static(self, images, labels, seeds):
+        # One shape per batch already: no padding to buckets.
+        return _MEDIAN_XLA[self.k](tf.convert_to_tensor(images, tf.float32)), labels
 
 
 _MEDIAN_XLA = {
