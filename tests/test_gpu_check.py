@@ -23,3 +23,4 @@ def test_gpu_check_smoke_prints_the_table(tmp_path):
         assert row["images_per_s"] > 0 and 0 <= row["input_wait"] < 1
     assert 0 < result["rows"][1]["augment_share"]
     assert all(r["images_per_s"] > 0 for r in result["input_fn"])
+    assert result["rows"][1]["xla"] is True   # device placement compiles with XLA
