@@ -111,7 +111,11 @@ class TrainConfig:
     image_size: int = 128
     seed: int = 0
     augment_policy: str = "default"
-    augment_on: str = "auto"        # auto: "device" when a GPU/TPU is present
+    # auto: "device" when a GPU/TPU is present, else "host". Measured on a
+    # 2-core CPU (benchmarks/README.md, gpu_check): host 125 ms a step vs
+    # device + XLA 3.4 s (the static schedule runs every branch on every
+    # image), so a CPU keeps the host placement.
+    augment_on: str = "auto"
     resize: str = "squash"
     # Model.
     backbone: str = "efficientnetb1"
@@ -132,6 +136,8 @@ class TrainConfig:
     validation_steps: int = 0       # 0: the whole val split (x4 orientations)
     # Speed and scale.
     mixed_precision: bool = False
+    # auto: Keras' auto, XLA only with a GPU/TPU (and no distribution
+    # strategy); the same CPU measurement: XLA slowed every CPU row.
     jit_compile: str = "auto"
     data_service: str = ""          # grpc://HOST:PORT of a tf.data service; "" = local input
     strategy: str = "auto"
