@@ -112,9 +112,9 @@ class TrainConfig:
     seed: int = 0
     augment_policy: str = "default"
     # auto: "device" when a GPU/TPU is present, else "host". Measured on a
-    # 2-core CPU (benchmarks/README.md, gpu_check): host 125 ms a step vs
-    # device + XLA 3.4 s (the static schedule runs every branch on every
-    # image), so a CPU keeps the host placement.
+    # 2-core CPU (benchmarks/README.md, gpu_check, two runs): host 125-160 ms
+    # a step vs device + XLA 3.3-3.4 s (the static schedule runs every branch
+    # on every image, and XLA's CPU code for it is slow), so a CPU keeps host.
     augment_on: str = "auto"
     resize: str = "squash"
     # Model.
