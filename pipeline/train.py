@@ -112,9 +112,10 @@ class TrainConfig:
     seed: int = 0
     augment_policy: str = "default"
     # auto: "device" when a GPU/TPU is present, else "host". Measured on a
-    # 2-core CPU (benchmarks/README.md, gpu_check, two runs): host 125-160 ms
-    # a step vs device + XLA 3.3-3.4 s (the static schedule runs every branch
-    # on every image, and XLA's CPU code for it is slow), so a CPU keeps host.
+    # 2-core CPU (benchmarks/README.md, gpu_check, same run): host 122-127 ms
+    # a step vs device + XLA 477-575 ms (the static schedule runs every branch
+    # on every image; tf.data overlaps host work with the step), so a CPU
+    # keeps the host placement.
     augment_on: str = "auto"
     resize: str = "squash"
     # Model.
