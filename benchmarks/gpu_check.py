@@ -9,14 +9,20 @@ builds the backbone with random weights (speed does not depend on them) and
 times training steps of the real input_fn stream against steps on one batch
 held in memory:
   images/s        batch / step time with the real stream
-  compute img/s   batch / step time on the cached batch (no input work)
+  compute/s       batch / step time on the cached batch (no input work)
   input wait      max(0, 1 - t_cached / t_real): the share of a step spent
                   waiting for the input pipeline (target < 5 % with device)
-  augment share   device placement only: time of the AugmentLayer alone on the
-                  cached batch / t_cached (target < 10 %)
+  augment         the augmentation's seconds per batch / t_real (target < 10 %).
+                  device: the AugmentLayer alone on the cached batch, compiled
+                  as the step is (XLA: its static schedule); host: the policy
+                  alone as tf.data runs it (grouped schedule), which runs on
+                  the CPU beside the step: it costs a step only through
+                  input wait, but says how busy it keeps the host
+  step ms         t_real in milliseconds (the figure to compare placements by)
 Then the input fn alone (no model): batches/s and images/s of both forms.
-XLA with augment_on=device: the AugmentLayer has ops without XLA kernels
-(ImageProjectiveTransformV3), so that row reports the compile error if any.
+XLA with augment_on=device compiles the AugmentLayer with the step (the xla
+column says "fell back" if Keras turned XLA off because a layer cannot compile).
+--rows picks rows, e.g. --rows host:0:0,device:0:1 (augment_on:mixed:xla).
 Writes the table to stdout and all numbers to --work_dir/gpu_check.json.
 """
 import argparse
@@ -46,6 +52,9 @@ def parse_args(argv=None):
     for key, value in FULL.items():
         p.add_argument(f"--{key}", type=type(value), default=None,
                        help=f"default {value} ({SMOKE[key]} with --smoke)")
+    p.add_argument("--rows", default=None,
+                   help="comma-separated augment_on:mixed:xla rows, e.g. host:0:0,device:0:1 "
+                   "(default: all eight; two with --smoke)")
     p.add_argument("--policy", default=None,
                    help="augmentation policy spec (default: default; a short one with --smoke)")
     args = p.parse_args(argv)
@@ -56,6 +65,18 @@ def parse_args(argv=None):
         if getattr(args, key) is None:
             setattr(args, key, value)
     return args
+
+
+def parse_rows(text):
+    """"host:0:0,device:0:1" -> [("host", False, False), ("device", False, True)]."""
+    rows = []
+    for item in text.split(","):
+        augment_on, mixed, xla = item.strip().split(":")
+        if augment_on not in ("host", "device"):
+            raise SystemExit(f"gpu_check: error: --rows: augment_on {augment_on!r} "
+                             "is not host or device")
+        rows.append((augment_on, mixed.lower() in ("1", "true"), xla.lower() in ("1", "true")))
+    return rows
 
 
 def make_records(work_dir, count, image_size):
@@ -108,15 +129,33 @@ def time_steps(model, ds, steps, warmup):
     return (time.perf_counter() - t0) / steps
 
 
-def time_augment(layer, batch, steps):
-    """Seconds per batch of the AugmentLayer alone (training mode, compiled graph)."""
+def time_augment(layer, batch, steps, xla):
+    """Seconds per batch of the AugmentLayer alone (training mode), compiled as
+    the train step is: jit_compile=xla (XLA: the static schedule)."""
     import tensorflow as tf
     features = batch[0]
-    call = tf.function(lambda f: layer(f, training=True))
+    call = tf.function(lambda f: layer(f, training=True), jit_compile=bool(xla))
     call(features).numpy()
     t0 = time.perf_counter()
     for _ in range(steps):
         out = call(features)
+    out.numpy()
+    return (time.perf_counter() - t0) / steps
+
+
+def time_host_augment(args, batch, steps):
+    """Seconds per batch of rotate90_random + the whole policy as tf.data runs
+    it for augment_on=host (grouped schedule), on one decoded batch."""
+    import tensorflow as tf
+    from upright.pipeline import augment
+    policy = augment.parse_policy(args.policy)
+    images, labels = batch
+    seeds = tf.reshape(tf.range(2 * images.shape[0], dtype=tf.int32), [-1, 2])
+    call = tf.function(lambda x, y, s: policy(*augment.rotate90_random(x, y, s), s)[0])
+    call(images, labels, seeds).numpy()
+    t0 = time.perf_counter()
+    for i in range(steps):
+        out = call(images, labels, seeds + i)
     out.numpy()
     return (time.perf_counter() - t0) / steps
 
@@ -134,10 +173,14 @@ def measure(args, records, augment_on, mixed, xla):
         t_real = time_steps(model, stream, args.steps, args.warmup)
         row.update(images_per_s=args.batch_size / t_real,
                    compute_images_per_s=args.batch_size / t_cached,
-                   input_wait=max(0.0, 1.0 - t_cached / t_real))
+                   input_wait=max(0.0, 1.0 - t_cached / t_real),
+                   step_ms=1000.0 * t_real)
+        batch = next(iter(cached))
         if layer is not None:
-            batch = next(iter(cached))
-            row["augment_share"] = time_augment(layer, batch, args.steps) / t_cached
+            row["augment_s"] = time_augment(layer, batch, args.steps, row["xla"] is True)
+        else:
+            row["augment_s"] = time_host_augment(args, batch, args.steps)
+        row["augment_share"] = row["augment_s"] / t_real
     except Exception as e:   # e.g. XLA cannot compile the AugmentLayer: report, go on
         row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:100]}"
     finally:
@@ -163,7 +206,7 @@ def format_header(device, args) -> str:
     return (f"gpu_check: {args.backbone} at {args.image_size}, batch {args.batch_size}, "
             f"policy {args.policy!r}, device {device}\n"
             f"{'augment_on':<10} {'mixed':<5} {'xla':<9} {'images/s':>9} "
-            f"{'compute/s':>9} {'input wait':>10} {'augment':>8}")
+            f"{'compute/s':>9} {'input wait':>10} {'augment':>8} {'step ms':>8}")
 
 
 def format_row(r) -> str:
@@ -172,7 +215,7 @@ def format_row(r) -> str:
         return head + f"n/a: {r['error']}"
     share = f"{100 * r['augment_share']:7.1f}%" if "augment_share" in r else f"{'-':>8}"
     return head + (f"{r['images_per_s']:9.1f} {r['compute_images_per_s']:9.1f} "
-                   f"{100 * r['input_wait']:9.1f}% {share}")
+                   f"{100 * r['input_wait']:9.1f}% {share} {r['step_ms']:8.1f}")
 
 
 def format_input_row(r) -> str:
@@ -196,7 +239,7 @@ def main(argv=None):
     os.makedirs(work_dir, exist_ok=True)
     records = make_records(work_dir, args.images, args.image_size)
     t_records = time.time() - started
-    configs = SMOKE_ROWS if args.smoke else [
+    configs = parse_rows(args.rows) if args.rows else SMOKE_ROWS if args.smoke else [
         (augment_on, mixed, xla) for augment_on in ("host", "device")
         for mixed in (False, True) for xla in (False, True)]
     # One line per row as soon as it is measured: a run cut short keeps its rows.

@@ -272,14 +272,17 @@ class Op:
 
     @plain
     def __call__(self, images, labels, seeds):
-        images = tf.convert_to_tensor(images, tf.float32)
-        seeds = fold_seeds(seeds, self.salt)
-        u = uniforms(seeds, self.num_params) if self.num_params else None
-        out = self.transform(images, seeds, u)
-        return (tf.clip_by_value(out, 0.0, 255.0) if self.clips else out), labels
+        return _call_with(self, images, labels, seeds)
 
     def transform(self, images, seeds, u):
         raise NotImplementedError
+
+    def call_static(self, images, labels, seeds):
+        """The same values as __call__, with static shapes only (no grouping
+        of rows by a random choice, no data-dependent sizes): what XLA needs to
+        compile a policy inside a model step. Ops whose __call__ is already
+        static keep it; the others override this."""
+        return self(images, labels, seeds)
 
     def spec(self) -> str:
         return self.name
@@ -426,6 +429,9 @@ class _Noise(Op):
         out = tf.where(shared, images + noise(1), images + noise(3))
         return tf.clip_by_value(out, 0.0, 255.0), labels
 
+    def call_static(self, images, labels, seeds):
+        return self.dense(images, labels, seeds)
+
 
 class GaussianNoise(_Noise):
     """N(0, scale^2) per pixel; scale in grey levels."""
@@ -528,6 +534,44 @@ class _Replace(Op):
         if not self.sparse_ok(images):
             return self.transform_dense(images, fold_seeds(seeds, self.salt)), labels
         return scatter_hits(images, [self.hits(images, seeds)]), labels
+
+    def hit_pixels(self, images, seeds, chosen=None):
+        """The hits of `hits` as dense per-pixel arrays, static shapes only:
+        (hit bool [B, H, W, 1], value float32 [B, H, W, 1]). The same draws:
+        every image keeps all max_hits candidate positions and counts only the
+        first `count` (a scatter-add, instead of tf.where's dynamic list), and
+        a hit's value is a function of its position, so it can be computed
+        for every pixel and selected where hit."""
+        seeds = fold_seeds(seeds, self.salt)
+        u = uniforms(seeds, self.num_params)
+        h, w = images.shape[1], images.shape[2]
+        lam = self.p * h * w
+        sd = math.sqrt(lam * (1.0 - self.p))
+        max_hits = int(math.ceil(lam + 6.0 * sd + 8.0))
+        z = tf.math.ndtri(tf.clip_by_value(u[:, 0], 1e-7, 1.0 - 1e-7))
+        count = tf.clip_by_value(tf.round(lam + sd * z), 0.0, float(max_hits))
+        if chosen is not None:
+            count *= tf.cast(chosen, tf.float32)
+        keys = image_keys(seeds)
+        bits = hash_bits(keys[:, None],
+                         tf.constant(np.arange(max_hits, dtype=np.uint32) + np.uint32(1 << 31)))
+        pos = tf.cast(tf.floor(bits_to_uniform(bits) * (h * w)), tf.int32)
+        pos = tf.minimum(pos, h * w - 1)
+        keep = tf.cast(tf.range(max_hits, dtype=tf.float32)[None, :] < count[:, None], tf.float32)
+        b = tf.shape(images)[0]
+        flat = tf.reshape(tf.range(b)[:, None] * (h * w) + pos, [-1, 1])
+        hit = tf.scatter_nd(flat, tf.reshape(keep, [-1]), [b * h * w]) > 0.0
+        counters = tf.constant(np.arange(h * w, dtype=np.uint32))
+        value = self.value(bits_to_uniform(hash_bits(keys[:, None], counters[None, :])))
+        return tf.reshape(hit, [-1, h, w, 1]), tf.reshape(value, [-1, h, w, 1])
+
+    @plain
+    def call_static(self, images, labels, seeds):
+        images = tf.convert_to_tensor(images, tf.float32)
+        if not self.sparse_ok(images):
+            return self.transform_dense(images, fold_seeds(seeds, self.salt)), labels
+        hit, value = self.hit_pixels(images, seeds)
+        return tf.where(hit, value, images), labels
 
     def transform_dense(self, images, seeds):
         """One uniform per pixel: for unknown sizes and large p."""
@@ -718,6 +762,29 @@ def convolve_separable(images, kernels):
     return _unfold(x, b, c)
 
 
+def convolve_taps(images, kernels):
+    """convolve_per_image as a sum of shifted, per-image weighted copies of the
+    reflect-padded images (kh kw taps, [B, kh, kw] kernels): elementwise work
+    that XLA fuses into one pass. The static schedule's form: XLA's CPU
+    backend runs the batch-folded depthwise convolution ~20x slower."""
+    kh, kw = kernels.shape[1], kernels.shape[2]
+    h, w = tf.shape(images)[1], tf.shape(images)[2]
+    x = reflect_pad(images, kh // 2, kw // 2)
+    out = None
+    for i in range(kh):
+        for j in range(kw):
+            term = per_image(kernels[:, i, j]) * x[:, i:i + h, j:j + w, :]
+            out = term if out is None else out + term
+    return out
+
+
+def convolve_separable_taps(images, kernels):
+    """convolve_separable as two tap sums ([B, K] kernels), for XLA."""
+    k = kernels.shape[1]
+    x = convolve_taps(images, tf.reshape(kernels, [-1, 1, k]))
+    return convolve_taps(x, tf.reshape(kernels, [-1, k, 1]))
+
+
 def gaussian_kernels(sigma, size: int):
     """Normalised 1-D Gaussians, float32 [B, size], one per sigma [B]."""
     x = tf.range(size, dtype=tf.float32) - (size - 1) / 2.0
@@ -763,9 +830,13 @@ class GaussianBlur(RangeOp):
     name = "gaussian_blur"
     default = (0.5, 1.0)
 
-    def transform(self, images, seeds, u):
+    def transform(self, images, seeds, u, convolve=convolve_separable):
         size = 2 * max(1, math.ceil(3 * self.hi)) + 1
-        return convolve_separable(images, gaussian_kernels(tf.maximum(self.draw(u), 1e-3), size))
+        return convolve(images, gaussian_kernels(tf.maximum(self.draw(u), 1e-3), size))
+
+    @plain
+    def call_static(self, images, labels, seeds):
+        return _call_with(self, images, labels, seeds, convolve=convolve_separable_taps)
 
 
 class AverageBlur(Op):
@@ -783,12 +854,16 @@ class AverageBlur(Op):
     def spec(self):
         return f"{self.name}({self.lo},{self.hi})"
 
-    def transform(self, images, seeds, u):
+    def transform(self, images, seeds, u, convolve=convolve_separable):
         if self.lo == self.hi:  # one size for all: a pooling pass is cheaper
             p = self.lo // 2
             return tf.nn.avg_pool2d(reflect_pad(images, p, p), self.lo, 1, "VALID")
         k = self.lo + 2 * randint(0, (self.hi - self.lo) // 2, u[:, 0])
-        return convolve_separable(images, box_kernels(k, self.hi))
+        return convolve(images, box_kernels(k, self.hi))
+
+    @plain
+    def call_static(self, images, labels, seeds):
+        return _call_with(self, images, labels, seeds, convolve=convolve_separable_taps)
 
 
 class MotionBlur(Op):
@@ -806,10 +881,24 @@ class MotionBlur(Op):
     def spec(self):
         return f"{self.name}({self.lo},{self.hi})"
 
-    def transform(self, images, seeds, u):
+    def transform(self, images, seeds, u, convolve=convolve_per_image):
         size = self.hi if self.hi % 2 else self.hi + 1
         k = randint(self.lo, self.hi, u[:, 0])
-        return convolve_per_image(images, motion_kernels(k, 360.0 * u[:, 1], size))
+        return convolve(images, motion_kernels(k, 360.0 * u[:, 1], size))
+
+    @plain
+    def call_static(self, images, labels, seeds):
+        return _call_with(self, images, labels, seeds, convolve=convolve_taps)
+
+
+def _call_with(op, images, labels, seeds, **transform_args):
+    """Op.__call__: fold the seeds, draw the per-image parameters, transform,
+    clip; `transform_args` go to transform (the blurs' static forms)."""
+    images = tf.convert_to_tensor(images, tf.float32)
+    seeds = fold_seeds(seeds, op.salt)
+    u = uniforms(seeds, op.num_params) if op.num_params else None
+    out = op.transform(images, seeds, u, **transform_args)
+    return (tf.clip_by_value(out, 0.0, 255.0) if op.clips else out), labels
 
 
 def _shifted(images, k: int):
@@ -888,6 +977,11 @@ class MedianBlur(Op):
 
     def transform(self, images, seeds, u):
         return run_xla_bucketed(_MEDIAN_XLA[self.k], images)
+
+    @plain
+    def call_static(self, images, labels, seeds):
+        # One shape per batch already: no padding to buckets.
+        return _MEDIAN_XLA[self.k](tf.convert_to_tensor(images, tf.float32)), labels
 
 
 _MEDIAN_XLA = {

@@ -457,6 +457,63 @@ def test_host_and_device_placements_identical():
                                   dx.numpy())
 
 
+def test_static_schedule_under_xla_matches_host_placement():
+    # The device schedule (every branch on the whole batch, per-image select)
+    # is what XLA compiles inside a train step: the FULL default policy must
+    # compile (jit_compile=True fails loudly if any op cannot) and give the
+    # host placement's images: same draws, float rounding only.
+    policy = augment.parse_policy("default")
+    host, device = augment.split_policy(policy)
+    x, s = tf.constant(_images(8, size=32, seed=40)), seeds_for(8, start=17)
+    y = tf.zeros([8], tf.int32)
+    rx, ry = augment.rotate90_random(x, y, s)
+    hx = host(rx, ry, s)[0]
+    want = next(iter(tf.data.Dataset.from_tensors((hx, ry, s)).map(device)))[0].numpy()
+    layer = augment.AugmentLayer("default")
+    assert layer.supports_jit and layer.resolved_schedule() == "grouped"  # eager on a CPU
+    step = tf.function(lambda d: layer(d, training=True), jit_compile=True)
+    feed = {"images": hx, "seeds": s}
+    hlo = step.experimental_get_compiler_ir(feed)(stage="hlo")
+    assert "fft" in hlo  # frequency_blend's mask: the device part is in the XLA module
+    got = step(feed).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-3, rtol=0)
+    assert np.abs(want - hx.numpy()).max() > 10  # it did augment
+
+
+@pytest.mark.parametrize("spec", [
+    "dropout(0.02)|pepper(0.02)|salt(0.03); salt(0.01)",
+    "gaussian_blur|average_blur(3,5)|motion_blur|median_blur(3); sometimes(0.5, median_blur(5))",
+    "gaussian_noise|laplace_noise|poisson_noise; sometimes(0.5, gaussian_noise(3, 8, 0.5))",
+    "sometimes(0.7, add(-20, 20)|multiply; rotate)"])
+def test_static_schedule_equals_grouped_schedule(spec):
+    # Per op family, the static schedule's values equal the grouped one's,
+    # with and without XLA (sparse hits as dense masks, noise drawn for all
+    # channels, medians without bucketing, nested OneOf inside Sometimes).
+    policy = augment.parse_policy(spec)
+    x, s = tf.constant(_images(12, size=16, seed=3)), seeds_for(12, start=29)
+    y = tf.zeros([12], tf.int32)
+    grouped = policy(x, y, s)[0].numpy()
+    static = policy.call_static(x, y, s)[0].numpy()
+    np.testing.assert_allclose(static, grouped, atol=1e-3, rtol=0, err_msg=spec)
+    xla = tf.function(lambda x, s: policy.call_static(x, y, s)[0], jit_compile=True)(x, s)
+    np.testing.assert_allclose(xla.numpy(), grouped, atol=1e-3, rtol=0, err_msg=spec)
+
+
+def test_augment_layer_schedules():
+    assert augment.AugmentLayer("add", schedule="static").resolved_schedule() == "static"
+    grouped = augment.AugmentLayer("add", schedule="grouped")
+    assert grouped.resolved_schedule() == "grouped" and not grouped.supports_jit
+    seen = []
+    layer = augment.AugmentLayer("add")
+    layer.resolved_schedule = lambda orig=layer.resolved_schedule: seen.append(orig()) or seen[-1]
+    feed = {"images": tf.constant(_images(2)), "seeds": seeds_for(2)}
+    tf.function(lambda d: layer(d, training=True), jit_compile=True)(feed)
+    tf.function(lambda d: layer(d, training=True))(feed)
+    assert seen == ["static", "grouped"]  # XLA trace vs a plain tf.function on a CPU
+    with pytest.raises(ValueError, match="schedule"):
+        augment.AugmentLayer("add", schedule="dense")
+
+
 def test_augment_layer_serializes():
     import keras
     layer = augment.AugmentLayer("add(-5,5); median_blur(3)")

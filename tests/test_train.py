@@ -287,6 +287,62 @@ def test_zero_epoch_stage_is_skipped_device_placement_and_a_strategy(records, tm
     assert keras.config.dtype_policy().name == "float32"   # global policy restored
 
 
+def _device_step(records, tmp_path, monkeypatch, mixed):
+    """One Keras train step of the device-placed training model under
+    --jit_compile=true (the full default policy, 32 px, batch 4, "tiny").
+    Returns (model, batch, loss, [schedule of every AugmentLayer trace])."""
+    import tensorflow as tf
+    from upright.pipeline import augment
+    config = tiny_config(records, str(tmp_path / "run"), batch_size=4, augment_on="device",
+                         augment_policy="default", jit_compile="true", mixed_precision=mixed)
+    traces = []
+    real = augment.AugmentLayer.resolved_schedule
+    monkeypatch.setattr(augment.AugmentLayer, "resolved_schedule",
+                        lambda self: traces.append((augment._in_xla_context(), real(self)))
+                        or traces[-1][1])
+    keras.config.set_dtype_policy("mixed_float16" if mixed else "float32")
+    try:
+        classifier = train._build_classifier(config, None)
+        model = train._training_model(classifier, config, "device")
+        model.compile(optimizer=keras.optimizers.Adam(1e-3),
+                      loss=keras.losses.SparseCategoricalCrossentropy(),
+                      jit_compile=train._jit(config.jit_compile))
+        batch = next(iter(train.train_stream(config, stage=1, augment_on="device")))
+        loss = float(model.train_on_batch(*batch))
+    finally:
+        keras.config.set_dtype_policy("float32")
+    assert isinstance(model.get_layer("augment"), augment.AugmentLayer)
+    return model, classifier, batch, loss, traces
+
+
+def test_device_augmentation_compiles_the_train_step_with_xla(records, tmp_path, monkeypatch):
+    import tensorflow as tf
+    model, _, batch, loss, traces = _device_step(records, tmp_path, monkeypatch, mixed=False)
+    # Keras kept XLA (it falls back to jit_compile=False, with a warning, when
+    # a layer has supports_jit False) ...
+    assert model.jit_compile is True and np.isfinite(loss)
+    # ... and traced the AugmentLayer inside its jit_compile=True step function
+    # (must-compile: an op without an XLA kernel would have raised), where the
+    # layer took the static schedule.
+    assert traces and all(t == (True, "static") for t in traces), traces
+    # The train step (augmentation, backbone, gradients, Adam) lowers to one
+    # XLA module, which holds the augmentation (frequency_blend's FFT).
+    hlo = tf.function(model.train_step, jit_compile=True).experimental_get_compiler_ir(
+        batch)(stage="hlo")
+    assert "fft(" in hlo and "convolution(" in hlo
+
+
+def test_device_augmentation_with_mixed_precision_under_xla(records, tmp_path, monkeypatch):
+    # Augmentation in float32, the backbone in float16: one compiled step runs
+    # and its loss is finite.
+    model, classifier, _, loss, traces = _device_step(records, tmp_path, monkeypatch, mixed=True)
+    assert model.jit_compile is True and np.isfinite(loss)
+    assert traces and all(t == (True, "static") for t in traces)
+    assert model.get_layer("augment").compute_dtype == "float32"
+    assert {layer.compute_dtype for layer in classifier.layers[1:-1]} == {"float16"}, \
+        {layer.name: layer.compute_dtype for layer in classifier.layers}
+
+
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_best_model(records, tmp_path):
     config = tiny_config(records, str(tmp_path / "run"), stage2_lr=1e35, augment_policy="none")
     with pytest.raises(train.TrainingDiverged,

@@ -37,7 +37,8 @@ _AUGMENT_POLICY = flags.DEFINE_string("augment_policy", _D.augment_policy,
                                       "Augmentation spec: default, none, or a spec string "
                                       "(see pipeline/augment.py).")
 _AUGMENT_ON = flags.DEFINE_enum("augment_on", _D.augment_on, train.AUGMENT_ON,
-                                "Where augmentation runs; auto = device when a GPU/TPU is present.")
+                                "Where augmentation runs; auto = device when a GPU/TPU is present, "
+                                "host on a CPU (measured faster there: benchmarks/README.md).")
 _RESIZE = flags.DEFINE_enum("resize", _D.resize, train.RESIZE,
                             "How stored images become S x S (all commute with rot90).")
 # Model.
@@ -75,7 +76,9 @@ _VAL_STEPS = flags.DEFINE_integer("validation_steps", _D.validation_steps,
 # Speed and scale.
 _MIXED = flags.DEFINE_bool("mixed_precision", _D.mixed_precision,
                            "mixed_float16 (mixed_bfloat16 on TPU); output stays float32.")
-_JIT = flags.DEFINE_enum("jit_compile", _D.jit_compile, train.JIT_COMPILE, "XLA compilation.")
+_JIT = flags.DEFINE_enum("jit_compile", _D.jit_compile, train.JIT_COMPILE,
+                         "XLA compilation of the train step (with --augment_on=device the "
+                         "augmentation too); auto = on with a GPU/TPU, off on a CPU.")
 _STRATEGY = flags.DEFINE_enum("strategy", _D.strategy, train.STRATEGIES,
                               "tf.distribute strategy; auto = several GPUs -> mirrored.")
 _DATA_SERVICE = flags.DEFINE_string(
