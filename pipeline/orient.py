@@ -851,12 +851,21 @@ def write_report(rows, summary, path) -> None:
                                  for k in REPORT_FIELDS})
 
 
+def shorten_middle(text: str, width: int) -> str:
+    """`text` cut to `width` characters in the middle ("photos/2019/.../img_0042.jpg"):
+    the start says where a file is and the end which one it is."""
+    if len(text) <= width:
+        return text
+    tail = (width - 3) // 2 + (width - 3) % 2
+    return text[:width - 3 - tail] + "..." + text[-tail:]
+
+
 def format_table(rows, width: int = 48) -> str:
     """One line per file: path, predicted rotation, confidence, action, notes."""
     lines = [f"{'file':<{width}}  {'turned':>6}  {'conf':>6}  {'action':<10}  notes"]
     for r in rows:
         path = fileio.show(r["path"])
-        path = path if len(path) <= width else "..." + path[-(width - 3):]
+        path = shorten_middle(path, width)
         turned = f"{r['angle_ccw']}" if r["angle_ccw"] is not None else "-"
         conf = f"{r['confidence']:.3f}" if r["confidence"] is not None else "-"
         action = r["action"] or "-"

@@ -282,3 +282,12 @@ def test_tta_combines_the_four_turns_and_repairs_what_a_biased_model_misses(tmp_
     np.testing.assert_allclose(
         orient.predict(biased, images, config(tmp_path, [str(src)], tta=True)),
         evaluation.combine_rotations(by_turn)[0], atol=1e-6)
+
+
+def test_long_paths_are_shortened_in_the_middle():
+    path = "/data/photos/2019/summer-holidays/camera-roll/IMG_20190704_181523.jpg"
+    short = orient.shorten_middle(path, 48)
+    assert len(short) == 48 and short.startswith("/data/photos/2019/summ")
+    assert short.endswith("IMG_20190704_181523.jpg") and "..." in short
+    assert orient.shorten_middle("short.jpg", 48) == "short.jpg"
+    assert orient.shorten_middle("abcdefghij", 9) == "abc...hij"
