@@ -114,7 +114,7 @@ MUTANTS = (
            ("tests/test_train.py::test_measure_steps_writes_a_consistent_throughput_block",)),
     Mutant("M13", "--jit_compile ignored (compile() always gets 'auto')",
            "pipeline/train.py",
-           (("jit_compile=_jit(config.jit_compile, self.augment_on))", 'jit_compile="auto")'),),
+           (('"true": True, "false": False}', '"true": "auto", "false": "auto"}'),),
            ("tests/test_train.py::test_jit_compile_reaches_model_compile[false-False-False]",)),
     Mutant("M14", "--stage2_train_batchnorm ignored (frozen BatchNorm always trains)",
            "pipeline/train.py",
