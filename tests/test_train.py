@@ -167,7 +167,7 @@ def test_kept_model_is_the_best_epoch_of_history(records, tmp_path):
     # 0.50, 0.35, 0.55, 0.50).
     assert 0 < best_epoch < len(val) - 1 and min(val) < val[0] < max(val), val
     assert metrics["best"] == {"val_accuracy": pytest.approx(val[best_epoch]), "stage": 2,
-                               "epoch": best_epoch}
+                               "epoch": best_epoch + 1}   # 1-based, as printed
     kept = keras.saving.load_model(os.path.join(config.model_dir, "model.keras"), compile=False)
     _, probs, labels = _val_probs(kept, config)
     assert np.mean(probs.argmax(1) == labels) == pytest.approx(val[best_epoch], abs=1e-6)
