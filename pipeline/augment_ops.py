@@ -499,10 +499,10 @@ class _Replace(Op):
         """Whether the hit-list form applies (known size, small p)."""
         return images.shape[1] is not None and images.shape[2] is not None and self.p <= 0.05
 
-    def hits(self, images, seeds, chosen=None):
-        """The replaced pixels: (index int32 [K, 3] of (image, row, col),
-        value float32 [K]). `seeds` are the caller's (unfolded) seeds; images
-        where `chosen` (bool [B]) is False get no hits."""
+    def _candidates(self, images, seeds, chosen):
+        """The draws `hits` and `hit_pixels` share: (h, w, max_hits, count float32
+        [B] hits per image (0 where `chosen` is False), keys [B] of the folded
+        seeds, pos int32 [B, max_hits] candidate positions in [0, h w))."""
         seeds = fold_seeds(seeds, self.salt)
         u = uniforms(seeds, self.num_params)
         h, w = images.shape[1], images.shape[2]
@@ -518,7 +518,13 @@ class _Replace(Op):
                          tf.constant(np.arange(max_hits, dtype=np.uint32) + np.uint32(1 << 31)))
         # Position: a 24-bit uniform scaled to [0, h w).
         pos = tf.cast(tf.floor(bits_to_uniform(bits) * (h * w)), tf.int32)
-        pos = tf.minimum(pos, h * w - 1)
+        return h, w, max_hits, count, keys, tf.minimum(pos, h * w - 1)
+
+    def hits(self, images, seeds, chosen=None):
+        """The replaced pixels: (index int32 [K, 3] of (image, row, col),
+        value float32 [K]). `seeds` are the caller's (unfolded) seeds; images
+        where `chosen` (bool [B]) is False get no hits."""
+        h, w, max_hits, count, keys, pos = self._candidates(images, seeds, chosen)
         keep = tf.range(max_hits, dtype=tf.float32)[None, :] < count[:, None]
         where = tf.where(keep)                                    # [K, 2] (image, j)
         image = tf.cast(where[:, 0], tf.int32)
@@ -542,21 +548,7 @@ class _Replace(Op):
         first `count` (a scatter-add, instead of tf.where's dynamic list), and
         a hit's value is a function of its position, so it can be computed
         for every pixel and selected where hit."""
-        seeds = fold_seeds(seeds, self.salt)
-        u = uniforms(seeds, self.num_params)
-        h, w = images.shape[1], images.shape[2]
-        lam = self.p * h * w
-        sd = math.sqrt(lam * (1.0 - self.p))
-        max_hits = int(math.ceil(lam + 6.0 * sd + 8.0))
-        z = tf.math.ndtri(tf.clip_by_value(u[:, 0], 1e-7, 1.0 - 1e-7))
-        count = tf.clip_by_value(tf.round(lam + sd * z), 0.0, float(max_hits))
-        if chosen is not None:
-            count *= tf.cast(chosen, tf.float32)
-        keys = image_keys(seeds)
-        bits = hash_bits(keys[:, None],
-                         tf.constant(np.arange(max_hits, dtype=np.uint32) + np.uint32(1 << 31)))
-        pos = tf.cast(tf.floor(bits_to_uniform(bits) * (h * w)), tf.int32)
-        pos = tf.minimum(pos, h * w - 1)
+        h, w, max_hits, count, keys, pos = self._candidates(images, seeds, chosen)
         keep = tf.cast(tf.range(max_hits, dtype=tf.float32)[None, :] < count[:, None], tf.float32)
         b = tf.shape(images)[0]
         flat = tf.reshape(tf.range(b)[:, None] * (h * w) + pos, [-1, 1])

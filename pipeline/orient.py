@@ -733,13 +733,7 @@ def _process_pdf(path, rel, predictor, config, manifest, taken):
                          **{k: r[k] for k in ("action", "predicted", "angle_ccw", "repair_cw",
                                               "confidence", "method")}}
                         for r in rows if r["status"] == "ok"]}
-    manifest[record["src"]] = record
-    try:
-        with fileio.open_append(os.path.join(config.dst, MANIFEST)) as f:
-            f.write(json.dumps(record) + "\n")
-    except OSError as e:
-        raise OrientError(f"cannot record {fileio.show(dst_path)} in {MANIFEST}: "
-                          f"{_first_line(e)}") from None
+    _record(config, manifest, record, dst_path)
     return rows
 
 
@@ -775,10 +769,15 @@ def _fix_one(row, data, dst_path, config, jpegtran, manifest, taken, owners):
               "transform": transform, "method": method,
               **{k: row[k] for k in ("predicted", "angle_ccw", "repair_cw", "confidence",
                                      "exif_orientation")}}
-    manifest[record["src"]] = record
     owners[record["dst"]] = record["src"]
-    # One JSON line per written file, appended after the file is in place: a crash
-    # loses at most the record of the last file, which is then simply redone.
+    _record(config, manifest, record, dst_path)
+
+
+def _record(config, manifest, record, dst_path):
+    """Adds a written file's record to the manifest, in memory and as one JSON
+    line in DST/MANIFEST, appended after the file is in place: a crash loses at
+    most the record of the last file, which is then simply redone."""
+    manifest[record["src"]] = record
     try:
         with fileio.open_append(os.path.join(config.dst, MANIFEST)) as f:
             f.write(json.dumps(record) + "\n")

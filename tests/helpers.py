@@ -5,6 +5,7 @@ Everything here writes real files through the project's own code paths.
 import hashlib
 import io
 import os
+import stat
 
 import numpy as np
 from PIL import Image
@@ -170,3 +171,22 @@ def png_header_only(width: int, height: int) -> bytes:
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
             + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b""))
+
+
+def listing(folder) -> dict:
+    """{relative path: bytes, or "dir"} of everything under folder (links not
+    followed): what a planted link must leave unchanged."""
+    out = {}
+    for root, dirs, names in os.walk(folder):
+        for d in dirs:
+            out[os.path.relpath(os.path.join(root, d), folder)] = "dir"
+        for n in names:
+            path = os.path.join(root, n)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, folder)] = f.read()
+    return out
+
+
+def is_regular(path) -> bool:
+    """A regular file itself, not a link to one."""
+    return stat.S_ISREG(os.lstat(path).st_mode)

@@ -69,16 +69,22 @@ def test_usage_error_is_one_line_then_usage_exit_two(name, args, error):
     assert proc.stdout == ""
 
 
-def test_a_training_run_prints_no_tensorflow_or_absl_log_line(tmp_path):
-    src = tmp_path / "src"
+@pytest.fixture(scope="module")
+def records(tmp_path_factory):
+    """Records of 24 distinct tiny images, made by the make_records command."""
+    base = tmp_path_factory.mktemp("console")
+    src = base / "src"
     src.mkdir()
     for seed in range(24):
         helpers.write_image_file(str(src / f"img{seed:02d}.png"),
                                  helpers.distinct_image(seed, 40, 48), "png")
-    records = tmp_path / "rec"
-    made = command("make_records", "--src", src, "--out", records, "--workers", 1,
+    made = command("make_records", "--src", src, "--out", base / "rec", "--workers", 1,
                    "--noprogress")
     assert made.returncode == 0, made.stderr[-2000:]
+    return base / "rec"
+
+
+def test_a_training_run_prints_no_tensorflow_or_absl_log_line(records, tmp_path):
     seen = command("inspect_records", records)
     assert seen.returncode == 0 and log_lines(seen) == [], seen.stderr[-2000:]
     model_dir = tmp_path / "run"
@@ -187,15 +193,7 @@ def _on_a_terminal(args, cwd):
     return proc.wait(timeout=900), b"".join(chunks).decode("utf-8", "replace")
 
 
-def test_training_progress_per_step_on_a_terminal_per_epoch_otherwise(tmp_path):
-    src = tmp_path / "src"
-    src.mkdir()
-    for seed in range(24):
-        helpers.write_image_file(str(src / f"img{seed:02d}.png"),
-                                 helpers.distinct_image(seed, 40, 48), "png")
-    records = tmp_path / "rec"
-    assert command("make_records", "--src", src, "--out", records, "--workers", 1,
-                   "--noprogress").returncode == 0
+def test_training_progress_per_step_on_a_terminal_per_epoch_otherwise(records, tmp_path):
     args = ["train", "--flagfile=demo.flags", f"--records={records}", "--image_size=32",
             "--stage1_epochs=1", "--stage2_epochs=0", "--steps_per_epoch=3", "--batch_size=4",
             "--noexport"]

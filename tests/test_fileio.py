@@ -1,11 +1,11 @@
 """fileio: no write, replace or removal ever goes through a link planted in a folder."""
 import errno
 import os
-import stat
 
 import pytest
 
 from upright.pipeline import fileio
+from tests import helpers
 
 VICTIM_BYTES = b"precious, not the tool's\n"
 
@@ -26,24 +26,10 @@ def victim_dir(tmp_path):
     (folder / "a.txt").write_bytes(b"a")
     (folder / "sub").mkdir()
     (folder / "sub" / "b.txt").write_bytes(b"b")
-    return folder, listing(folder)
+    return folder, helpers.listing(folder)
 
 
-def listing(folder):
-    """{relative path: bytes or 'dir'} of everything under folder (links not followed)."""
-    out = {}
-    for root, dirs, names in os.walk(folder):
-        for d in dirs:
-            out[os.path.relpath(os.path.join(root, d), folder)] = "dir"
-        for n in names:
-            path = os.path.join(root, n)
-            with open(path, "rb") as f:
-                out[os.path.relpath(path, folder)] = f.read()
-    return out
 
-
-def is_regular(path):
-    return stat.S_ISREG(os.lstat(path).st_mode)
 
 
 # ---------------------------------------------------------------- replace
@@ -58,7 +44,7 @@ def test_atomic_write_replaces_a_planted_link_and_never_writes_through_it(tmp_pa
     with fileio.atomic_write(str(folder / "result.json"), mode) as f:
         f.write("new" if mode == "w" else b"new")
     assert victim.read_bytes() == VICTIM_BYTES
-    assert is_regular(folder / "result.json")
+    assert helpers.is_regular(folder / "result.json")
     assert (folder / "result.json").read_bytes() == b"new"
     assert os.listdir(folder) == ["result.json"]           # no temporary left
 
@@ -74,7 +60,7 @@ def test_atomic_write_relative_to_a_folder_descriptor(tmp_path):
     finally:
         os.close(fd)
     assert victim.read_bytes() == VICTIM_BYTES
-    assert (folder / "x.bin").read_bytes() == b"\x00\x01" and is_regular(folder / "x.bin")
+    assert (folder / "x.bin").read_bytes() == b"\x00\x01" and helpers.is_regular(folder / "x.bin")
 
 
 def test_a_failed_atomic_write_leaves_the_old_file_and_no_temporary(tmp_path):
@@ -122,7 +108,7 @@ def test_temporary_names_are_unguessable_and_a_planted_one_is_never_used(tmp_pat
         assert name.startswith(".metrics.json.") and name.endswith(".tmp")
         assert len(name.split(".")[-2]) == 16              # 64 random bits, hex
     assert victim.read_bytes() == VICTIM_BYTES
-    assert path.read_text() == "x" and is_regular(path)
+    assert path.read_text() == "x" and helpers.is_regular(path)
 
 
 def test_long_names_keep_their_temporary_under_the_255_byte_limit(tmp_path):
@@ -135,7 +121,7 @@ def test_replacing_keeps_the_suffix_and_replaces_a_planted_link(tmp_path):
     victim = victim_file(tmp_path)
     os.symlink(victim, tmp_path / "model.keras")
     with fileio.replacing(str(tmp_path / "model.keras"), suffix=".keras") as tmp:
-        assert tmp.endswith(".keras") and is_regular(tmp) and os.path.getsize(tmp) == 0
+        assert tmp.endswith(".keras") and helpers.is_regular(tmp) and os.path.getsize(tmp) == 0
         with open(tmp, "wb") as f:
             f.write(b"model")
     assert victim.read_bytes() == VICTIM_BYTES
@@ -155,7 +141,7 @@ def test_create_file_never_opens_a_link_or_an_existing_file(tmp_path):
     os.write(fd, b"scratch data")
     os.close(fd)
     assert victim.read_bytes() == VICTIM_BYTES
-    assert is_regular(tmp_path / "scratch")
+    assert helpers.is_regular(tmp_path / "scratch")
     assert (tmp_path / "scratch").read_bytes() == b"scratch data"
 
 
@@ -187,7 +173,7 @@ def test_open_dirs_refuses_a_link_inside_the_named_folder(tmp_path):
     with pytest.raises(fileio.UnsafePathError, match="symbolic link") as caught:
         fileio.open_dirs(str(root), "sub/deeper")
     assert caught.value.filename == "sub"
-    assert listing(target) == before
+    assert helpers.listing(target) == before
     (root / "file").write_bytes(b"")
     with pytest.raises(fileio.UnsafePathError, match="a file"):
         fileio.make_dirs(str(root), "file/x")
@@ -209,7 +195,7 @@ def test_remove_tree_on_a_link_removes_only_the_link(tmp_path):
     os.symlink(target, link)
     fileio.remove_tree(str(link))
     assert not os.path.lexists(link)
-    assert listing(target) == before
+    assert helpers.listing(target) == before
     # A real folder holding a link to the victim: the folder goes, the victim stays.
     real = tmp_path / "real"
     (real / "inner").mkdir(parents=True)
@@ -217,7 +203,7 @@ def test_remove_tree_on_a_link_removes_only_the_link(tmp_path):
     os.symlink(target / "a.txt", real / "file_link")
     fileio.remove_tree(str(real))
     assert not os.path.lexists(real)
-    assert listing(target) == before
+    assert helpers.listing(target) == before
     fileio.remove_tree(str(tmp_path / "missing"))          # nothing there: fine
 
 

@@ -3,7 +3,6 @@ the tools write into, as someone who filled those folders would, never on the
 command line. Each test runs the real tool path and checks that the victim
 outside is untouched and the tool either succeeded safely or said one line."""
 import os
-import stat
 import subprocess
 import sys
 
@@ -33,23 +32,10 @@ def victim_dir(tmp_path):
     (folder / "inner").mkdir(parents=True)
     (folder / "keep.txt").write_bytes(b"keep")
     (folder / "inner" / "deep.txt").write_bytes(b"deep")
-    return folder, listing(folder)
+    return folder, helpers.listing(folder)
 
 
-def listing(folder):
-    out = {}
-    for root, dirs, names in os.walk(folder):
-        for d in dirs:
-            out[os.path.relpath(os.path.join(root, d), folder)] = "dir"
-        for n in names:
-            path = os.path.join(root, n)
-            with open(path, "rb") as f:
-                out[os.path.relpath(path, folder)] = f.read()
-    return out
 
-
-def is_regular(path):
-    return stat.S_ISREG(os.lstat(path).st_mode)
 
 
 def one_clear_line(stderr):
@@ -83,7 +69,7 @@ def test_make_records_staging_link_empties_nothing(tmp_path):
     os.symlink(target, out / records.STAGING_DIR)
     info = make(src, out)
     assert info["counts"]["stored"] == 6
-    assert listing(target) == before
+    assert helpers.listing(target) == before
     assert not os.path.lexists(out / records.STAGING_DIR)
     records.inspect_records(str(out))
 
@@ -180,12 +166,12 @@ def test_orient_fix_never_writes_through_a_subfolder_link_or_a_planted_temp_name
     assert "\n" not in rows["sub/inner.png"]["message"]
     for rel in ("top.png", "other/x.png"):
         assert rows[rel]["status"] == "ok", rows[rel]
-        assert is_regular(dst / rel)
+        assert helpers.is_regular(dst / rel)
         with Image.open(dst / rel) as im:   # upright: the marker is back top-left
             assert np.array_equal(np.asarray(im.convert("RGB")),
                                   helpers.quadrant_marker_image(
                                       ["top.png", "sub/inner.png", "other/x.png"].index(rel), 32))
-    assert listing(target) == before
+    assert helpers.listing(target) == before
     assert victim.read_bytes() == VICTIM_BYTES
 
 
@@ -232,7 +218,7 @@ def test_evaluate_replaces_links_planted_in_the_model_folder(tmp_path):
         assert victim.read_bytes() == VICTIM_BYTES
     for name in ("eval_val_confusion.png", "eval_val.json", "eval_val_images.csv",
                  "eval_val_reliability.png"):
-        assert is_regular(os.path.join(model, name)), name
+        assert helpers.is_regular(os.path.join(model, name)), name
     with Image.open(os.path.join(model, "eval_val_confusion.png")) as im:
         assert im.format == "PNG"
     # The old fixed temporary names are not used: those links are left as they were.
