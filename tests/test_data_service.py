@@ -186,7 +186,7 @@ def test_data_service_tool_dispatcher_and_worker_serve(records_dir):
 
 def test_data_service_tool_bad_flags_one_line():
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    # absl prints the usage text, then the error alone on the last line.
+    # tools.run_tool: one "data_service: error: ..." line, then a short usage line, exit 2.
     for args, message in (
             (["--role=worker", "--port=5051"],
              "--role=worker needs --dispatcher=grpc://HOST:PORT"),
@@ -194,7 +194,10 @@ def test_data_service_tool_bad_flags_one_line():
              "tf.data service address must look like grpc://HOST:PORT, got 'nonsense'"),
             (["--role=dispatcher"], "--role (dispatcher or worker) and --port are required")):
         done = subprocess.run([sys.executable, "-m", "upright.tools.data_service", *args],
-                              capture_output=True, text=True, env=env, timeout=60)
-        assert done.returncode == 1, args
+                              capture_output=True, text=True, env=env, timeout=600)
+        assert done.returncode == 2, args
         assert "Traceback" not in done.stderr
-        assert done.stderr.strip().splitlines()[-1] == message
+        lines = done.stderr.strip().splitlines()
+        assert lines[0] == f"data_service: error: {message}", lines
+        assert lines[1:] == ["usage: data_service --role=dispatcher --port=5050   "
+                             "(all flags: data_service --help)"], lines

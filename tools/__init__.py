@@ -150,7 +150,9 @@ def expand_flagfiles(argv: list) -> list:
 
 
 def _tool_name(module_name: str) -> str:
-    return module_name.rsplit(".", 1)[-1]
+    """"train" for upright.tools.train, also when it runs as __main__ (python -m)."""
+    spec = getattr(sys.modules.get(module_name), "__spec__", None)
+    return (spec.name if spec is not None and spec.name else module_name).rsplit(".", 1)[-1]
 
 
 def _usage_line(module) -> str:
