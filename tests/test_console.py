@@ -59,6 +59,7 @@ def test_help_exits_zero_with_docstring_and_flags(name, flag):
     ("orient", ["--model=runs/x"], "orient: error: give at least one image file or folder"),
     ("make_records", ["--nosuchflag"], "make_records: error: Unknown command line flag "
                                        "'nosuchflag'"),
+    ("make_records", [], "make_records: error: --src is required"),
 ])
 def test_usage_error_is_one_line_then_usage_exit_two(name, args, error):
     proc = command(name, *args)
@@ -66,6 +67,7 @@ def test_usage_error_is_one_line_then_usage_exit_two(name, args, error):
     lines = proc.stderr.splitlines()
     assert lines[0] == error, lines
     assert len(lines) == 2 and lines[1].startswith(f"usage: {name} ") and "--help" in lines[1]
+    assert "#" not in lines[1]   # the docstring example's comment stays in the docstring
     assert proc.stdout == ""
 
 

@@ -159,7 +159,7 @@ def _usage_line(module) -> str:
     """The first example command of the tool's docstring."""
     for line in (module.__doc__ or "").splitlines()[1:]:
         if line.startswith("    ") and line.strip():
-            return line.strip()
+            return line.split("  #")[0].strip()   # without the example's comment
     return _tool_name(module.__name__)
 
 
@@ -203,6 +203,9 @@ def run_tool(main, module_name: str, *, tensorflow: bool = True) -> None:
             fail_usage(module_name, str(e))
         except flags.Error as e:
             message = re.sub(r"^ERROR:+\s*", "", str(e).replace("\n", " "))
+            # absl's words for a missing required flag, said plainly.
+            message = re.sub(r"^flag --(\w+)=None: Flag --\1 must have a value other than "
+                             r"None\.$", r"--\1 is required", message)
             fail_usage(module_name, message)
 
     def quiet_main(args):
