@@ -8,7 +8,6 @@ One dispatcher per cluster; as many workers as the input pipeline needs CPU
 (each runs the whole decode/resize/augment graph the trainer sends). Workers may
 be added or removed while training runs. Stop with Ctrl-C or SIGTERM.
 """
-import os
 import signal
 import sys
 import time
@@ -36,7 +35,6 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     if _ROLE.value is None or _PORT.value is None:
         raise app.UsageError("--role (dispatcher or worker) and --port are required")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from upright.pipeline import data_service
     if _ROLE.value == "worker":
         if not _DISPATCHER.value:

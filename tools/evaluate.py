@@ -8,7 +8,6 @@ expected calibration error, error-versus-coverage curve, optional test-time
 agreement) plus PNGs beside it; prints a readable summary. Definitions:
 pipeline/evaluation.py and BUILD.md.
 """
-import os
 import sys
 
 from absl import app, flags
@@ -38,7 +37,6 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if not _MODEL.value or not _RECORDS.value:
         raise app.UsageError("--model and --records are required")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from upright.pipeline import evaluation, recordio, serve
     try:
         predictor = serve.load_model(_MODEL.value, trust_model=_TRUST_MODEL.value)

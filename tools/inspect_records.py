@@ -16,7 +16,6 @@ orientations (label k = turned k quarter turns counter-clockwise), so that a
 person can see what the model will be shown.
 """
 import json
-import os
 import sys
 
 from absl import app
@@ -36,7 +35,6 @@ def main(argv):
     if len(argv) != 2:
         raise app.UsageError("give exactly one records folder: inspect_records OUT")
     records_dir = argv[1]
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from upright.pipeline import recordio, records
     try:
         summary = records.inspect_records(records_dir)

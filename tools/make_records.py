@@ -84,7 +84,6 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments {argv[1:]}; use --src DIR [--out DIR]")
     # TensorFlow is imported only to write the shards; keep its start-up chatter
     # out of the progress bar unless the user asked for it.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from upright.pipeline import records
     out = _OUT.value or default_out(_SRC.value)
     arguments = {"src": _SRC.value, "out": out, "val_fraction": _VAL_FRACTION.value,

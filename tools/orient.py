@@ -14,7 +14,6 @@ one row per page; --fix writes the PDF with the turned pages' /Rotate corrected
 (original bytes kept: an incremental update); pages left alone are listed.
 Details: pipeline/orient.py and BUILD.md.
 """
-import os
 import sys
 
 from absl import app, flags
@@ -59,7 +58,6 @@ def main(argv):
         raise app.UsageError("--model is required")
     if not paths:
         raise app.UsageError("give at least one image file or folder")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from upright.pipeline import orient
     config = orient.OrientConfig(
         model_dir=_MODEL.value, paths=paths, fix=_FIX.value, dst=_DST.value,
