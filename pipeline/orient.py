@@ -61,6 +61,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 
@@ -339,7 +340,10 @@ def turn_with_pillow(data: bytes, transform: str, *, jpeg_quality: int) -> tuple
     """Decodes, applies `transform` to the stored pixels, re-encodes in the same
     format with metadata kept and EXIF orientation 1. -> (bytes, method)."""
     from PIL import Image, JpegImagePlugin
-    with Image.open(io.BytesIO(data)) as image:
+    # Pillow's warnings on this file (a damaged EXIF block) are already the
+    # row's notes (read_upright): not printed again.
+    with warnings.catch_warnings(record=True), Image.open(io.BytesIO(data)) as image:
+        warnings.simplefilter("always")
         image.load()
         fmt = image.format
         info = dict(image.info)
@@ -612,6 +616,12 @@ def _process_batch(batch, predictor, config, jpegtran, manifest, taken, owners):
             stored = imageio.read_upright(path, data=data, max_side=config.max_side)
             image = predictor.preprocess(stored.encoded)
             row["exif_orientation"] = _exif_orientation(data)
+            # What the reader found and ignored (a damaged EXIF block): this
+            # file's note, never a warning on stderr through the progress bar.
+            found = [n for n in stored.notes if n == imageio.CORRUPT_EXIF_NOTE
+                     or n.startswith("Pillow warning")]
+            if found:
+                row["message"] = "; ".join(found)
             ready.append((row, data, image, dst_path))
         except imageio.SkipImage as e:
             row.update(status="error", action="skip", message=str(e))
@@ -789,7 +799,10 @@ def _record(config, manifest, record, dst_path):
 def _exif_orientation(data):
     from PIL import Image
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        # read_upright already turned Pillow's warnings about this file into
+        # its notes; a second read must not print them.
+        with warnings.catch_warnings(record=True), Image.open(io.BytesIO(data)) as image:
+            warnings.simplefilter("always")
             return imageio.exif_orientation(image)
     except Exception:
         return None
@@ -823,6 +836,9 @@ def summarize(rows, config, jpegtran) -> dict:
         "unsure": count(action="unsure"),
         "already_done": count(status="done"),
         "exif_disagrees": sum(bool(r["exif_disagrees"]) for r in rows),
+        "corrupt_exif_ignored": sum(r["status"] != "error"
+                                    and imageio.CORRUPT_EXIF_NOTE in (r["message"] or "")
+                                    for r in rows),
         "written": sum(1 for r in rows if r["status"] == "ok" and r["dst"]),
         "lossless": sum(1 for r in rows if r["status"] == "ok" and r["method"]
                         and r["method"].startswith("lossless")),
@@ -891,6 +907,9 @@ def format_summary(summary) -> str:
              f", {summary['unsure']} left alone (confidence < {summary['min_confidence']}), "
              f"{summary['errors']} errors, {summary['already_done']} already done; "
              f"{summary['exif_disagrees']} with an EXIF tag that disagrees"]
+    if summary.get("corrupt_exif_ignored"):
+        lines.append(f"{summary['corrupt_exif_ignored']} with corrupt EXIF data (ignored, as "
+                     "viewers do: read as their pixels show; see the notes column)")
     lines.append("'turned' = degrees the image is turned counter-clockwise; "
                  "'turn Ncw' repairs it by N degrees clockwise")
     if summary["fix"] and summary["jpegtran"] is None:

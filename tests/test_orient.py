@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -228,6 +229,39 @@ def test_jpeg_that_jpegtran_cannot_turn_perfectly_falls_back_to_reencode(tmp_pat
     trimmed = decode(str(tmp_path / "trim" / "odd.jpg"))
     assert trimmed.shape == (56, 32, 3)
     assert np.abs(trimmed.astype(int) - np.rot90(decode(path)[:32], -1)).max() <= 8
+
+
+def test_corrupt_exif_is_a_note_of_the_file_not_a_warning(tmp_path, predictor, capfd):
+    """Pillow's 'Corrupt EXIF data' UserWarning (no file name, through the
+    progress bar) becomes the file's note and a count; the image is still
+    predicted and turned."""
+    upright = helpers.quadrant_marker_image(5, 64)
+    path = tmp_path / "src" / "bad exif.jpg"
+    path.parent.mkdir()
+    path.write_bytes(helpers.with_corrupt_exif(helpers.encode(np.rot90(upright, 1), quality=92)))
+    save(tmp_path / "src" / "clean.jpg", np.rot90(upright, 2))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = orient.run(config(tmp_path, [str(tmp_path / "src")], fix=True,
+                                   dst=str(tmp_path / "dst"), lossless=bool(JPEGTRAN)),
+                            predictor=predictor)
+    assert [str(w.message) for w in caught] == []
+    assert "EXIF" not in capfd.readouterr().err
+    rows = {os.path.basename(r["path"]): r for r in result["rows"]}
+    bad, clean = rows["bad exif.jpg"], rows["clean.jpg"]
+    assert (bad["status"], bad["action"], bad["repair_cw"]) == ("ok", "turn", 90)
+    assert bad["message"] == "corrupt EXIF data ignored"
+    assert clean["message"] is None
+    assert result["summary"]["corrupt_exif_ignored"] == 1
+    with warnings.catch_warnings(record=True):   # the copy keeps the damaged block
+        warnings.simplefilter("always")
+        fixed = decode(str(tmp_path / "dst" / "bad exif.jpg"))
+        source = decode(str(path))
+    assert np.abs(fixed.astype(int) - np.rot90(source, -1)).mean() < 3
+    table = orient.format_table(result["rows"])
+    assert "corrupt EXIF data ignored" in next(line for line in table.splitlines()
+                                               if "bad exif.jpg" in line)
+    assert "1 with corrupt EXIF data (ignored" in orient.format_summary(result["summary"])
 
 
 def test_config_errors_are_clear(tmp_path, predictor):
