@@ -407,8 +407,12 @@ def trimmed_edges(before: bytes, after: bytes, transform: str) -> tuple:
     LEFT edge and the lost rows at its TOP edge.
     """
     from PIL import Image
-    with Image.open(io.BytesIO(before)) as a, Image.open(io.BytesIO(after)) as b:
-        (w, h), (out_w, out_h) = a.size, b.size
+    # Headers only; a damaged EXIF block (copied by jpegtran) is already the
+    # row's note: Pillow's warning about it is not printed again.
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        with Image.open(io.BytesIO(before)) as a, Image.open(io.BytesIO(after)) as b:
+            (w, h), (out_w, out_h) = a.size, b.size
     if TRANSFORMS[transform][0](np.zeros((2, 1))).shape == (1, 2):   # axes swapped
         w, h = h, w
     return w - out_w, h - out_h, f"{a.size[0]}x{a.size[1]} -> {out_w}x{out_h}"

@@ -331,7 +331,7 @@ def test_corrupt_exif_is_a_note_of_the_file_not_a_warning(tmp_path, predictor, c
     """Pillow's 'Corrupt EXIF data' UserWarning (no file name, through the
     progress bar) becomes the file's note and a count; the image is still
     predicted and turned."""
-    upright = helpers.quadrant_marker_image(5, 64)
+    upright = helpers.quadrant_marker_image(5, 64)[:, :56]   # 56 = 3.5 blocks of 16
     path = tmp_path / "src" / "bad exif.jpg"
     path.parent.mkdir()
     path.write_bytes(helpers.with_corrupt_exif(helpers.encode(np.rot90(upright, 1), quality=92)))
@@ -353,7 +353,11 @@ def test_corrupt_exif_is_a_note_of_the_file_not_a_warning(tmp_path, predictor, c
         warnings.simplefilter("always")
         fixed = decode(str(tmp_path / "dst" / "bad exif.jpg"))
         source = decode(str(path))
-    assert np.abs(fixed.astype(int) - np.rot90(source, -1)).mean() < 3
+    turned = np.rot90(source, -1)
+    if JPEGTRAN:   # the partial block row, turned to the left edge, is trimmed
+        assert bad["method"].startswith("lossless (jpegtran), 8 px trimmed from the left edge")
+        turned = turned[:, 8:]
+    assert np.abs(fixed.astype(int) - turned).mean() < 3
     table = orient.format_table(result["rows"])
     assert "corrupt EXIF data ignored" in next(line for line in table.splitlines()
                                                if "bad exif.jpg" in line)
