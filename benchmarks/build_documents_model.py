@@ -1,5 +1,5 @@
 """Build the built-in `documents` model reproducibly: records -> train -> export ->
-check -> copy model.tflite + model_info.json into upright/models/documents/.
+check -> copy model.tflite + model_info.json into src/upright/models/documents/.
 
 The command that builds the shipped model (from the repository root; the page
 set and the recipe come from issue 14's data and the pretrained-backbone work):
@@ -26,7 +26,7 @@ Steps (each a real command, run as a subprocess with this Python, and printed):
    folder (serve.load_model_dir), and its accuracy on the records' val split in
    all four turns (evaluation.evaluate) is at least --min_val_accuracy;
 4. model.tflite and model_info.json are written (atomically, pipeline/fileio)
-   into --install_dir (default: upright/models/documents in this repository).
+   into --install_dir (default: src/upright/models/documents in this repository).
    model_info.json gains a "build" entry: the command, the git commit, the
    flagfile's text, the records' counts, the val accuracy of the TFLite file,
    the seconds each step took.
@@ -42,7 +42,7 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_INSTALL = os.path.join(REPO, "upright", "models", "documents")
+DEFAULT_INSTALL = os.path.join(REPO, "src", "upright", "models", "documents")
 
 
 def run_step(name, args, timings):

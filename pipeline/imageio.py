@@ -86,7 +86,8 @@ class StoredImage:
         EXIF turn, before downscaling).
     source_format: Pillow's name of the source format, e.g. "JPEG", "PNG".
     changed: False when `encoded` is the source file byte for byte.
-    notes: what was done, e.g. ("exif_orientation=6", "mode=CMYK", "resized").
+    notes: what was done or found, e.g. ("exif_orientation=6", "mode=CMYK",
+      "resized", CORRUPT_EXIF_NOTE).
     signature: near-duplicate signature of the stored pixels (see `signature`).
     """
     encoded: bytes
@@ -122,9 +123,43 @@ def read_upright(path, *, max_side: int = DEFAULT_MAX_SIDE,
     if not data:
         raise SkipImage("zero bytes")
     check_jpeg_scans(data)
-    image = open_image(data, path, max_pixels)
-    with image:
-        return convert_image(image, data, max_side=max_side, jpeg_quality=jpeg_quality)
+    with warnings.catch_warnings(record=True) as caught:
+        # Pillow warns (to stderr, without the file's name, through any progress
+        # bar) about a damaged EXIF block and reads on; each such warning becomes
+        # a note of this file instead. Scoped to this read: no global filter.
+        warnings.simplefilter("always")
+        image = open_image(data, path, max_pixels)
+        with image:
+            stored = convert_image(image, data, max_side=max_side, jpeg_quality=jpeg_quality)
+    notes = warning_notes(caught)
+    return dataclasses.replace(stored, notes=stored.notes + notes) if notes else stored
+
+
+# The note of a file whose EXIF block Pillow found damaged (and ignored, as
+# viewers do): the image is stored as its pixels show it.
+CORRUPT_EXIF_NOTE = "corrupt EXIF data ignored"
+
+
+def warning_notes(caught) -> tuple:
+    """Notes for the warnings Pillow raised while reading one file.
+
+    caught: warnings.WarningMessage list from catch_warnings(record=True).
+    Pillow's EXIF warnings ("Corrupt EXIF data.  Expecting to read 12 bytes but
+    only got 2.", "Possibly corrupt EXIF data ...") give CORRUPT_EXIF_NOTE once;
+    another Pillow warning gives "Pillow warning: <its first line>". A warning
+    from elsewhere (another thread importing TensorFlow, say) is not this
+    file's: it is issued again as it came.
+    """
+    notes = []
+    for w in caught:
+        if f"{os.sep}PIL{os.sep}" not in (w.filename or ""):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            continue
+        text = _short(w.message)
+        note = CORRUPT_EXIF_NOTE if "corrupt exif" in text.lower() else f"Pillow warning: {text}"
+        if note not in notes:
+            notes.append(note)
+    return tuple(notes)
 
 
 def read_bytes(path) -> bytes:

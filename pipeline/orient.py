@@ -27,12 +27,15 @@ What happens to each file (files, or folders walked recursively):
      JPEG: `jpegtran -copy all -perfect -rotate|-flip|-transpose|-transverse`
        (libjpeg-turbo-progs on Debian) moves DCT blocks without decoding:
        lossless. -perfect refuses when the image's width or height is not a
-       whole number of coding blocks on an edge that the transform moves; then,
-       or when jpegtran is missing, the image is decoded and re-encoded (JPEG
-       quality `jpeg_quality`, default 95, chroma subsampling kept as 4:4:4 or
-       4:2:0) -- or, with trim_edges, turned losslessly with `jpegtran -trim`,
-       which drops the partial edge blocks (under 16 pixel rows/columns). The
-       report's "method" column says which.
+       whole number of coding blocks on an edge that the transform moves (most
+       photos: 3000 = 187.5 x 16); then, by default (trim_edges), the turn is
+       still lossless with `jpegtran -trim`, which drops the partial edge
+       blocks: under 16 pixel columns at the copy's left edge and/or rows at
+       its top, and the method says exactly how many ("lossless (jpegtran),
+       8 px trimmed from the left edge (56x40 -> 32x56)"). With
+       trim_edges=False, or when jpegtran is missing, the image is decoded and
+       re-encoded (JPEG quality `jpeg_quality`, default 95, chroma subsampling
+       kept as 4:4:4 or 4:2:0). The report's "method" column says which.
      Other formats: decoded, turned, saved in the same format (PNG stays
        lossless).
    A manifest DST/.orient_done.jsonl records every written file (source
@@ -61,6 +64,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 
@@ -74,6 +78,9 @@ MAX_GROWTH = 4
 MIN_GROWTH_BYTES = 1 << 20
 DEFAULT_MIN_CONFIDENCE = 0.9
 PROGRESS_MIN_FILES = 20
+# trim_edges drops at most this many pixel rows or columns per edge: the
+# partial edge block of the usual 4:2:0 and 4:4:4 files (16 or 8 pixels).
+MAX_TRIM = 15
 EXIF_ORIENTATION = 0x0112
 
 # The eight transforms of an image (dihedral group of the square), as numpy
@@ -116,9 +123,11 @@ class OrientConfig:
     lossless: use jpegtran for JPEG when it is installed (jpegtran: its path or
       name on PATH); False always re-encodes.
     jpeg_quality: quality of re-encoded JPEGs (1..100).
-    trim_edges: when jpegtran -perfect refuses, turn losslessly anyway with
-      -trim, dropping the partial edge blocks (under 16 pixel rows/columns),
-      instead of re-encoding.
+    trim_edges: when jpegtran -perfect refuses (the size is not a whole number
+      of coding blocks on an edge the turn moves), turn losslessly anyway with
+      -trim, dropping the partial edge blocks (at most MAX_TRIM = 15 pixel
+      columns at the copy's left edge and rows at its top, the method says how
+      many); False keeps every pixel by re-encoding such a JPEG.
     max_side: longest side the image is reduced to before preprocessing, as
       make_records stores it (imageio.DEFAULT_MAX_SIDE).
     progress: tqdm bar; None = when there are >= PROGRESS_MIN_FILES files.
@@ -143,7 +152,7 @@ class OrientConfig:
     lossless: bool = True
     jpegtran: str = "jpegtran"
     jpeg_quality: int = 95
-    trim_edges: bool = False
+    trim_edges: bool = True
     max_side: int = imageio.DEFAULT_MAX_SIDE
     progress: bool = None
     models_dir: str = None
@@ -339,7 +348,10 @@ def turn_with_pillow(data: bytes, transform: str, *, jpeg_quality: int) -> tuple
     """Decodes, applies `transform` to the stored pixels, re-encodes in the same
     format with metadata kept and EXIF orientation 1. -> (bytes, method)."""
     from PIL import Image, JpegImagePlugin
-    with Image.open(io.BytesIO(data)) as image:
+    # Pillow's warnings on this file (a damaged EXIF block) are already the
+    # row's notes (read_upright): not printed again.
+    with warnings.catch_warnings(record=True), Image.open(io.BytesIO(data)) as image:
+        warnings.simplefilter("always")
         image.load()
         fmt = image.format
         info = dict(image.info)
@@ -384,16 +396,41 @@ def turn_with_pillow(data: bytes, transform: str, *, jpeg_quality: int) -> tuple
     return payload, method
 
 
-def _trimmed(before: bytes, after: bytes) -> str:
+def trimmed_edges(before: bytes, after: bytes, transform: str) -> tuple:
+    """(columns, rows) that `jpegtran -trim` dropped, and the sizes "WxH -> WxH".
+
+    jpegtran can move only whole coding blocks (iMCUs: 8 or 16 pixels, 32 for
+    rare 4:1:1 files); the partial blocks at the stored image's right and
+    bottom edges stay whole only where the transform leaves them at the
+    output's right or bottom. Those it would move to the output's left or top
+    are what -trim drops, so the lost columns are always at the upright copy's
+    LEFT edge and the lost rows at its TOP edge.
+    """
     from PIL import Image
-    with Image.open(io.BytesIO(before)) as a, Image.open(io.BytesIO(after)) as b:
-        lost = sorted(a.size) != sorted(b.size)
-        return f"{a.size[0]}x{a.size[1]} -> {b.size[0]}x{b.size[1]}" if lost else "nothing dropped"
+    # Headers only; a damaged EXIF block (copied by jpegtran) is already the
+    # row's note: Pillow's warning about it is not printed again.
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        with Image.open(io.BytesIO(before)) as a, Image.open(io.BytesIO(after)) as b:
+            (w, h), (out_w, out_h) = a.size, b.size
+    if TRANSFORMS[transform][0](np.zeros((2, 1))).shape == (1, 2):   # axes swapped
+        w, h = h, w
+    return w - out_w, h - out_h, f"{a.size[0]}x{a.size[1]} -> {out_w}x{out_h}"
+
+
+def describe_trim(columns: int, rows: int) -> str:
+    """"8 px trimmed from the left edge" (the upright copy's edges)."""
+    parts = [f"{n} px trimmed from the {edge} edge"
+             for n, edge in ((columns, "left"), (rows, "top")) if n]
+    return " and ".join(parts) if parts else "nothing trimmed"
 
 
 def write_upright(data: bytes, dst_path: str, transform: str, *, config: OrientConfig,
                   jpegtran) -> str:
-    """Writes the upright copy atomically; returns the method used."""
+    """Writes the upright copy atomically; returns the method used, exactly:
+    "lossless (jpegtran)" (every pixel kept), "lossless (jpegtran), 8 px trimmed
+    from the left edge (56x40 -> 32x56)" (trim_edges: the partial edge blocks
+    a lossless turn cannot keep), or "re-encoded (...)" with the reason."""
     method, payload = None, None
     if jpegtran and data[:2] == b"\xff\xd8":
         try:
@@ -401,15 +438,24 @@ def write_upright(data: bytes, dst_path: str, transform: str, *, config: OrientC
             method = "lossless (jpegtran)"
         except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
             note = f"jpegtran refused: {e}"
-            if config.trim_edges:
+            if not config.trim_edges:
+                note += " (trim_edges off: every pixel kept)"
+            else:
                 try:
-                    payload = turn_jpeg_lossless(data, transform, jpegtran, trim=True)
-                    method = f"lossless (jpegtran -trim: {_trimmed(data, payload)})"
+                    trimmed = turn_jpeg_lossless(data, transform, jpegtran, trim=True)
+                    columns, rows, sizes = trimmed_edges(data, trimmed, transform)
+                    if max(columns, rows) <= MAX_TRIM:
+                        payload = trimmed
+                        method = (f"lossless (jpegtran), {describe_trim(columns, rows)} "
+                                  f"({sizes})")
+                    else:
+                        note += (f"; a lossless turn would drop {describe_trim(columns, rows)}"
+                                 f" (more than {MAX_TRIM} px)")
                 except (RuntimeError, OSError, subprocess.TimeoutExpired) as e2:
                     note += f"; -trim failed: {e2}"
-    elif data[:2] == b"\xff\xd8":
-        note = "jpegtran not used" if not config.lossless else "jpegtran not installed"
     else:
+        # Without jpegtran (or with lossless off) the reason is said once, in
+        # the summary (format_summary), not on every file's line.
         note = None
     if payload is None:
         payload, method = turn_with_pillow(data, transform, jpeg_quality=config.jpeg_quality)
@@ -612,6 +658,12 @@ def _process_batch(batch, predictor, config, jpegtran, manifest, taken, owners):
             stored = imageio.read_upright(path, data=data, max_side=config.max_side)
             image = predictor.preprocess(stored.encoded)
             row["exif_orientation"] = _exif_orientation(data)
+            # What the reader found and ignored (a damaged EXIF block): this
+            # file's note, never a warning on stderr through the progress bar.
+            found = [n for n in stored.notes if n == imageio.CORRUPT_EXIF_NOTE
+                     or n.startswith("Pillow warning")]
+            if found:
+                row["message"] = "; ".join(found)
             ready.append((row, data, image, dst_path))
         except imageio.SkipImage as e:
             row.update(status="error", action="skip", message=str(e))
@@ -789,7 +841,10 @@ def _record(config, manifest, record, dst_path):
 def _exif_orientation(data):
     from PIL import Image
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        # read_upright already turned Pillow's warnings about this file into
+        # its notes; a second read must not print them.
+        with warnings.catch_warnings(record=True), Image.open(io.BytesIO(data)) as image:
+            warnings.simplefilter("always")
             return imageio.exif_orientation(image)
     except Exception:
         return None
@@ -823,9 +878,17 @@ def summarize(rows, config, jpegtran) -> dict:
         "unsure": count(action="unsure"),
         "already_done": count(status="done"),
         "exif_disagrees": sum(bool(r["exif_disagrees"]) for r in rows),
+        "corrupt_exif_ignored": sum(r["status"] != "error"
+                                    and imageio.CORRUPT_EXIF_NOTE in (r["message"] or "")
+                                    for r in rows),
         "written": sum(1 for r in rows if r["status"] == "ok" and r["dst"]),
         "lossless": sum(1 for r in rows if r["status"] == "ok" and r["method"]
                         and r["method"].startswith("lossless")),
+        "lossless_trimmed": sum(1 for r in rows if r["status"] == "ok" and r["method"]
+                                and r["method"].startswith("lossless (jpegtran), ")),
+        "reencoded_jpeg": sum(1 for r in rows if r["status"] == "ok" and r["method"]
+                              and r["method"].startswith("re-encoded (JPEG")),
+        "lossless_requested": config.lossless,
         "min_confidence": config.min_confidence,
         "fix": config.fix,
         "jpegtran": jpegtran,
@@ -884,18 +947,25 @@ def format_table(rows, width: int = 48) -> str:
 
 
 def format_summary(summary) -> str:
-    written = (f" (written: {summary['written']}, lossless: {summary['lossless']})"
+    trimmed = (f", {summary['lossless_trimmed']} of them with a partial edge block trimmed"
+               if summary.get("lossless_trimmed") else "")
+    written = (f" (written: {summary['written']}, lossless: {summary['lossless']}{trimmed})"
                if summary["fix"] else "")
     lines = [f"{summary['files']} files: {summary['upright']} upright, {summary['turn']} to turn"
              f"{written}"
              f", {summary['unsure']} left alone (confidence < {summary['min_confidence']}), "
              f"{summary['errors']} errors, {summary['already_done']} already done; "
              f"{summary['exif_disagrees']} with an EXIF tag that disagrees"]
+    if summary.get("corrupt_exif_ignored"):
+        lines.append(f"{summary['corrupt_exif_ignored']} with corrupt EXIF data (ignored, as "
+                     "viewers do: read as their pixels show; see the notes column)")
     lines.append("'turned' = degrees the image is turned counter-clockwise; "
                  "'turn Ncw' repairs it by N degrees clockwise")
-    if summary["fix"] and summary["jpegtran"] is None:
-        lines.append("jpegtran not used: JPEGs were re-encoded (install libjpeg-turbo-progs "
-                     "for lossless turns)")
+    if summary["fix"] and summary["jpegtran"] is None and summary["reencoded_jpeg"]:
+        lines.append(("JPEGs re-encoded (--nolossless)" if not summary["lossless_requested"]
+                      else "jpegtran is not installed, so JPEGs were re-encoded (install "
+                      "libjpeg-turbo-progs, e.g. apt-get install libjpeg-turbo-progs, "
+                      "for lossless turns)"))
     for key, title in (("unsure_files", "left alone (unsure)"), ("error_files", "errors")):
         files = summary[key]
         if files:

@@ -889,6 +889,7 @@ def _write(out_b, plan, spans, scratch, *, src_b, arguments, num_shards=0) -> di
 def _provenance(plan, spans, *, src_b, arguments) -> dict:
     """info.json's provenance fields (everything but the splits)."""
     kept = [r for items in plan.splits.values() for r in items]
+    corrupt_exif = sorted(r.rel for r in kept if imageio.CORRUPT_EXIF_NOTE in r.image.notes)
     provenance = {
         "created_by": "make_records",
         "source": fileio.show(os.path.abspath(src_b)),
@@ -912,8 +913,12 @@ def _provenance(plan, spans, *, src_b, arguments) -> dict:
             "animated_first_frame": sum("animated: first frame" in r.image.notes
                                         for r in kept),
             "resized": sum("resized" in r.image.notes for r in kept),
+            "corrupt_exif_ignored": len(corrupt_exif),
             "links_outside_source": len(plan.outside),
         },
+        # Stored images whose EXIF block Pillow found damaged and ignored (as
+        # viewers do): the pixels are stored as they show, with no EXIF turn.
+        "corrupt_exif_ignored": [fileio.show(rel) for rel in corrupt_exif],
         "group_by": plan.named_groups,
         "links_outside_source": [{"path": fileio.show(rel), "target": fileio.show(target)}
                                  for rel, target in plan.outside],
@@ -1023,6 +1028,12 @@ def format_summary(info: dict) -> str:
         f"stored unchanged {c['stored_unchanged']}, resized {c['resized']}, "
         f"EXIF-turned {c['exif_turned']}, colour-converted {c['converted_mode']}",
     ]
+    damaged = info.get("corrupt_exif_ignored") or []
+    if damaged:
+        lines.append(f"corrupt EXIF data ignored in {len(damaged)} (stored as their pixels "
+                     f"show): {', '.join(damaged[:5])}"
+                     + (f" ... and {len(damaged) - 5} more (see info.json)"
+                        if len(damaged) > 5 else ""))
     named = info.get("group_by")
     if named:
         lines.append(f"--group_by: {named['keys']} keys, {named['split_groups']} groups split "

@@ -6,6 +6,8 @@ import hashlib
 import io
 import os
 import stat
+import struct
+import warnings
 
 import numpy as np
 from PIL import Image
@@ -156,6 +158,25 @@ def write_image_file(path, array: np.ndarray, fmt: str = "jpeg", quality: int = 
     data = buf.getvalue()
     with open(path, "wb") as f:
         f.write(data)
+    return data
+
+
+def with_corrupt_exif(jpeg: bytes) -> bytes:
+    """The JPEG with an APP1 EXIF block whose IFD0 declares 4 entries but holds
+    one and then ends: Pillow warns "Corrupt EXIF data.  Expecting to read 12
+    bytes but only got 0." (a UserWarning, printed without the file's name) and
+    reads the image anyway. Checked here, so a test never passes on a block
+    Pillow silently accepts."""
+    tiff = (b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", 4)
+            + struct.pack("<HHI4s", 0x010F, 2, 4, b"abc\x00"))   # Make = "abc", then nothing
+    payload = b"Exif\x00\x00" + tiff
+    data = jpeg[:2] + b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload + jpeg[2:]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with Image.open(io.BytesIO(data)) as image:
+            image.getexif()
+            image.load()
+    assert any("Corrupt EXIF data" in str(w.message) for w in caught), caught
     return data
 
 

@@ -147,22 +147,26 @@ MUTANTS = (
 def copy_worktree(dest: str) -> None:
     """Tracked + untracked-not-ignored files of the repository into `dest`.
 
-    The package is installed in editable mode and maps `upright.pipeline` to
-    this repository's pipeline/: links upright/pipeline and upright/tools inside
-    the copy make `import upright.pipeline` find the copy's files first (the
-    copy's root is first on sys.path when pytest runs there).
+    The package is installed in editable mode from this repository's src/
+    (src/upright/pipeline is a link to pipeline/); a link upright -> src/upright
+    at the copy's root makes `import upright.pipeline` find the copy's files
+    first (the copy's root is first on sys.path when pytest runs there). The
+    repository's links are copied as links.
     """
     listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others",
                              "--exclude-standard"], cwd=REPO, check=True,
                             capture_output=True).stdout.decode().split("\0")
     for rel in filter(None, listed):
         src = os.path.join(REPO, rel)
+        if os.path.islink(src):       # src/upright/pipeline -> ../../pipeline
+            os.makedirs(os.path.dirname(os.path.join(dest, rel)) or dest, exist_ok=True)
+            os.symlink(os.readlink(src), os.path.join(dest, rel))
+            continue
         if not os.path.isfile(src):   # deleted but still in the index
             continue
         os.makedirs(os.path.dirname(os.path.join(dest, rel)) or dest, exist_ok=True)
         shutil.copy2(src, os.path.join(dest, rel))
-    for package in ("pipeline", "tools"):
-        os.symlink(os.path.join("..", package), os.path.join(dest, "upright", package))
+    os.symlink(os.path.join("src", "upright"), os.path.join(dest, "upright"))
 
 
 def check_imports_from(copy: str) -> None:

@@ -1,6 +1,7 @@
 """imageio.read_upright: pixels as a person sees them, or a reason."""
 import io
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -170,6 +171,31 @@ def test_downscale_keeps_aspect_and_unchanged_jpegs_are_kept_byte_for_byte():
     assert imageio.read_upright("b.jpg", data=data, max_side=1000).encoded == data
     png = imageio.read_upright("b.png", data=helpers.encode(big, "png"), max_side=0)
     assert png.changed and png.format == "jpeg" and (png.height, png.width) == (400, 1000)
+
+
+@pytest.mark.parametrize("max_side", [0, 64])
+def test_corrupt_exif_becomes_a_note_not_a_warning(max_side):
+    """Pillow's "Corrupt EXIF data" UserWarning carries no file name and would
+    cut through a progress bar: it becomes this file's note, and the image is
+    still stored (byte for byte when unchanged, downscaled otherwise)."""
+    picture = helpers.distinct_image(3, 96, 128)
+    data = helpers.with_corrupt_exif(helpers.encode(picture, "jpeg"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        stored = imageio.read_upright("bad_exif.jpg", data=data, max_side=max_side)
+    assert [str(w.message) for w in caught] == []
+    assert stored.notes.count(imageio.CORRUPT_EXIF_NOTE) == 1
+    assert (stored.source_height, stored.source_width) == (96, 128)
+    if max_side == 0:
+        assert not stored.changed and stored.encoded == data
+    else:
+        assert stored.changed and "resized" in stored.notes and stored.width == 64
+        reference = np.asarray(Image.fromarray(picture).resize((64, 48),
+                                                               Image.Resampling.LANCZOS))
+        assert np.abs(decode(stored).astype(int) - reference).mean() < 4.0
+    # A clean file of the same picture has no such note.
+    clean = imageio.read_upright("ok.jpg", data=helpers.encode(picture, "jpeg"))
+    assert imageio.CORRUPT_EXIF_NOTE not in clean.notes
 
 
 @pytest.mark.parametrize("width,height,limit", [(60000, 60000, imageio.DEFAULT_MAX_PIXELS),

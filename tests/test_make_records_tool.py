@@ -1,4 +1,5 @@
 """The make_records and inspect_records commands: exit codes and messages."""
+import json
 import os
 import subprocess
 import sys
@@ -66,6 +67,29 @@ def test_make_records_refusals_exit_1(tmp_path):
     assert "skipped zero.png: zero bytes" in proc.stderr
     assert "1 of 5 image files (20%) were skipped" in error_line(proc)
     assert not os.path.exists(tmp_path / "out" / "info.json")
+
+
+def test_corrupt_exif_is_a_counted_note_not_a_warning_on_stderr(tmp_path):
+    """Pillow's 'Corrupt EXIF data' UserWarning (raised in the reader processes)
+    used to reach stderr without a file name, through the progress bar."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for seed in range(3):
+        helpers.write_image_file(src / f"{seed}.jpg", helpers.distinct_image(seed, 30, 40))
+    picture = helpers.distinct_image(7, 30, 40)
+    (src / "bad exif.jpg").write_bytes(helpers.with_corrupt_exif(helpers.encode(picture)))
+    out = tmp_path / "out"
+    proc = tool("make_records", "--src", src, "--out", out, "--workers", 2, "--progress=false")
+    assert proc.returncode == 0, proc.stderr
+    assert "EXIF" not in proc.stderr and "Warning" not in proc.stderr, proc.stderr
+    assert "wrote 4 images" in proc.stdout
+    assert "corrupt EXIF data ignored in 1 (stored as their pixels show): bad exif.jpg" \
+        in proc.stdout
+    with open(out / "info.json") as f:
+        info = json.load(f)
+    assert info["counts"]["corrupt_exif_ignored"] == 1
+    assert info["corrupt_exif_ignored"] == ["bad exif.jpg"]
+    assert info["counts"]["stored"] == 4   # the image is still used
 
 
 def test_make_records_help_explains():

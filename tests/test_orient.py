@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -209,25 +210,158 @@ def test_exif_tag_disagreement_is_flagged_and_the_copy_keeps_metadata(tmp_path, 
         assert json.load(f)["summary"]["exif_disagrees"] == 1
 
 
+INVERSE = {"rotate_cw_90": "rotate_ccw_90", "rotate_ccw_90": "rotate_cw_90"}
+
+
+def jpegtran(data: bytes, *args) -> bytes:
+    return subprocess.run([JPEGTRAN, *args], input=data, capture_output=True,
+                          check=True).stdout
+
+
 @pytest.mark.skipif(not JPEGTRAN, reason="jpegtran not installed")
-def test_jpeg_that_jpegtran_cannot_turn_perfectly_falls_back_to_reencode(tmp_path, predictor):
-    # Stored 40 x 56 with 4:2:0 chroma: a partial row of 16 x 16 blocks at the
-    # bottom, which a 90 degree clockwise turn would move to the left edge.
+def test_jpeg_whose_size_is_not_whole_blocks_is_turned_losslessly_with_the_edge_trimmed(
+        tmp_path, predictor):
+    # Stored 56 x 40 with 4:2:0 chroma (16 x 16 blocks): a partial block row of
+    # 8 pixels at the bottom, which a 90 degree clockwise turn moves to the
+    # left edge, where JPEG cannot hold a partial block.
     path = save(tmp_path / "odd.jpg", np.rot90(helpers.quadrant_marker_image(3, 64)[:56, :40], 1))
+    data = open(path, "rb").read()
     result = orient.run(config(tmp_path, [path], fix=True, dst=str(tmp_path / "dst")),
                         predictor=predictor)
     row = result["rows"][0]
     assert row["status"] == "ok" and row["repair_cw"] == 90
-    assert row["method"].startswith("re-encoded (JPEG quality 95); jpegtran refused")
-    fixed = decode(str(tmp_path / "dst" / "odd.jpg"))
+    assert row["method"] == "lossless (jpegtran), 8 px trimmed from the left edge (56x40 -> 32x56)"
+    assert result["summary"]["lossless"] == result["summary"]["lossless_trimmed"] == 1
+    assert "lossless: 1, 1 of them with a partial edge block trimmed" in \
+        orient.format_summary(result["summary"])
+    copy = open(tmp_path / "dst" / "odd.jpg", "rb").read()
+    # Exact: the copy holds the source's DCT blocks, moved. Turned back, it
+    # decodes to exactly the source cut (losslessly, at a block boundary) to
+    # the 56 x 32 that was kept.
+    kept = jpegtran(data, "-crop", "56x32+0+0")
+    np.testing.assert_array_equal(decode(jpegtran(copy, "-perfect", "-rotate", "270")),
+                                  decode(kept))
+    # As pixels: np.rot90 of the decoded source without its left 8 columns,
+    # within the decoder's rounding (integer IDCT on transposed blocks, chroma
+    # upsampling at the new edge); the wrong strip would be far off.
+    fixed = decode(copy).astype(int)
+    turned = np.rot90(decode(path), -1).astype(int)
+    assert fixed.shape == (56, 32, 3)
+    assert np.abs(fixed - turned[:, 8:]).mean() < 1.0
+    assert np.abs(fixed - turned[:, :32]).mean() > 10.0
+
+    # trim_edges off: every pixel kept, so the JPEG is re-encoded, and the
+    # line says why.
+    result = orient.run(config(tmp_path, [path], fix=True, dst=str(tmp_path / "keep"),
+                               trim_edges=False), predictor=predictor)
+    assert result["rows"][0]["method"] == ("re-encoded (JPEG quality 95); jpegtran refused: "
+                                           "transformation is not perfect (trim_edges off: "
+                                           "every pixel kept)")
+    fixed = decode(str(tmp_path / "keep" / "odd.jpg"))
+    assert fixed.shape == (56, 40, 3)
     assert np.abs(fixed.astype(int) - np.rot90(decode(path), -1)).mean() < 3
-    # trim_edges: lossless anyway, without the partial block row (40 = 2 x 16 + 8).
-    result = orient.run(config(tmp_path, [path], fix=True, dst=str(tmp_path / "trim"),
-                               trim_edges=True), predictor=predictor)
-    assert result["rows"][0]["method"] == "lossless (jpegtran -trim: 56x40 -> 32x56)"
-    trimmed = decode(str(tmp_path / "trim" / "odd.jpg"))
-    assert trimmed.shape == (56, 32, 3)
-    assert np.abs(trimmed.astype(int) - np.rot90(decode(path)[:32], -1)).max() <= 8
+
+    # A size of whole blocks: -perfect, nothing trimmed.
+    whole = save(tmp_path / "whole.jpg", np.rot90(helpers.quadrant_marker_image(3, 64)[:48], 1))
+    result = orient.run(config(tmp_path, [whole], fix=True, dst=str(tmp_path / "whole")),
+                        predictor=predictor)
+    assert result["rows"][0]["method"] == "lossless (jpegtran)"
+    assert result["summary"]["lossless_trimmed"] == 0
+    copy = open(tmp_path / "whole" / "whole.jpg", "rb").read()
+    assert decode(copy).shape == (48, 64, 3)
+    np.testing.assert_array_equal(decode(jpegtran(copy, "-perfect", "-rotate", "270")),
+                                  decode(whole))
+
+
+@pytest.mark.skipif(not JPEGTRAN, reason="jpegtran not installed")
+@pytest.mark.parametrize("subsampling", [2, 0])   # 4:2:0 (16 x 16 blocks), 4:4:4 (8 x 8)
+@pytest.mark.parametrize("transform", [t for t in orient.TRANSFORMS if t != "identity"])
+def test_trimmed_strip_is_where_the_report_says_for_every_transform(transform, subsampling):
+    """trimmed_edges' claim: what -trim drops is always at the copy's left
+    (columns) and top (rows); checked exactly in the DCT domain and on pixels."""
+    source = helpers.distinct_image(4, 37, 44)           # 44 x 37: partial blocks both ways
+    buf = io.BytesIO()
+    Image.fromarray(source).save(buf, "JPEG", quality=90, subsampling=subsampling)
+    data = buf.getvalue()
+    try:
+        copy, trimmed = orient.turn_jpeg_lossless(data, transform, JPEGTRAN), False
+    except RuntimeError:
+        copy, trimmed = orient.turn_jpeg_lossless(data, transform, JPEGTRAN, trim=True), True
+    columns, rows, sizes = orient.trimmed_edges(data, copy, transform)
+    assert trimmed == bool(columns or rows) and max(columns, rows) <= orient.MAX_TRIM
+    turned = orient.TRANSFORMS[transform][0](decode(data)).astype(int)
+    fixed = decode(copy).astype(int)
+    assert fixed.shape == turned[rows:, columns:].shape
+    assert sizes.endswith(f"{fixed.shape[1]}x{fixed.shape[0]}")
+    assert np.abs(fixed - turned[rows:, columns:]).mean() < 1.0
+    # Exact: turned back, the copy is the source cut at block boundaries.
+    kept_w, kept_h = (fixed.shape[1], fixed.shape[0])
+    if transform in ("rotate_ccw_90", "rotate_cw_90", "transpose", "transverse"):
+        kept_w, kept_h = kept_h, kept_w
+    back = orient.turn_jpeg_lossless(copy, INVERSE.get(transform, transform), JPEGTRAN)
+    np.testing.assert_array_equal(decode(back),
+                                  decode(jpegtran(data, "-crop", f"{kept_w}x{kept_h}+0+0")))
+
+
+def test_without_jpegtran_the_fallback_is_explained_once(tmp_path, predictor):
+    src = tmp_path / "src"
+    src.mkdir()
+    for k in (1, 2, 3):
+        save(src / f"t{k}.jpg", np.rot90(helpers.quadrant_marker_image(k, 48)[:40], k))
+    result = orient.run(config(tmp_path, [str(src)], fix=True, dst=str(tmp_path / "dst"),
+                               jpegtran="no-such-jpegtran-here"), predictor=predictor)
+    assert [r["method"] for r in result["rows"]] == ["re-encoded (JPEG quality 95)"] * 3
+    text = orient.format_summary(result["summary"])
+    assert text.count("jpegtran") == 1
+    assert "jpegtran is not installed, so JPEGs were re-encoded (install libjpeg-turbo-progs" \
+        in text
+    result = orient.run(config(tmp_path, [str(src)], fix=True, dst=str(tmp_path / "dst2"),
+                               lossless=False), predictor=predictor)
+    assert "JPEGs re-encoded (--nolossless)" in orient.format_summary(result["summary"])
+
+
+def test_trim_is_described_by_the_copy_edges():
+    assert orient.describe_trim(8, 0) == "8 px trimmed from the left edge"
+    assert orient.describe_trim(0, 5) == "5 px trimmed from the top edge"
+    assert orient.describe_trim(12, 5) == ("12 px trimmed from the left edge and "
+                                           "5 px trimmed from the top edge")
+
+
+def test_corrupt_exif_is_a_note_of_the_file_not_a_warning(tmp_path, predictor, capfd):
+    """Pillow's 'Corrupt EXIF data' UserWarning (no file name, through the
+    progress bar) becomes the file's note and a count; the image is still
+    predicted and turned."""
+    upright = helpers.quadrant_marker_image(5, 64)[:, :56]   # 56 = 3.5 blocks of 16
+    path = tmp_path / "src" / "bad exif.jpg"
+    path.parent.mkdir()
+    path.write_bytes(helpers.with_corrupt_exif(helpers.encode(np.rot90(upright, 1), quality=92)))
+    save(tmp_path / "src" / "clean.jpg", np.rot90(upright, 2))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = orient.run(config(tmp_path, [str(tmp_path / "src")], fix=True,
+                                   dst=str(tmp_path / "dst"), lossless=bool(JPEGTRAN)),
+                            predictor=predictor)
+    assert [str(w.message) for w in caught] == []
+    assert "EXIF" not in capfd.readouterr().err
+    rows = {os.path.basename(r["path"]): r for r in result["rows"]}
+    bad, clean = rows["bad exif.jpg"], rows["clean.jpg"]
+    assert (bad["status"], bad["action"], bad["repair_cw"]) == ("ok", "turn", 90)
+    assert bad["message"] == "corrupt EXIF data ignored"
+    assert clean["message"] is None
+    assert result["summary"]["corrupt_exif_ignored"] == 1
+    with warnings.catch_warnings(record=True):   # the copy keeps the damaged block
+        warnings.simplefilter("always")
+        fixed = decode(str(tmp_path / "dst" / "bad exif.jpg"))
+        source = decode(str(path))
+    turned = np.rot90(source, -1)
+    if JPEGTRAN:   # the partial block row, turned to the left edge, is trimmed
+        assert bad["method"].startswith("lossless (jpegtran), 8 px trimmed from the left edge")
+        turned = turned[:, 8:]
+    assert np.abs(fixed.astype(int) - turned).mean() < 3
+    table = orient.format_table(result["rows"])
+    assert "corrupt EXIF data ignored" in next(line for line in table.splitlines()
+                                               if "bad exif.jpg" in line)
+    assert "1 with corrupt EXIF data (ignored" in orient.format_summary(result["summary"])
 
 
 def test_config_errors_are_clear(tmp_path, predictor):

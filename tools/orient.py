@@ -7,8 +7,9 @@ For every image (files, or folders walked recursively): the predicted rotation
 (degrees counter-clockwise the image is turned, as a person sees it with EXIF
 applied), the confidence and the action, as a table and a CSV/JSON report.
 Images below --min_confidence are left alone and listed. --fix writes upright
-copies into --dst (metadata kept, EXIF orientation 1; JPEG turned losslessly
-with jpegtran when the dimensions allow it). Sources are never modified; corrupt
+copies into --dst (metadata kept, EXIF orientation 1; JPEGs turned losslessly
+with jpegtran, dropping a partial edge block of < 16 pixels where the size needs
+it, and saying so per file). Sources are never modified; corrupt
 files are reported and skipped; a rerun skips files already written. PDFs:
 one row per page; --fix writes the PDF with the turned pages' /Rotate corrected
 (original bytes kept: an incremental update); pages left alone are listed.
@@ -36,10 +37,12 @@ _LOSSLESS = flags.DEFINE_boolean("lossless", True, "turn JPEGs with jpegtran (lo
                                  "it is installed; --nolossless always re-encodes.")
 _JPEG_QUALITY = flags.DEFINE_integer("jpeg_quality", 95, "quality of re-encoded JPEGs.",
                                      lower_bound=1, upper_bound=100)
-_TRIM_EDGES = flags.DEFINE_boolean("trim_edges", False, "when a JPEG's size is not a whole "
-                                   "number of coding blocks, turn it losslessly anyway by "
-                                   "dropping the partial edge blocks (< 16 pixels) instead "
-                                   "of re-encoding.")
+_TRIM_EDGES = flags.DEFINE_boolean("trim_edges", True, "when a JPEG's size is not a whole "
+                                   "number of coding blocks (most photos), turn it "
+                                   "losslessly anyway by dropping the partial edge block "
+                                   "(< 16 pixels at the copy's left or top; each file's line "
+                                   "says how many); --notrim_edges keeps every pixel by "
+                                   "re-encoding such JPEGs.")
 _MAX_PDF_PAGES = flags.DEFINE_integer("max_pdf_pages", 2000, "a PDF with more pages is not "
                                      "processed (one error line).", lower_bound=1)
 _TABLE = flags.DEFINE_boolean("table", True, "print one line per file.")
