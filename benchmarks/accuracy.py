@@ -14,7 +14,7 @@ seconds, val accuracy (make_records' val split of the training records: unseen
 images of the training sources), held-out accuracy and per-class accuracy
 (unseen sources), TTA accuracy, held-out images. Prints that line. The sets
 are built by benchmarks/make_documents.py, make_clipart.py and make_photos.py;
-BUILD.md lists the figures and the commands.
+benchmarks/README.md lists the figures and the commands.
 """
 import argparse
 import json

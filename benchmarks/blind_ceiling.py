@@ -23,7 +23,8 @@ tiles and on those marked sure, and per group of source paths.
 Why: a model cannot be held to a target that a person looking at the same
 pixels cannot reach. When most pictures of a set have no defined up (textures,
 flat colour, symmetric patterns), the person's accuracy is a ceiling to report
-beside the model's (BUILD.md, "What limits accuracy").
+beside the model's (benchmarks/README.md, "Accuracy on real photos without
+pretrained weights, and what limits it").
 """
 import argparse
 import collections

@@ -8,7 +8,7 @@ and are tested on hand-made arrays. `evaluate` runs a model over a records
 split (every image in all four orientations, via input_fn(training=False)),
 computes them all, and writes JSON + PNG files.
 
-Definitions (also in BUILD.md):
+Definitions (written down only here; BUILD.md section 7 points here):
 * accuracy: mean(argmax(probs) == label); per-class accuracy: the same over the
   examples of one true class (the recall of that class).
 * confusion[t, p]: number of examples of true class t predicted as p.

@@ -405,7 +405,8 @@ def near_duplicate_threshold(std_a: float, std_b: float) -> float:
     NEAR_ABS grey levels, or NEAR_REL of the smaller signature's standard
     deviation for contrasty pictures (a relative bound: a copy of a contrasty
     picture differs more in absolute terms). Measured on the photo corpus
-    (see BUILD.md): re-encoding at quality 60-90 and downscaling to 1/4 stayed
+    (benchmarks/README.md, "Near-duplicate signature"): re-encoding at quality
+    60-90 and downscaling to 1/4 stayed
     within it for every picture; pairs of different pictures fell inside it
     only when both were nearly flat (same colour, no content).
     """

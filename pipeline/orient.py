@@ -140,7 +140,8 @@ class OrientConfig:
       (evaluation.combine_rotations: the shifted-back log-probabilities
       averaged); 4x the model's work. A model with a bias towards one turn
       (upside-down pages read as upright) loses it: on the held-out document
-      pages it took accuracy from 0.91 to 1.00 (BUILD.md).
+      pages it took accuracy from 0.91 to 1.00 (benchmarks/README.md,
+      "Accuracy on real sets").
     """
     model_dir: str
     paths: tuple

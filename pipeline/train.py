@@ -61,7 +61,7 @@ counted from 0), "stage<k>_backup<n>" (inside the backup made after n epochs:
 its weights file renamed in, its metadata not yet), "between_stages" (after
 stage 1's done marker, before stage 2 starts). Unset, nothing changes.
 
-A model_dir after a run (see BUILD.md):
+A model_dir after a run (see BUILD.md section 6):
     config.json, model.keras (best epoch by val accuracy, float32, no
     AugmentLayer), model_info.json, metrics.json, history.csv, logs/ (TensorBoard),
     checkpoints/best.keras + best.json, stages/, export/ and model.tflite (serve).

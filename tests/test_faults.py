@@ -465,7 +465,8 @@ def test_hostile_names_through_orient(tmp_path):
 # ---------------------------------------------------------------- image fuzzing
 
 
-# The reader's design bound for one input (BUILD.md, image fuzzing): a file just
+# The reader's design bound for one input (tests/README.md, "Hostile image
+# files"): a file just
 # under --max_pixels costs Pillow 3-7 bytes a pixel, 0.4-0.9 GB at 128 MP.
 READER_PEAK_MB = 1024
 

@@ -855,7 +855,7 @@ def test_every_commit_point_of_a_run_is_durable(records, tmp_path, monkeypatch):
         assert landed.get(expected), (expected, landed)
 
 
-# ------------------------------------------- trainer flags of BUILD.md, by value
+# ------------------------- trainer flags (tests/README.md), by value
 
 def _spy_on_fit(monkeypatch):
     """Records what fit() runs with, read from the live objects: per stage the
@@ -960,7 +960,7 @@ def test_reduce_lr_on_plateau_multiplies_by_the_factor_down_to_min_lr(records, t
 
 
 def test_measure_steps_writes_a_consistent_throughput_block(records, tmp_path, monkeypatch):
-    """--measure_steps=2: metrics.json gets the throughput block of BUILD.md
+    """--measure_steps=2: metrics.json gets the throughput block of train.measure_throughput
     (stage 2, the steps, the batch size, images/s on the real stream and on a
     cached batch, input_wait_fraction = max(0, 1 - t_cached / t_real)), and the
     timing ran 3 warm-up + 2 timed steps on each of the two streams."""

@@ -6,7 +6,7 @@ Scores every image of the split in all four orientations and writes
 MODEL/eval_<split>.json (accuracy, per-class accuracy, confusion matrix,
 expected calibration error, error-versus-coverage curve, optional test-time
 agreement) plus PNGs beside it; prints a readable summary. Definitions:
-pipeline/evaluation.py and BUILD.md.
+pipeline/evaluation.py and BUILD.md section 7.
 """
 import sys
 

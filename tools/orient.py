@@ -13,7 +13,7 @@ it, and saying so per file). Sources are never modified; corrupt
 files are reported and skipped; a rerun skips files already written. PDFs:
 one row per page; --fix writes the PDF with the turned pages' /Rotate corrected
 (original bytes kept: an incremental update); pages left alone are listed.
-Details: pipeline/orient.py and BUILD.md.
+Details: pipeline/orient.py and BUILD.md section 7.
 """
 import sys
 
