@@ -30,6 +30,7 @@ ReduceLROnPlateau (they restart from zero); the learning rate itself is part
 of the optimizer state and is restored.
 """
 import contextlib
+import errno
 import json
 import os
 
@@ -39,6 +40,11 @@ from upright.pipeline import fileio
 
 # Settings that do not change the result: a run and its restart may differ in them.
 FREE_SETTINGS = ("verbose", "measure_steps", "export")
+
+
+class OutputError(RuntimeError):
+    """Writing into model_dir failed (full disk, file size limit, read-only);
+    str(e) is one line. Everything written before is intact."""
 
 
 class ConfigMismatch(ValueError):
@@ -163,6 +169,34 @@ def write_json(path, obj):
 def read_json(path):
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+# errno values and TensorFlow message fragments of a write that cannot succeed.
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS)
+_WRITE_TEXTS = ("No space left on device", "File too large", "Disk quota exceeded",
+                "Read-only file system", "errno = 28", "errno = 27")
+
+
+@contextlib.contextmanager
+def reporting_write_failures(model_dir):
+    """Turns a failed write into model_dir (OSError from Python, h5py or zipfile;
+    a TensorFlow OpError from its own writers) into one-line OutputError."""
+    import tensorflow as tf
+    try:
+        yield
+    except (OSError, tf.errors.OpError) as e:
+        text = " ".join(str(e).split())
+        if not (getattr(e, "errno", None) in _WRITE_ERRNOS
+                or any(t in text for t in _WRITE_TEXTS)):
+            raise
+        reason = next((t for t in _WRITE_TEXTS[:4] if t in text), None) or (
+            os.strerror(e.errno) if getattr(e, "errno", None) else text[:200])
+        where = getattr(e, "filename", None)
+        raise OutputError(
+            f"cannot write into model_dir {model_dir}"
+            f"{f' ({where})' if where else ''}: {reason}; everything written before "
+            "(finished stages, the last epoch's backup, checkpoints/best.keras) is "
+            "intact; free space and run the same command again to resume") from e
 
 
 @contextlib.contextmanager

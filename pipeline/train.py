@@ -25,26 +25,23 @@ TrainingDiverged; the last good epoch's backup and the best checkpoint stay.
 Full disk: every file of model_dir is written under a temporary name and
 renamed, so a failed write (no space, file size limit, read-only) leaves the
 earlier best checkpoint, backup and stage files as they were; the run stops
-with OutputError (one line) and the same command resumes once there is room.
+with resume.OutputError (one line) and the same command resumes once there is room.
 A damaged shard met while training or validating stops the run with
 recordio.RecordsError naming the shard file and the record
-(inputs.naming_damaged_records), within the read of that record.
+(streams.naming_damaged_records), within the read of that record.
 
 A model_dir after a run (see BUILD.md):
     config.json, model.keras (best epoch by val accuracy, float32, no
     AugmentLayer), model_info.json, metrics.json, history.csv, logs/ (TensorBoard),
     checkpoints/best.keras + best.json, stages/, export/ and model.tflite (serve).
 """
-import contextlib
 import dataclasses
-import errno
 import os
 import time
 
-from upright.pipeline import configs, fileio, recordio, resume, schema
+from upright.pipeline import cluster, configs, fileio, recordio, resume, schema
 from upright.pipeline import model as model_lib
 
-STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "tpu")
 AUGMENT_ON = ("auto", *schema.AUGMENT_PLACEMENTS)
 JIT_COMPILE = ("auto", "true", "false")
 
@@ -55,11 +52,6 @@ class ConfigError(ValueError):
 
 class TrainingDiverged(RuntimeError):
     """The training loss became NaN or infinite."""
-
-
-class OutputError(RuntimeError):
-    """Writing into model_dir failed (full disk, file size limit, read-only);
-    str(e) is one line. Everything written before is intact."""
 
 
 def _weights_from_text(text: str):
@@ -134,7 +126,7 @@ class TrainConfig:
                            "data_service command) that runs the input pipeline; empty = local "
                            "input pipeline.")
     strategy: str = _f("auto", "tf.distribute strategy; auto = several GPUs -> mirrored.",
-                       choices=STRATEGIES)
+                       choices=cluster.STRATEGIES)
     deterministic: bool = _f(False, "tf.config.experimental.enable_op_determinism (slower).")
     # Hygiene.
     early_stopping_patience: int = _f(0, "Stop a stage after this many epochs without a val "
@@ -171,14 +163,7 @@ def check_config(config: TrainConfig) -> dict:
         raise ConfigError("--records is required: a folder written by make_records")
     if not config.model_dir:
         raise ConfigError("--model_dir is required: where the run writes its outputs")
-    try:
-        info = recordio.load_info(config.records)
-        for split in ("train", "val"):
-            recordio.shard_paths(config.records, split, info)
-            if not info["splits"][split]["num_examples"]:
-                raise ConfigError(f"split {split!r} of {config.records!r} is empty")
-    except recordio.RecordsError as e:
-        raise ConfigError(str(e)) from None
+    info = _check_records(config.records)
     model_lib.check_choices(backbone=config.backbone, image_size=config.image_size,
                             weights=config.weights, head=config.head,
                             dropout=config.dropout, bn_momentum=config.bn_momentum)
@@ -217,6 +202,19 @@ def check_config(config: TrainConfig) -> dict:
     try:   # read only: the run itself pins the config (resume.pin_config)
         resume.check_pinned(config.model_dir, settings)
     except resume.ConfigMismatch as e:
+        raise ConfigError(str(e)) from None
+    return info
+
+
+def _check_records(records):
+    """info.json of a records folder with non-empty train and val splits."""
+    try:
+        info = recordio.load_info(records)
+        for split in ("train", "val"):
+            recordio.shard_paths(records, split, info)
+            if not info["splits"][split]["num_examples"]:
+                raise ConfigError(f"split {split!r} of {records!r} is empty")
+    except recordio.RecordsError as e:
         raise ConfigError(str(e)) from None
     return info
 
@@ -264,13 +262,12 @@ def train_and_evaluate(config: TrainConfig) -> dict:
         tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(config.seed)
     previous_policy = keras.config.dtype_policy()
-    strategy = make_strategy(config.strategy)
-    augment_on = resolve_augment_on(config.augment_on)
+    strategy = cluster.make_strategy(config.strategy)
+    augment_on = cluster.resolve_augment_on(config.augment_on)
     if config.strategy == "multi_worker":
         # Non-chief workers write under model_dir/workers/worker-<i>/: one backup each.
-        from upright.pipeline import cluster
         config = dataclasses.replace(config, model_dir=cluster.worker_dir(config.model_dir))
-    with _reporting_write_failures(config.model_dir):
+    with resume.reporting_write_failures(config.model_dir):
         try:
             resume.pin_config(config.model_dir, configs.flatten(config))
         except resume.ConfigMismatch as e:
@@ -286,7 +283,7 @@ def train_and_evaluate(config: TrainConfig) -> dict:
         with strategy.scope():
             classifier = _build_classifier(config, config.weights)
             train_model = _training_model(classifier, config, augment_on)
-        with _reporting_write_failures(config.model_dir):
+        with resume.reporting_write_failures(config.model_dir):
             run = _Run(config, info, strategy, classifier, train_model, augment_on)
             stages = {}
             for stage in (1, 2):
@@ -297,73 +294,6 @@ def train_and_evaluate(config: TrainConfig) -> dict:
     finally:
         keras.config.set_dtype_policy(previous_policy)
     return metrics
-
-
-# errno values and TensorFlow message fragments of a write that cannot succeed.
-_WRITE_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS)
-_WRITE_TEXTS = ("No space left on device", "File too large", "Disk quota exceeded",
-                "Read-only file system", "errno = 28", "errno = 27")
-
-
-@contextlib.contextmanager
-def _reporting_write_failures(model_dir):
-    """Turns a failed write into model_dir (OSError from Python, h5py or zipfile;
-    a TensorFlow OpError from its own writers) into one-line OutputError."""
-    import tensorflow as tf
-    try:
-        yield
-    except (OSError, tf.errors.OpError) as e:
-        text = " ".join(str(e).split())
-        if not (getattr(e, "errno", None) in _WRITE_ERRNOS
-                or any(t in text for t in _WRITE_TEXTS)):
-            raise
-        reason = next((t for t in _WRITE_TEXTS[:4] if t in text), None) or (
-            os.strerror(e.errno) if getattr(e, "errno", None) else text[:200])
-        where = getattr(e, "filename", None)
-        raise OutputError(
-            f"cannot write into model_dir {model_dir}"
-            f"{f' ({where})' if where else ''}: {reason}; everything written before "
-            "(finished stages, the last epoch's backup, checkpoints/best.keras) is "
-            "intact; free space and run the same command again to resume") from e
-
-
-def make_strategy(name: str):
-    """tf.distribute strategy for --strategy.
-
-    auto: MirroredStrategy when several GPUs are visible, else the default
-    (no distribution: one device, plain datasets). A TPU is used only when asked
-    for (--strategy=tpu), since finding one needs a cluster resolver.
-    """
-    import tensorflow as tf
-    if name == "auto":
-        gpus = tf.config.list_logical_devices("GPU")
-        if len(gpus) > 1:
-            return tf.distribute.MirroredStrategy()
-        return tf.distribute.get_strategy()
-    if name == "one_device":
-        gpus = tf.config.list_logical_devices("GPU")
-        return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
-    if name == "mirrored":
-        return tf.distribute.MirroredStrategy()
-    if name == "multi_worker":
-        from upright.pipeline import cluster
-        cluster.patch_keras_for_multi_worker()   # Keras 3.15 fit() fails with >1 worker
-        return tf.distribute.MultiWorkerMirroredStrategy()
-    if name == "tpu":
-        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu="")
-        tf.config.experimental_connect_to_cluster(resolver)
-        tf.tpu.experimental.initialize_tpu_system(resolver)
-        return tf.distribute.TPUStrategy(resolver)
-    raise ConfigError(f"strategy must be one of {', '.join(STRATEGIES)}; got {name!r}")
-
-
-def resolve_augment_on(value: str) -> str:
-    """'auto' -> 'device' when an accelerator is visible, else 'host'."""
-    import tensorflow as tf
-    if value != "auto":
-        return value
-    accelerators = tf.config.list_physical_devices("GPU") + tf.config.list_physical_devices("TPU")
-    return "device" if accelerators else "host"
 
 
 def _build_classifier(config, weights):
@@ -401,31 +331,6 @@ def _jit(value):
     step.
     """
     return {"auto": "auto", "true": True, "false": False}[str(value).lower()]
-
-
-def train_stream(config: TrainConfig, *, stage: int, skip_batches: int = 0,
-                 augment_on: str = "host", input_context=None):
-    """The training batches of a stage, resumable.
-
-    One input_fn stream per stage, seeded by resume.stream_seed(seed, stage),
-    repeated forever; with a fixed number of steps per epoch, epoch e is batches
-    [e * steps, (e + 1) * steps) of it, so a run resumed at epoch e skips e *
-    steps batches (input_fn's skip_batches: decoding only, never augmentation)
-    and then sees exactly what an uninterrupted run saw.
-
-    Returns:
-      input_fn's training stream: augment_on "host" -> (images float32
-      [B, S, S, 3] in [0, 255], labels int32 [B]); "device" -> ({"images": host
-      part applied, "seeds": int32 [B, 2]}, labels) for a model behind
-      augment.AugmentLayer.
-    """
-    from upright.pipeline import inputs
-    return inputs.input_fn(config.records, split="train", batch_size=config.batch_size,
-                           image_size=config.image_size, training=True,
-                           seed=resume.stream_seed(config.seed, stage), resize=config.resize,
-                           policy=config.augment_policy, augment_on=augment_on,
-                           input_context=input_context, repeat=True,
-                           skip_batches=skip_batches)
 
 
 class _Run:
@@ -478,6 +383,7 @@ class _Run:
                                            train_batchnorm=s.train_batchnorm)
         import keras
         from upright.pipeline import callbacks as cb
+        from upright.pipeline import streams
         with self.strategy.scope():
             _compile(self.train_model, self.config, s.lr,
                      metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
@@ -485,8 +391,11 @@ class _Run:
         start = min(resume.backup_epoch(backup_dir), s.epochs)   # killed before the marker
         timer = cb.Throughput(self.config.batch_size)
         callbacks = self._callbacks(stage, backup_dir, timer)
-        train_data = self._train_data(stage, start)
-        val_data = self._val_data()
+        strategy = self.strategy if self.distributed else None
+        train_data = streams.train_data(self.config, stage=stage, start_epoch=start,
+                                        steps=self.steps, augment_on=self.augment_on,
+                                        strategy=strategy)
+        val_data = streams.val_data(self.config, augment_on=self.augment_on, strategy=strategy)
         self.train_model._initial_epoch = None   # left set by a previous stage's restore
         _log(f"stage {stage}: epochs {start + 1}..{s.epochs} of {s.epochs}, "
              f"{self.steps} steps/epoch, lr {s.lr}, freeze below block "
@@ -494,7 +403,7 @@ class _Run:
              f"{freezing['trainable_params']} trainable params), augment on {self.augment_on}")
         t0 = time.time()
         try:
-            with self._naming_damaged_records():
+            with streams.naming_damaged_records(self.config.records):
                 history = self.train_model.fit(
                     train_data, epochs=s.epochs, initial_epoch=start,
                     steps_per_epoch=self.steps, validation_data=val_data,
@@ -502,8 +411,10 @@ class _Run:
                     callbacks=callbacks, verbose=self.config.verbose)
         except cb.NaNLoss as e:
             raise self._diverged(e, stage, backup_dir) from None
-        with self._naming_damaged_records():
-            logs = self.train_model.evaluate(self._val_data(), steps=self.val_steps,
+        with streams.naming_damaged_records(self.config.records):
+            logs = self.train_model.evaluate(
+                streams.val_data(self.config, augment_on=self.augment_on, strategy=strategy),
+                steps=self.val_steps,
                                              verbose=0, return_dict=True)
         epochs_run = len(history.history.get("loss", []))
         return {"epochs": s.epochs, "lr": s.lr, "freeze_below_block": s.freeze_below_block,
@@ -518,7 +429,6 @@ class _Run:
         """The stage's callbacks, in the order they must see an epoch end."""
         import keras
         from upright.pipeline import callbacks as cb
-        from upright.pipeline import cluster
         config = self.config
         callbacks = [
             cb.StopOnNaN(stage),     # first: nothing saves a NaN epoch
@@ -554,62 +464,6 @@ class _Run:
         kept = " and ".join(k for k in kept if k) or "no epoch finished before it"
         return TrainingDiverged(f"{error}; stopped. Kept: {kept}. Lower --stage{stage}_lr "
                                 "or check the data")
-
-    # -- data -----------------------------------------------------------------
-    def _naming_damaged_records(self):
-        """A DataLossError of a damaged train or val shard -> RecordsError naming
-        the shard file and the record (the inner context looks at val, the outer
-        at train: a damage in train passes the inner one unnamed)."""
-        from upright.pipeline import inputs
-        stack = contextlib.ExitStack()
-        stack.enter_context(inputs.naming_damaged_records(self.config.records, "train"))
-        stack.enter_context(inputs.naming_damaged_records(self.config.records, "val"))
-        return stack
-
-    def _distribute(self, dataset_fn):
-        # Without a strategy Keras takes the plain dataset; with one, each input
-        # pipeline builds its own dataset from its InputContext.
-        if not self.distributed:
-            return dataset_fn(None)
-        return self.strategy.distribute_datasets_from_function(dataset_fn)
-
-    def _train_data(self, stage, start):
-        """The stage's training stream from epoch `start` on (see train_stream)."""
-        config = self.config
-        if not config.data_service:
-            return self._distribute(lambda ctx: train_stream(
-                config, stage=stage, skip_batches=start * self.steps,
-                augment_on=self.augment_on, input_context=ctx))
-        from upright.pipeline import data_service
-
-        def dataset_fn(ctx):
-            # All consumers share one service job: no file sharding here, and no
-            # skip on resume (the service's batch order is not reproducible anyway).
-            batch = ctx.get_per_replica_batch_size(config.batch_size) if ctx else config.batch_size
-            ds = train_stream(dataclasses.replace(config, batch_size=batch), stage=stage,
-                              augment_on=self.augment_on, input_context=None)
-            return data_service.maybe_distribute(
-                ds, config.data_service,
-                job_name=data_service.job_name(config.model_dir, stage, start))
-        return self._distribute(dataset_fn)
-
-    def _val_data(self):
-        from upright.pipeline import inputs
-        import tensorflow as tf
-        config = self.config
-        device = self.augment_on == "device"
-
-        def dataset_fn(input_context):
-            ds = inputs.input_fn(config.records, split="val", batch_size=config.batch_size,
-                                 image_size=config.image_size, training=False,
-                                 resize=config.resize, input_context=input_context)
-            if device:
-                # The training model takes the dict form; AugmentLayer is identity here.
-                ds = ds.map(lambda x, y: ({"images": x,
-                                           "seeds": tf.zeros([tf.shape(x)[0], 2], tf.int32)}, y))
-            return ds
-
-        return self._distribute(dataset_fn)
 
     # -- the end --------------------------------------------------------------
     def finish(self, stages: dict) -> dict:
@@ -688,14 +542,15 @@ def measure_throughput(config: TrainConfig, *, steps: int = 10, warmup: int = 3,
     waiting for input. The model is frozen as in `stage` (2: everything trains,
     the slower stage). Uses the config's augment_on.
     """
-    augment_on = resolve_augment_on(config.augment_on)
+    augment_on = cluster.resolve_augment_on(config.augment_on)
     classifier = _build_classifier(config, None)
     model = _training_model(classifier, config, augment_on)
     settings = config.stage(stage)
     model_lib.set_trainable(classifier, freeze_below_block=settings.freeze_below_block,
                             train_batchnorm=settings.train_batchnorm)
     _compile(model, config, settings.lr)
-    stream = train_stream(config, stage=stage, augment_on=augment_on)
+    from upright.pipeline import streams
+    stream = streams.train_stream(config, stage=stage, augment_on=augment_on)
     cached = stream.take(1).cache().repeat()
 
     def time_steps(ds):

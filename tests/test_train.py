@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from tests import helpers
-from upright.pipeline import callbacks, configs, resume, train
+from upright.pipeline import callbacks, configs, resume, streams, train
 from upright.pipeline import model as model_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -309,7 +309,7 @@ def _device_step(records, tmp_path, monkeypatch, mixed):
         model.compile(optimizer=keras.optimizers.Adam(1e-3),
                       loss=keras.losses.SparseCategoricalCrossentropy(),
                       jit_compile=train._jit(config.jit_compile))
-        batch = next(iter(train.train_stream(config, stage=1, augment_on="device")))
+        batch = next(iter(streams.train_stream(config, stage=1, augment_on="device")))
         loss = float(model.train_on_batch(*batch))
     finally:
         keras.config.set_dtype_policy("float32")
@@ -371,7 +371,7 @@ def test_restart_with_a_different_config_is_refused(records, tmp_path):
 def test_train_stream_equals_input_fn_host_placement_and_resumes(records):
     from upright.pipeline import inputs
     config = tiny_config(records, "unused")
-    ours = [(x.numpy(), y.numpy()) for x, y in train.train_stream(config, stage=1).take(4)]
+    ours = [(x.numpy(), y.numpy()) for x, y in streams.train_stream(config, stage=1).take(4)]
     theirs = inputs.input_fn(records, split="train", batch_size=8, image_size=32,
                              training=True, seed=resume.stream_seed(config.seed, 1),
                              policy=POLICY, augment_on="host")
@@ -380,7 +380,7 @@ def test_train_stream_equals_input_fn_host_placement_and_resumes(records):
         np.testing.assert_array_equal(y, y2.numpy())
     assert len({tuple(y) for _, y in ours}) > 1
     # Resumed after 2 batches: the same batches 2 and 3.
-    resumed = train.train_stream(config, stage=1, skip_batches=2).take(2)
+    resumed = streams.train_stream(config, stage=1, skip_batches=2).take(2)
     for (x, y), (x2, y2) in zip(ours[2:], resumed):
         np.testing.assert_array_equal(x, x2.numpy())
         np.testing.assert_array_equal(y, y2.numpy())
@@ -653,7 +653,7 @@ def test_sigkill_between_stages_then_full_disk_then_rerun_matches(reference, rec
             limit, reason = contextlib.nullcontext(), "No space left on device"
         else:          # no root: every write past 100 KB fails
             limit, reason = _file_size_limit(100_000), "File too large"
-        with limit, pytest.raises(train.OutputError) as caught:
+        with limit, pytest.raises(resume.OutputError) as caught:
             train.train_and_evaluate(config)
         message = str(caught.value)
         assert message.startswith(f"cannot write into model_dir {model_dir}")

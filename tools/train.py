@@ -20,7 +20,7 @@ import sys
 from absl import flags
 
 from upright import tools
-from upright.pipeline import configs, evaluation, recordio, train
+from upright.pipeline import configs, evaluation, recordio, resume, train
 from upright.pipeline import model as model_lib
 
 __doc__ += "\n" + tools.describe_recipes()
@@ -55,7 +55,7 @@ def main(argv):
         metrics = train.train_and_evaluate(config)
     except (train.ConfigError, model_lib.ModelError) as e:
         tools.fail(__name__, e)
-    except (train.OutputError, recordio.RecordsError) as e:
+    except (resume.OutputError, recordio.RecordsError) as e:
         # h5py objects of a failed write still hang off the exception; their
         # destructors would print "Exception ignored ... Traceback" at exit
         # (Cython prints through sys.excepthook, then sys.unraisablehook).
