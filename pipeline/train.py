@@ -378,12 +378,12 @@ class _Run:
 
     def _fit_stage(self, stage):
         s = self.config.stage(stage)
-        freezing = model_lib.set_trainable(self.classifier,
-                                           freeze_below_block=s.freeze_below_block,
-                                           train_batchnorm=s.train_batchnorm)
         import keras
         from upright.pipeline import callbacks as cb
         from upright.pipeline import streams
+        freezing = model_lib.set_trainable(self.classifier,
+                                           freeze_below_block=s.freeze_below_block,
+                                           train_batchnorm=s.train_batchnorm)
         with self.strategy.scope():
             _compile(self.train_model, self.config, s.lr,
                      metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
@@ -414,8 +414,7 @@ class _Run:
         with streams.naming_damaged_records(self.config.records):
             logs = self.train_model.evaluate(
                 streams.val_data(self.config, augment_on=self.augment_on, strategy=strategy),
-                steps=self.val_steps,
-                                             verbose=0, return_dict=True)
+                steps=self.val_steps, verbose=0, return_dict=True)
         epochs_run = len(history.history.get("loss", []))
         return {"epochs": s.epochs, "lr": s.lr, "freeze_below_block": s.freeze_below_block,
                 "train_batchnorm": s.train_batchnorm, **freezing,
