@@ -1,4 +1,5 @@
-"""Multi-worker training helpers: TF_CONFIG, who is the chief, where each worker writes.
+"""Distribution: the tf.distribute strategy of --strategy, and the multi-worker
+helpers (TF_CONFIG, who is the chief, where each worker writes).
 
     # on every machine, with its own index:
     export TF_CONFIG="$(python -c 'from upright.pipeline import cluster; \\
@@ -30,6 +31,45 @@ import socket
 from upright.pipeline import fileio
 
 WORKERS_SUBDIR = "workers"
+STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "tpu")
+
+
+def make_strategy(name: str):
+    """tf.distribute strategy for --strategy.
+
+    auto: MirroredStrategy when several GPUs are visible, else the default
+    (no distribution: one device, plain datasets). A TPU is used only when asked
+    for (--strategy=tpu), since finding one needs a cluster resolver.
+    """
+    import tensorflow as tf
+    if name == "auto":
+        gpus = tf.config.list_logical_devices("GPU")
+        if len(gpus) > 1:
+            return tf.distribute.MirroredStrategy()
+        return tf.distribute.get_strategy()
+    if name == "one_device":
+        gpus = tf.config.list_logical_devices("GPU")
+        return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if name == "multi_worker":
+        patch_keras_for_multi_worker()   # Keras 3.15 fit() fails with >1 worker
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if name == "tpu":
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu="")
+        tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+        return tf.distribute.TPUStrategy(resolver)
+    raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}; got {name!r}")
+
+
+def resolve_augment_on(value: str) -> str:
+    """'auto' -> 'device' when an accelerator is visible, else 'host'."""
+    import tensorflow as tf
+    if value != "auto":
+        return value
+    accelerators = tf.config.list_physical_devices("GPU") + tf.config.list_physical_devices("TPU")
+    return "device" if accelerators else "host"
 
 
 def free_ports(count: int, host: str = "127.0.0.1") -> list:

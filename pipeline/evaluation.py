@@ -242,6 +242,26 @@ def summarize(probs, labels, *, num_bins: int = DEFAULT_NUM_BINS,
     }
 
 
+def chance_warning(accuracy: float, examples: int, temperature=None):
+    """A plain sentence when the model is no better than guessing, else None.
+
+    Guessing scores 0.25 on the four balanced turns, with a binomial standard
+    error of sqrt(0.25 * 0.75 / n); within two of them the run has not shown it
+    learned anything. A fitted temperature at the end of its search range
+    (fit_temperature: 0.05..20) says the confidences carry nothing.
+    """
+    margin = 2 * (0.1875 / max(1, examples)) ** 0.5
+    if accuracy <= 0.25 + margin:
+        return (f"val accuracy {accuracy:.3f} on {examples} examples is within chance "
+                f"(0.25 +- {margin:.3f}): this model has not learned orientation; train longer, "
+                "on more images, or from a pretrained backbone (BUILD.md, section 6)")
+    if temperature is not None and not 0.06 <= temperature <= 19.0:
+        return (f"the fitted temperature {temperature:.3g} sits at the end of its range: "
+                "the model's confidences carry no information; do not trust "
+                "--min_confidence with it")
+    return None
+
+
 def _nan_to_none(x):
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
 
@@ -287,6 +307,32 @@ def predict_split(predictor, records: str, *, split: str = "val", batch_size: in
     if tta:
         out["probs_by_turn"] = np.stack([np.concatenate(b) for b in by_turn]).astype(np.float32)
     return out
+
+
+def score_classifier(model, records: str, *, batch_size: int, image_size: int,
+                     resize: str) -> dict:
+    """The trainer's final metrics of a Keras classifier on the whole val split (x4):
+    accuracy, per-class accuracy and a fitted temperature, with the ECE before
+    and after it.
+
+    The temperature (fit_temperature, Guo et al. 2017) rescales the logits so
+    that confidences match accuracy on validation; it never changes a
+    prediction. Heavy training-time augmentation leaves models under-confident
+    on clean inputs, and orient's --min_confidence needs honest numbers.
+    """
+    import types
+    predictor = types.SimpleNamespace(image_size=image_size, resize=resize,
+                                      predict_images=model.predict_on_batch)
+    out = predict_split(predictor, records, split="val", batch_size=batch_size)
+    probs, labels = out["probs"], out["labels"]
+    temperature = fit_temperature(probs, labels)
+    return {"val_accuracy": accuracy(probs, labels), "val_examples": int(labels.size),
+            "per_class_accuracy": {name: _nan_to_none(a) for name, a in
+                                   zip(schema.CLASS_NAMES, per_class_accuracy(probs, labels))},
+            "temperature": temperature,
+            "val_ece": calibration(probs, labels)["ece"],
+            "val_ece_after_temperature": calibration(
+                apply_temperature(probs, temperature), labels)["ece"]}
 
 
 def evaluate(model_dir: str, records: str, *, split: str = "val", batch_size: int = 64,

@@ -59,8 +59,8 @@ import tensorflow as tf
 
 from upright.pipeline import fileio, recordio, schema
 
-RESIZE_METHODS = ("squash", "pad", "crop")
-AUGMENT_PLACEMENTS = ("host", "device")
+RESIZE_METHODS = schema.RESIZE_METHODS
+AUGMENT_PLACEMENTS = schema.AUGMENT_PLACEMENTS
 AUTOTUNE = tf.data.AUTOTUNE
 
 # JPEG codes 8 x 8 blocks, and 16 x 16 macroblocks with 4:2:0 chroma subsampling
@@ -84,7 +84,7 @@ def input_fn(records: str, *, split: str, batch_size: int, image_size: int,
              resize: str = "squash", policy: str = "default",
              augment_on: str = "host", input_context=None,
              shuffle_buffer: int = 2048, repeat=None,
-             cycle_length: int = 16) -> tf.data.Dataset:
+             cycle_length: int = 16, skip_batches: int = 0) -> tf.data.Dataset:
     """Batches of images and orientation labels from a make_records folder.
 
     Args:
@@ -120,6 +120,9 @@ def input_fn(records: str, *, split: str, batch_size: int, image_size: int,
         decoding, so memory is about shuffle_buffer x stored image size).
       repeat: None -> repeat forever when training, once otherwise.
       cycle_length: shard files read in parallel (training).
+      skip_batches: training only: the stream starts this many batches in
+        (a resumed run). Skipped batches are decoded, never augmented; the
+        batches after them are exactly those of the unskipped stream.
 
     Returns:
       tf.data.Dataset of (images float32 [B, S, S, 3] in [0, 255],
@@ -128,6 +131,8 @@ def input_fn(records: str, *, split: str, batch_size: int, image_size: int,
       validation yields 4 x N examples (N = num_examples of the split, or of
       this pipeline's files) and its last batch may be smaller.
     """
+    # Long only by its docstring (the argument reference); the body is the checks
+    # and the choice between the two stream builders below.
     if resize not in RESIZE_METHODS:
         raise ValueError(f"resize must be one of {RESIZE_METHODS}, got {resize!r}")
     if augment_on not in AUGMENT_PLACEMENTS:
@@ -155,7 +160,8 @@ def input_fn(records: str, *, split: str, batch_size: int, image_size: int,
             files, batch_size=batch_size, image_size=image_size,
             seeds=derive_seeds(seed, pipeline_id), resize=resize,
             policy=policy, augment_on=augment_on, shuffle_buffer=shuffle_buffer,
-            repeat=True if repeat is None else repeat, cycle_length=cycle_length)
+            repeat=True if repeat is None else repeat, cycle_length=cycle_length,
+            skip_batches=skip_batches)
     return _eval_dataset(files, batch_size=batch_size, image_size=image_size,
                          resize=resize, repeat=False if repeat is None else repeat)
 
@@ -289,7 +295,7 @@ def shard_files(files: list, input_context, *, split: str = "") -> list:
 
 
 def _train_dataset(files, *, batch_size, image_size, seeds, resize, policy,
-                   augment_on, shuffle_buffer, repeat, cycle_length):
+                   augment_on, shuffle_buffer, repeat, cycle_length, skip_batches=0):
     # Imported here so that evaluation and serving never need the augmentation code.
     from upright.pipeline import augment
     op = augment.parse_policy(policy)
@@ -317,6 +323,10 @@ def _train_dataset(files, *, batch_size, image_size, seeds, resize, policy,
     ds = ds.batch(batch_size, drop_remainder=True)
     # The batch index makes every batch's random key distinct and reproducible.
     ds = ds.enumerate()
+    # A resumed run skips here: after the index (the seeds stay those of the
+    # unskipped stream), before augmentation (skipping costs decoding only).
+    if skip_batches:
+        ds = ds.skip(skip_batches)
     key = tf.constant(seeds["augment"], tf.int64)
 
     def augment_batch(index, images):

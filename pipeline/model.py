@@ -310,14 +310,25 @@ def layer_blocks(model) -> list:
 
 
 def max_block(model) -> int:
-    """The highest block number of the model's backbone (top included)."""
+    """The highest block number of the model's backbone (top included): its
+    spec's num_blocks, counted from the layers for MobileNetV3 (small and
+    large share the family)."""
     family = backbone_family(model)
     backbone = get_backbone(model)
     if family == "mobilenetv3":
         ids = [int(m.group(1)) for layer in backbone.layers
                for m in [re.match(r"^expanded_conv_(\d+)_", layer.name)] if m]
         return max(ids) + 2
-    return {"efficientnet": 8, "resnet": 5, "tiny": 4}[family]
+    return next(spec.num_blocks for spec in BACKBONES.values() if spec.family == family)
+
+
+def check_freeze_range(freeze_below_block: int, *, top: int,
+                       backbone: str = "this backbone") -> None:
+    """ModelError unless 0 <= freeze_below_block <= top + 1 (top: max_block)."""
+    if not 0 <= freeze_below_block <= top + 1:
+        raise ModelError(f"freeze_below_block={freeze_below_block} outside [0, {top + 1}] "
+                         f"for {backbone} (blocks 1..{top}; {top + 1} freezes the whole "
+                         "backbone)")
 
 
 def _is_batchnorm(layer) -> bool:
@@ -341,10 +352,7 @@ def set_trainable(model, *, freeze_below_block: int, train_batchnorm: bool) -> d
     Raises:
       ModelError: freeze_below_block outside [0, max_block + 1].
     """
-    top = max_block(model)
-    if not 0 <= freeze_below_block <= top + 1:
-        raise ModelError(f"freeze_below_block={freeze_below_block} outside [0, {top + 1}] "
-                         f"for this backbone (blocks 1..{top})")
+    check_freeze_range(freeze_below_block, top=max_block(model))
     model.trainable = True
     frozen = trainable = 0
     for layer, block in layer_blocks(model):

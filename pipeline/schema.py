@@ -36,6 +36,13 @@ CONVENTION = ("label k: the image was turned k quarter turns counter-clockwise "
                             "from upright (tf.image.rot90(upright, k), np.rot90(upright, k)); "
                             "repair with rot90(image, -k), i.e. k quarter turns clockwise")
 
+# How a stored image becomes the model's S x S input (inputs.resize_image; all
+# three commute with rot90), recorded in model_info.json and the export.
+RESIZE_METHODS = ("squash", "pad", "crop")
+# Where the augmentation policy runs: in tf.data ("host") or in the model
+# ("device", augment.AugmentLayer).
+AUGMENT_PLACEMENTS = ("host", "device")
+
 INFO_FILE = "info.json"
 SPLITS = ("train", "val")
 
@@ -49,11 +56,6 @@ def convention() -> dict:
             "rotation": "counter-clockwise",
             "description": CONVENTION,
     }
-
-
-def repair_turns_clockwise(label: int) -> int:
-    """Quarter turns CLOCKWISE that bring an image with `label` back upright."""
-    return int(label) % NUM_CLASSES
 
 
 def shard_name(split: str, index: int, num_shards: int) -> str:

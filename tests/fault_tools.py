@@ -1,12 +1,17 @@
-"""Fault injection for tests/test_faults*.py: a make_records driver that can be
-killed at a chosen step, folder snapshots, and the image fuzzer's driver.
+"""Fault injection for tests/test_faults*.py and tests/test_train.py: a
+make_records driver that can be killed at a chosen step, a train driver that
+can be killed at a named moment, folder snapshots, and the image fuzzer's driver.
 
 Run as a module in a subprocess:
 
     python -m tests.fault_tools make SRC OUT [--kill-at-step N] [--count-steps FILE]
         [--shard-bytes B] [--workers W]
+    python -m tests.fault_tools train --kill-at MOMENT -- [train flags]
     python -m tests.fault_tools fuzz --examples N --seed S --report FILE
         [--per-input-seconds T] [--max-rss-mb M]
+
+`train` runs the train command with kill_training_at(MOMENT) installed: the
+process SIGKILLs itself at that moment (see kill_training_at).
 
 `make` runs records.make_records (library call, arguments=None so that
 info.json does not depend on OUT's path). A "step" is one change of OUT's
@@ -119,6 +124,56 @@ def main_make(args):
             f.write(str(counter["steps"]))
 
 
+# ---------------------------------------------------------------- train driver
+
+def kill_training_at(moment: str) -> None:
+    """Makes this process SIGKILL itself when training reaches `moment`:
+    "stage<k>_epoch<e>" (after the first batch of epoch e of stage k, counted
+    from 0), "stage<k>_backup<n>" (inside the backup made after n epochs: its
+    weights file renamed in, its metadata not yet), "between_stages" (after
+    stage 1's done marker and the removal of its backup, before stage 2 starts).
+    Wraps the trainer's own code in this process only; "" installs nothing."""
+    from upright.pipeline import callbacks, resume
+    if not moment:
+        return
+
+    def die_at(name):
+        if name == moment:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    batch_end = callbacks.StopOnNaN.on_train_batch_end
+
+    def on_train_batch_end(self, batch, logs=None):
+        batch_end(self, batch, logs)
+        if batch == 0:
+            die_at(f"stage{self.stage}_epoch{self.epoch}")
+
+    commit = callbacks.AtomicBackup.commit
+
+    def commit_backup(self, name):
+        die_at(f"stage{self.stage}_backup{self._current_epoch}")
+        commit(self, name)
+
+    finish_stage = resume.finish_stage
+
+    def finish(model_dir, stage, *args, **kwargs):
+        finish_stage(model_dir, stage, *args, **kwargs)
+        if stage == 1:
+            die_at("between_stages")
+
+    callbacks.StopOnNaN.on_train_batch_end = on_train_batch_end
+    callbacks.AtomicBackup.commit = commit_backup
+    resume.finish_stage = finish
+
+
+def main_train(args):
+    """The train command, killed at args.kill_at."""
+    from upright.tools import train
+    kill_training_at(args.kill_at)
+    sys.argv = ["train", *[a for a in args.train_args if a != "--"]]
+    train.run()
+
+
 # ---------------------------------------------------------------- fuzz driver
 
 def _proc_status_mb(field: str) -> float:
@@ -222,6 +277,9 @@ def main(argv=None):
     make.add_argument("--shard-bytes", type=int, default=0)
     make.add_argument("--workers", type=int, default=2)
     make.add_argument("--max-side", type=int, default=64)
+    train = sub.add_parser("train")
+    train.add_argument("--kill-at", default="")
+    train.add_argument("train_args", nargs=argparse.REMAINDER)
     fuzz = sub.add_parser("fuzz")
     fuzz.add_argument("--examples", type=int, required=True)
     fuzz.add_argument("--seed", type=int, default=0)
@@ -229,7 +287,7 @@ def main(argv=None):
     fuzz.add_argument("--per-input-seconds", type=float, default=20.0)
     fuzz.add_argument("--max-rss-mb", type=int, default=3072)
     args = parser.parse_args(argv)
-    {"make": main_make, "fuzz": main_fuzz}[args.command](args)
+    {"make": main_make, "train": main_train, "fuzz": main_fuzz}[args.command](args)
 
 
 if __name__ == "__main__":

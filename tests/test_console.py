@@ -139,14 +139,14 @@ def test_train_help_lists_the_shipped_recipes():
 
 
 def test_chance_warning_says_when_a_model_guesses():
-    from upright.tools import train as train_tool
+    from upright.pipeline import evaluation
     # 400 examples: guessing is 0.25 +- 2 x 0.0217.
-    assert "within chance (0.25 +- 0.043)" in train_tool.chance_warning(0.29, 400, 1.0)
-    assert train_tool.chance_warning(0.30, 400, 1.0) is None
-    assert train_tool.chance_warning(0.60, 40, 1.0) is None
-    assert "within chance" in train_tool.chance_warning(0.35, 40, 1.0)
+    assert "within chance (0.25 +- 0.043)" in evaluation.chance_warning(0.29, 400, 1.0)
+    assert evaluation.chance_warning(0.30, 400, 1.0) is None
+    assert evaluation.chance_warning(0.60, 40, 1.0) is None
+    assert "within chance" in evaluation.chance_warning(0.35, 40, 1.0)
     for edge in (0.05, 20.0):
-        assert "end of its range" in train_tool.chance_warning(0.9, 400, edge)
+        assert "end of its range" in evaluation.chance_warning(0.9, 400, edge)
 
 
 def test_orient_says_where_copies_went_and_fails_when_nothing_was_read(tmp_path):

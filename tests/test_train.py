@@ -1,4 +1,5 @@
-"""pipeline/train.py and tools/train.py: the staged fit, resume, NaN, flags.
+"""pipeline/train.py, callbacks.py, resume.py and tools/train.py: the staged
+fit, resume, NaN, flags.
 
 Real code paths on tiny real records (32 px, the "tiny" backbone, 2 steps per epoch).
 """
@@ -14,8 +15,8 @@ import numpy as np
 import pytest
 
 from tests import helpers
+from upright.pipeline import callbacks, configs, resume, streams, train
 from upright.pipeline import model as model_lib
-from upright.pipeline import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A cheap policy with a host-only step (jpeg) and per-image OneOf choices.
@@ -33,15 +34,16 @@ def records(tmp_path_factory):
 
 
 def tiny_config(records, model_dir, **overrides):
-    config = train.TrainConfig(
-        records=records, model_dir=model_dir, batch_size=8, image_size=32, seed=3,
+    """A TrainConfig for the tiny runs; overrides by flat name (stage2_lr=...)."""
+    config = configs.replace(
+        train.TrainConfig(), records=records, model_dir=model_dir, batch_size=8, image_size=32, seed=3,
         augment_policy=POLICY, augment_on="host", backbone="tiny", weights=None,
         head="dense", dropout=0.25,
         stage1_epochs=1, stage1_lr=1e-2, stage1_freeze_below_block=3,
         stage1_train_batchnorm=False,
         stage2_epochs=2, stage2_lr=1e-3, stage2_freeze_below_block=0,
         steps_per_epoch=2, export=False, verbose=0)
-    return dataclasses.replace(config, **overrides)
+    return configs.replace(config, **overrides)
 
 
 @pytest.fixture(scope="module")
@@ -181,11 +183,11 @@ def test_training_learns_an_easy_orientation_task(tmp_path):
     helpers.write_records(records, {
         "train": [helpers.quadrant_marker_image(i) for i in range(64)],
         "val": [helpers.quadrant_marker_image(1000 + i) for i in range(16)]})
-    config = train.TrainConfig(
+    config = configs.from_flat(train.TrainConfig, dict(
         records=records, model_dir=str(tmp_path / "run"), batch_size=16, image_size=32,
         seed=0, augment_policy="none", augment_on="host", backbone="tiny", weights=None,
         head="linear", stage1_epochs=0, stage2_epochs=2, stage2_lr=1e-2,
-        stage2_freeze_below_block=0, steps_per_epoch=8, export=False, verbose=0)
+        stage2_freeze_below_block=0, steps_per_epoch=8, export=False, verbose=0))
     keras.utils.set_random_seed(config.seed)   # the run's own starting point
     untrained = model_lib.build_model(backbone="tiny", image_size=32, weights=None,
                                       head="linear")
@@ -224,7 +226,7 @@ def test_stage1_keeps_frozen_blocks_exactly_and_stage2_changes_them(reference):
 def test_killed_and_resumed_run_matches_uninterrupted(reference, tmp_path, monkeypatch):
     config, metrics = reference
     resumed = dataclasses.replace(config, model_dir=str(tmp_path / "resumed"), export=False)
-    add_stage = train._callback("History")
+    add_stage = callbacks.History
     original = add_stage.on_epoch_end
 
     def crash(self, epoch, logs=None):
@@ -307,7 +309,7 @@ def _device_step(records, tmp_path, monkeypatch, mixed):
         model.compile(optimizer=keras.optimizers.Adam(1e-3),
                       loss=keras.losses.SparseCategoricalCrossentropy(),
                       jit_compile=train._jit(config.jit_compile))
-        batch = next(iter(train.train_stream(config, stage=1, augment_on="device")))
+        batch = next(iter(streams.train_stream(config, stage=1, augment_on="device")))
         loss = float(model.train_on_batch(*batch))
     finally:
         keras.config.set_dtype_policy("float32")
@@ -358,34 +360,36 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_best_model(records, t
 
 def test_restart_with_a_different_config_is_refused(records, tmp_path):
     config = tiny_config(records, str(tmp_path / "run"))
-    train._pin_config(config)
+    resume.pin_config(config.model_dir, configs.flatten(config))
+    with pytest.raises(resume.ConfigMismatch, match="different config.*stage1_lr"):
+        resume.pin_config(config.model_dir, configs.flatten(configs.replace(config, stage1_lr=0.5)))
     with pytest.raises(train.ConfigError, match="different config.*stage1_lr"):
-        train._pin_config(dataclasses.replace(config, stage1_lr=0.5))
-    train._pin_config(dataclasses.replace(config, verbose=1))   # harmless differences pass
+        train.check_config(configs.replace(config, stage1_lr=0.5))   # so --dry_run sees it
+    resume.pin_config(config.model_dir, configs.flatten(configs.replace(config, verbose=1)))
 
 
 def test_train_stream_equals_input_fn_host_placement_and_resumes(records):
     from upright.pipeline import inputs
     config = tiny_config(records, "unused")
-    ours = [(x.numpy(), y.numpy()) for x, y in train.train_stream(config, stage=1).take(4)]
+    ours = [(x.numpy(), y.numpy()) for x, y in streams.train_stream(config, stage=1).take(4)]
     theirs = inputs.input_fn(records, split="train", batch_size=8, image_size=32,
-                             training=True, seed=train.stream_seed(config.seed, 1),
+                             training=True, seed=resume.stream_seed(config.seed, 1),
                              policy=POLICY, augment_on="host")
     for (x, y), (x2, y2) in zip(ours, theirs.take(4)):
         np.testing.assert_array_equal(x, x2.numpy())
         np.testing.assert_array_equal(y, y2.numpy())
     assert len({tuple(y) for _, y in ours}) > 1
     # Resumed after 2 batches: the same batches 2 and 3.
-    resumed = train.train_stream(config, stage=1, skip_batches=2).take(2)
+    resumed = streams.train_stream(config, stage=1, skip_batches=2).take(2)
     for (x, y), (x2, y2) in zip(ours[2:], resumed):
         np.testing.assert_array_equal(x, x2.numpy())
         np.testing.assert_array_equal(y, y2.numpy())
 
 
 def test_stream_seeds_differ_per_stage_and_epoch():
-    seeds = {train.stream_seed(0, s, e) for s in (1, 2) for e in range(-1, 50)}
+    seeds = {resume.stream_seed(0, s, e) for s in (1, 2) for e in range(-1, 50)}
     assert len(seeds) == 102
-    assert train.stream_seed(0, 1, 3) == train.stream_seed(0, 1, 3)
+    assert resume.stream_seed(0, 1, 3) == resume.stream_seed(0, 1, 3)
 
 
 # ---------------------------------------------------------------- tools/train.py
@@ -468,8 +472,8 @@ def test_demo_recipe_learns_orientation_of_held_out_scenes(tmp_path):
     config = train.TrainConfig(
         records=str(tmp_path / "rec"), model_dir=str(tmp_path / "run"), backbone="tiny",
         weights=None, image_size=64, head="dense",
-        stage1_epochs=3, stage1_lr=3e-3, stage1_freeze_below_block=2,
-        stage2_epochs=7, stage2_lr=1e-3, export=False, verbose=0)
+        stage1=train.StageConfig(epochs=3, lr=3e-3, freeze_below_block=2),
+        stage2=train.StageConfig(epochs=7, lr=1e-3), export=False, verbose=0)
     metrics = train.train_and_evaluate(config)
     assert metrics["final"]["val_accuracy"] >= 0.9
     assert min(metrics["final"]["per_class_accuracy"].values()) >= 0.8
@@ -518,19 +522,18 @@ def test_sigkilled_tool_resumes_in_stage_2_and_matches(records, tmp_path):
 
 
 # ---------------------------------------------------------------- faults (issue 6)
-# Real SIGKILLs at named moments through the test-only hook UPRIGHT_TEST_KILL_AT
-# (pipeline/train.py, _test_kill_point), a full disk under model_dir, and a
-# damaged shard met while training.
-
-KILL_ENV = train.TEST_KILL_ENV
+# Real SIGKILLs at named moments (tests/fault_tools.py, kill_training_at), a
+# full disk under model_dir, and a damaged shard met while training.
 
 
 def _run_killed(code_args, kill_at, timeout=240):
     """Runs train_and_evaluate(tiny_config(*code_args)) in a fresh process that
     SIGKILLs itself at `kill_at`; returns the CompletedProcess."""
-    code = ("import sys; from tests import test_train as t; from upright.pipeline import train; "
+    code = ("import sys; from tests import fault_tools, test_train as t; "
+            "from upright.pipeline import train; fault_tools.kill_training_at(sys.argv[3]); "
             "train.train_and_evaluate(t.tiny_config(sys.argv[1], sys.argv[2]))")
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO, **{KILL_ENV: kill_at})
+    code_args = [*code_args, kill_at]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO)
     return subprocess.run([sys.executable, "-c", code, *code_args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -577,11 +580,11 @@ def _config_flags(config):
             f"--seed={config.seed}", f"--augment_policy={config.augment_policy}",
             f"--augment_on={config.augment_on}", f"--backbone={config.backbone}",
             "--weights=none", f"--head={config.head}", f"--dropout={config.dropout}",
-            f"--stage1_epochs={config.stage1_epochs}", f"--stage1_lr={config.stage1_lr}",
-            f"--stage1_freeze_below_block={config.stage1_freeze_below_block}",
+            f"--stage1_epochs={config.stage1.epochs}", f"--stage1_lr={config.stage1.lr}",
+            f"--stage1_freeze_below_block={config.stage1.freeze_below_block}",
             "--nostage1_train_batchnorm",
-            f"--stage2_epochs={config.stage2_epochs}", f"--stage2_lr={config.stage2_lr}",
-            f"--stage2_freeze_below_block={config.stage2_freeze_below_block}",
+            f"--stage2_epochs={config.stage2.epochs}", f"--stage2_lr={config.stage2.lr}",
+            f"--stage2_freeze_below_block={config.stage2.freeze_below_block}",
             f"--steps_per_epoch={config.steps_per_epoch}", "--noexport", "--verbose=0"]
 
 
@@ -650,7 +653,7 @@ def test_sigkill_between_stages_then_full_disk_then_rerun_matches(reference, rec
             limit, reason = contextlib.nullcontext(), "No space left on device"
         else:          # no root: every write past 100 KB fails
             limit, reason = _file_size_limit(100_000), "File too large"
-        with limit, pytest.raises(train.OutputError) as caught:
+        with limit, pytest.raises(resume.OutputError) as caught:
             train.train_and_evaluate(config)
         message = str(caught.value)
         assert message.startswith(f"cannot write into model_dir {model_dir}")
@@ -807,8 +810,9 @@ def test_sigkill_at_each_moment_then_rerun_matches(records, whole_run, tmp_path,
                                                    resumed_stage, resumed_at):
     whole_dir, whole_metrics = whole_run
     model_dir = tmp_path / "killed"
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", **{KILL_ENV: kill_at})
-    killed = subprocess.run([sys.executable, "-m", "upright.tools.train",
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    killed = subprocess.run([sys.executable, "-m", "tests.fault_tools", "train",
+                             f"--kill-at={kill_at}", "--",
                              f"--records={records}", *KILL_ARGS, f"--model_dir={model_dir}"],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -9, killed.stderr[-2000:]
@@ -870,7 +874,7 @@ def _spy_on_fit(monkeypatch):
         seen.append({"jit_compile_arg": kwargs.get("jit_compile"), "lr": []})
         return original(self, *args, **kwargs)
 
-    class Spy(train._callback("History")):
+    class Spy(callbacks.History):
         def on_train_begin(self, logs=None):
             seen[-1].update(stage=self.stage, model=self.model,
                             jit_compile=self.model.jit_compile)
@@ -880,7 +884,7 @@ def _spy_on_fit(monkeypatch):
                 self.model.optimizer.learning_rate)))
 
     monkeypatch.setattr(keras.Model, "compile", compile)
-    monkeypatch.setitem(train._CALLBACKS, "History", Spy)
+    monkeypatch.setattr(callbacks, "History", Spy)
     return seen
 
 
@@ -1059,8 +1063,8 @@ def test_tool_passes_the_hygiene_and_speed_flags_into_the_config(records, tmp_pa
     values = {"bn_momentum": 0.5, "early_stopping_patience": 3, "reduce_lr_patience": 2,
               "reduce_lr_factor": 0.5, "min_lr": 0.001, "measure_steps": 4,
               "jit_compile": "false", "stage2_train_batchnorm": False, "validation_steps": 7}
-    defaults = train.TrainConfig()
-    assert all(getattr(defaults, k) != v for k, v in values.items())
+    defaults = configs.flatten(train.TrainConfig())
+    assert all(defaults[k] != v for k, v in values.items())
     flags = [f"--no{k}" if v is False else f"--{k}={v}" for k, v in values.items()]
     result = _tool(f"--records={records}", f"--model_dir={tmp_path / 'run'}",
                    "--backbone=tiny", "--weights=none", "--image_size=32", "--dry_run", *flags)

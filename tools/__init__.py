@@ -217,3 +217,69 @@ def run_tool(main, module_name: str, *, tensorflow: bool = True) -> None:
             fail_usage(module_name, str(e))
 
     app.run(quiet_main, argv=argv, flags_parser=parse)
+
+
+def define_config_flags(config_class, module_name: str) -> None:
+    """One flag per setting of a config dataclass (pipeline/configs.py), named,
+    typed and documented by its field: bool -> DEFINE_bool, int -> DEFINE_integer,
+    float -> DEFINE_float, a field with "choices" -> DEFINE_enum, else
+    DEFINE_string. The flags belong to `module_name` (the tool: its --help and
+    its flags file list them)."""
+    from absl import flags
+    from upright.pipeline import configs
+    # absl files the flags of the main module under sys.argv[0] (python -m TOOL).
+    owner = sys.argv[0] if module_name == "__main__" else module_name
+    for f in configs.flat_fields(config_class):
+        meta = f.metadata
+        default = meta.get("flag_default", f.default)
+        kwargs = {"module_name": owner}
+        if "choices" in meta:
+            flags.DEFINE_enum(f.name, default, meta["choices"], f.help, **kwargs)
+        elif f.type is bool:
+            flags.DEFINE_bool(f.name, default, f.help, **kwargs)
+        elif f.type is int:
+            flags.DEFINE_integer(f.name, default, f.help, lower_bound=meta.get("lower_bound"),
+                                 **kwargs)
+        elif f.type is float:
+            flags.DEFINE_float(f.name, default, f.help, **kwargs)
+        else:
+            flags.DEFINE_string(f.name, default, f.help, **kwargs)
+
+
+def config_from_flags(config_class):
+    """The config of the parsed flags (see define_config_flags): a flag left at
+    None keeps the field's default; a field's "parse" turns the flag's text
+    into its value."""
+    from absl import flags
+    from upright.pipeline import configs
+    values = {}
+    for f in configs.flat_fields(config_class):
+        value = flags.FLAGS[f.name].value
+        if value is None:
+            continue
+        values[f.name] = f.metadata["parse"](value) if "parse" in f.metadata else value
+    return configs.from_flat(config_class, values)
+
+
+def write_flags_file(module_name: str, path: str, *, leave_out=("dry_run",)) -> str:
+    """Writes the tool's flags, every one with its value (None ones left out),
+    to `path`, so that `TOOL --flagfile=PATH` replays the run."""
+    from absl import flags
+    from upright.pipeline import fileio
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    module_flags = flags.FLAGS.get_flags_for_module(sys.modules[module_name])
+    lines = [f.serialize() for f in sorted(module_flags, key=lambda f: f.name)
+             if f.name not in leave_out and f.value is not None]
+    with fileio.atomic_write(path, "w", encoding="utf-8") as f:
+        f.write(f"# {_tool_name(module_name)} flags; replay with: "
+                f"{_tool_name(module_name)} --flagfile={path}\n")
+        f.write("\n".join(lines) + "\n")
+    return path
+
+
+def fail(module_name: str, message, status: int = 2) -> None:
+    """Ends the tool with one line on stderr, `TOOL: error: ...` (the message's
+    first line), and exit `status` (2: the flags need changing; 1: the run could
+    not go on)."""
+    print(f"{_tool_name(module_name)}: error: {str(message).splitlines()[0]}", file=sys.stderr)
+    sys.exit(status)
