@@ -69,11 +69,12 @@ def main():
     for n in args.n or [100_000]:
         x = synthetic_signatures(n)
         rss_input = _peak_rss_mb()
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         groups = neardup.group_near_duplicates(x)
-        seconds = time.perf_counter() - start
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
         multi = [len(g) for g in groups if len(g) > 1]
-        print(f"n={n}: {seconds:.1f} s, {n / seconds:,.0f} signatures/s, peak RSS "
+        print(f"n={n}: {seconds:.1f} s wall, {cpu:.1f} s CPU (load {os.getloadavg()[0]:.1f}), "
+              f"{n / seconds:,.0f} signatures/s, peak RSS "
               f"{_peak_rss_mb():.0f} MB ({rss_input:.0f} MB after making the input), "
               f"{len(multi)} groups of >= 2 ({sum(multi)} images), "
               f"largest {max(multi, default=1)}", flush=True)
