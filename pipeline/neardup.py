@@ -88,11 +88,12 @@ def band_edges(max_std: float, limit: float) -> np.ndarray:
     """Std band edges e_0 = 0 < e_1 < ...: e_{k+1} = e_k + r(e_k), past max_std.
 
     Band k+1 is at least as wide as the largest radius in band k, so a near
-    partner of an image in band k lies in band k or k+1.
+    partner of an image in band k lies in band k or k+1. Bands are at least
+    1/256 of the range wide: a tiny limit must not make millions of them.
     """
-    edges = [0.0]
+    edges, least = [0.0], (max_std + 1.0) / 256
     while edges[-1] <= max_std:
-        edges.append(edges[-1] + float(radii(np.array([edges[-1]]), limit)[0]))
+        edges.append(edges[-1] + max(least, float(radii(np.array([edges[-1]]), limit)[0])))
     return np.array(edges)
 
 

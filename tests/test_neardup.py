@@ -92,7 +92,7 @@ def test_pairs_at_exactly_the_threshold_and_across_std_bands():
     assert (0, 1) in pairs and (0, 2) not in pairs
 
 
-@pytest.mark.parametrize("limit", [0.5, 2.0, 10.0, 30.0])
+@pytest.mark.parametrize("limit", [1e-9, 0.5, 2.0, 10.0, 30.0])
 def test_other_thresholds(limit):
     rng = np.random.default_rng(int(limit * 10))
     base = pictures(rng, 30, rng.uniform(1, 50, (30, 1)))
