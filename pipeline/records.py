@@ -22,7 +22,9 @@ make_records, step by step:
   4. Exact duplicates (same sha256 of the file bytes) are stored once: the
      copy whose path sorts first is kept, the others are reported.
      Near-duplicates (the same picture re-encoded or resized, by
-     `imageio.are_near_duplicates`) are grouped, and every group gets ONE split.
+     `imageio.are_near_duplicates` at `near_duplicate_threshold`; 0: off) are
+     grouped (`neardup`: exact, without comparing all pairs), and every group
+     gets ONE split.
   5. Splits by a stable hash of the file bytes: a group's split is decided by
      its anchor, the member with the smallest anchor hash; val when the anchor's
      split hash < val_fraction. An image's split therefore depends only on its
