@@ -33,7 +33,7 @@ food, plants, vehicles, signs, flags, objects; about 20 % of kept pictures) go
 to holdout, every other kept folder to train, so holdout categories are unseen.
 The same picture filed twice under two names (identical bytes: sha1) is
 written once, in train when one copy is there. Then make_records' own
-near-duplicate test (imageio.signature, records.group_near_duplicates: the same
+near-duplicate test (imageio.signature, neardup.group_near_duplicates: the same
 picture re-saved or resized) runs over both splits together, and every held-out
 picture grouped with a training one is removed, so no picture crosses the
 split. It also groups a few nearly blank pictures (thin outlines on white):
@@ -54,7 +54,7 @@ import time
 
 from PIL import Image
 
-from upright.pipeline import imageio, records
+from upright.pipeline import imageio, neardup
 
 SOURCE = "/usr/share/openclipart/png"
 # (folder prefix, keep, reason); the first prefix that matches a folder decides.
@@ -222,7 +222,7 @@ def main():
             signatures.append(imageio.signature(image))
     # make_records' near-duplicate groups over both splits: no group may span them.
     gone = set()
-    for group in records.group_near_duplicates(signatures):
+    for group in neardup.group_near_duplicates(signatures):
         kept_train = [rows[i][2] for i in group if rows[i][0] == "train"]
         if kept_train:
             for i in group:

@@ -399,7 +399,7 @@ def signature_distance(a: bytes, b: bytes) -> float:
     return float(np.sqrt(np.mean((x - y) ** 2)))
 
 
-def near_duplicate_threshold(std_a: float, std_b: float) -> float:
+def near_duplicate_threshold(std_a: float, std_b: float, limit: float = None) -> float:
     """Largest signature distance at which two images count as the same picture.
 
     NEAR_ABS grey levels, or NEAR_REL of the smaller signature's standard
@@ -409,14 +409,18 @@ def near_duplicate_threshold(std_a: float, std_b: float) -> float:
     60-90 and downscaling to 1/4 stayed
     within it for every picture; pairs of different pictures fell inside it
     only when both were nearly flat (same colour, no content).
+    `limit` (grey levels, default NEAR_ABS) scales both parts by
+    limit / NEAR_ABS: the threshold is max(limit, limit * min std / 20).
     """
-    return max(NEAR_ABS, NEAR_REL * min(std_a, std_b))
+    scale = 1.0 if limit is None else limit / NEAR_ABS
+    return scale * max(NEAR_ABS, NEAR_REL * min(std_a, std_b))
 
 
-def are_near_duplicates(a: bytes, b: bytes) -> bool:
-    """True when two signatures are the same picture, re-encoded or resized."""
+def are_near_duplicates(a: bytes, b: bytes, limit: float = None) -> bool:
+    """True when two signatures are the same picture, re-encoded or resized
+    (`limit`: see near_duplicate_threshold; 0 makes only identical signatures near)."""
     std = [float(np.frombuffer(s, np.uint8).std()) for s in (a, b)]
-    return signature_distance(a, b) <= near_duplicate_threshold(*std)
+    return signature_distance(a, b) <= near_duplicate_threshold(*std, limit=limit)
 
 
 SIGNATURE_SIDE = 16

@@ -22,7 +22,9 @@ make_records, step by step:
   4. Exact duplicates (same sha256 of the file bytes) are stored once: the
      copy whose path sorts first is kept, the others are reported.
      Near-duplicates (the same picture re-encoded or resized, by
-     `imageio.are_near_duplicates`) are grouped, and every group gets ONE split.
+     `imageio.are_near_duplicates` at `near_duplicate_threshold`; 0: off) are
+     grouped (`neardup`: exact, without comparing all pairs), and every group
+     gets ONE split.
   5. Splits by a stable hash of the file bytes: a group's split is decided by
      its anchor, the member with the smallest anchor hash; val when the anchor's
      split hash < val_fraction. An image's split therefore depends only on its
@@ -75,7 +77,7 @@ import threading
 
 import numpy as np
 
-from upright.pipeline import fileio, imageio, recordio, schema
+from upright.pipeline import fileio, imageio, neardup, recordio, schema
 
 LOCK_FILE = ".make_records.lock"
 SCRATCH_FILE = ".make_records.scratch"
@@ -125,7 +127,8 @@ def make_records(*, src: str, out: str, val_fraction: float = 0.2,
                  max_pixels: int = imageio.DEFAULT_MAX_PIXELS,
                  progress: bool = True, arguments: dict = None,
                  num_shards: int = 0, runner: str = "local",
-                 beam_options: list = None, group_by: str = None) -> dict:
+                 beam_options: list = None, group_by: str = None,
+                 near_duplicate_threshold: float = imageio.NEAR_ABS) -> dict:
     """Turns the upright images under `src` into a records folder `out`.
 
     Args:
@@ -157,6 +160,11 @@ def make_records(*, src: str, out: str, val_fraction: float = 0.2,
         land in the same split, e.g. r"^(.*)_\d+\.jpg$" for crops named
         <picture>_<n>.jpg, or r"^[^/]+" for one folder per subject. Paths that
         do not match keep their own group (counted in info.json).
+      near_duplicate_threshold: grey levels (>= 0) of the RMS signature
+        distance at which two images are the same picture, scaled up for
+        contrasty pictures (imageio.near_duplicate_threshold); the default
+        imageio.NEAR_ABS = 4 is the measured one; 0 turns near-duplicate
+        grouping off (exact duplicates are still stored once).
     Returns:
       the info dict written to OUT/info.json.
     Raises:
@@ -168,13 +176,17 @@ def make_records(*, src: str, out: str, val_fraction: float = 0.2,
         raise MakeRecordsError(f"num_shards must be >= 0 (0 = by size), got {num_shards}")
     if runner not in RUNNERS:
         raise MakeRecordsError(f"runner must be one of {', '.join(RUNNERS)}, got {runner!r}")
+    if not 0 <= near_duplicate_threshold < float("inf"):
+        raise MakeRecordsError("near_duplicate_threshold must be >= 0 (0 = no near-duplicate "
+                               f"grouping), got {near_duplicate_threshold}")
     group_pattern = compile_group_by(group_by)
     src_b, out_b = _check_folders(src, out, overwrite)
     if arguments is None:
         arguments = dict(val_fraction=val_fraction, max_side=max_side,
                          jpeg_quality=jpeg_quality, workers=workers, overwrite=overwrite,
                          max_skipped_fraction=max_skipped_fraction, max_pixels=max_pixels,
-                         num_shards=num_shards, runner=runner, group_by=group_by)
+                         num_shards=num_shards, runner=runner, group_by=group_by,
+                         near_duplicate_threshold=near_duplicate_threshold)
     try:
         os.makedirs(out_b, exist_ok=True)
         lock = _lock(out_b)
@@ -205,7 +217,8 @@ def make_records(*, src: str, out: str, val_fraction: float = 0.2,
                                                lock_fd=lock)
                 plan = _plan(results, walk, val_fraction=val_fraction,
                              max_skipped_fraction=max_skipped_fraction, src_b=src_b,
-                             group_pattern=group_pattern)
+                             group_pattern=group_pattern,
+                             near_limit=near_duplicate_threshold)
                 _check_num_shards(plan, num_shards)
                 return _write(out_b, plan, spans, scratch, src_b=src_b, arguments=arguments,
                               num_shards=num_shards)
@@ -610,10 +623,12 @@ class _Plan:
     candidates: int
     outside: list = ()      # [(rel, target)] symlinks to files/folders outside SRC
     named_groups: dict = None  # with group_by: counts of keys, unmatched paths, groups
+    largest_group: int = 1  # images in the largest group that shares one split
+    near_limit: float = imageio.NEAR_ABS
 
 
 def _plan(results, walk, *, val_fraction, max_skipped_fraction, src_b,
-          group_pattern=None) -> _Plan:
+          group_pattern=None, near_limit=imageio.NEAR_ABS) -> _Plan:
     """Dedups, groups, splits and applies the refusals of step 6."""
     skipped = walk.skipped + [(r.rel, r.reason) for r in results if r.status == "skipped"]
     ignored = walk.ignored + [(r.rel, r.reason) for r in results if r.status == "ignored"]
@@ -642,7 +657,7 @@ def _plan(results, walk, *, val_fraction, max_skipped_fraction, src_b,
             f"were skipped, more than max_skipped_fraction={max_skipped_fraction:g}; "
             "fix or remove them (reasons above), or raise --max_skipped_fraction",
             details, refused=True)
-    groups = group_near_duplicates([r.image.signature for r in kept])
+    groups = neardup.group_near_duplicates([r.image.signature for r in kept], limit=near_limit)
     keys = [[] for _ in kept]
     if group_pattern is not None:
         # A stored image carries the keys of its exact duplicates too: the
@@ -664,12 +679,14 @@ def _plan(results, walk, *, val_fraction, max_skipped_fraction, src_b,
             u = _unit_hash(b"split", kept[anchor].sha256)
         split = "val" if u < val_fraction else "train"
         splits[split].extend(kept[i] for i in members)
+    largest = max(len(g) for g in split_groups)
     for split, items in splits.items():
         if not items:
             raise MakeRecordsError(
                 f"split {split!r} would be empty ({len(kept)} distinct images, "
                 f"{len(split_groups)} picture groups, val_fraction={val_fraction:g}); "
-                "add images or change --val_fraction", details, refused=True)
+                + (_large_group_hint(largest, len(kept), group_pattern is not None) or
+                   "add images or change --val_fraction"), details, refused=True)
         # Order by content hash: independent of workers, and shards mix the folder.
         items.sort(key=lambda r: r.sha256)
     near_groups = [sorted(kept[i].rel for i in g) for g in groups if len(g) > 1]
@@ -681,7 +698,20 @@ def _plan(results, walk, *, val_fraction, max_skipped_fraction, src_b,
     return _Plan(splits=splits, skipped=sorted(skipped), ignored=sorted(ignored),
                  hidden=walk.hidden, duplicates=duplicates, groups=sorted(near_groups),
                  candidates=candidates, outside=list(walk.outside),
-                 named_groups=named_groups)
+                 named_groups=named_groups, largest_group=largest, near_limit=near_limit)
+
+
+def _large_group_hint(largest: int, total: int, grouped_by_key: bool) -> str:
+    """What to do when one group holds more than a quarter of the images, or "".
+
+    Transitive near-duplicate merging chains pictures that differ little by
+    design (form pages, product shots on white, one camera's frames)."""
+    if largest < 2 or largest * 4 <= total:
+        return ""
+    named = " or check --group_by" if grouped_by_key else ""
+    return (f"one group holds {largest} of the {total} images: near-duplicates chain "
+            "pictures that differ little by design; lower --near_duplicate_threshold "
+            f"(0 turns near-duplicate grouping off){named}")
 
 
 def compile_group_by(group_by):
@@ -710,30 +740,14 @@ def merge_groups(groups, keys) -> list:
     key (keys[i]: the list of image i's keys, often one, none when no path of
     it matched). Returns the merged groups, members sorted, ordered by their
     first member."""
-    parent = list(range(len(keys)))
-
-    def find(i):
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    def union(i, j):
-        ri, rj = find(i), find(j)
-        if ri != rj:
-            parent[max(ri, rj)] = min(ri, rj)
-
-    for members in groups:
-        for j in members[1:]:
-            union(members[0], j)
+    i = [members[0] for members in groups for _ in members[1:]]
+    j = [m for members in groups for m in members[1:]]
     first_with_key = {}
-    for i, image_keys in enumerate(keys):
+    for index, image_keys in enumerate(keys):
         for key in image_keys:
-            union(first_with_key.setdefault(key, i), i)
-    merged = {}
-    for i in range(len(keys)):
-        merged.setdefault(find(i), []).append(i)
-    return sorted(merged.values())
+            i.append(first_with_key.setdefault(key, index))
+            j.append(index)
+    return neardup.groups_of(neardup.components(len(keys), i, j))
 
 
 def spool_result(result, scratch, spans: dict):
@@ -755,53 +769,6 @@ def _unit_hash(salt: bytes, sha256_hex: str) -> float:
     """A stable number in [0, 1) from an image's bytes digest."""
     digest = hashlib.sha256(salt + b":" + sha256_hex.encode("ascii")).digest()
     return int.from_bytes(digest[:8], "big") / 2.0 ** 64
-
-
-def group_near_duplicates(signatures, block: int = 2048) -> list:
-    """Groups images whose signatures are near-duplicates (transitively).
-
-    Args:
-      signatures: list of imageio.signature bytes (768 each).
-    Returns:
-      list of groups, each a sorted list of indices; every index in exactly one.
-    Cost: n^2/2 distances of 192-value thumbnails in float32 blocks, then an
-    exact check of the candidates.
-    """
-    n = len(signatures)
-    parent = list(range(n))
-
-    def find(i):
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    if n > 1:
-        full = np.frombuffer(b"".join(signatures), np.uint8).reshape(
-            n, imageio.SIGNATURE_SIDE, imageio.SIGNATURE_SIDE, 3).astype(np.float32)
-        # Candidates from 2x2-averaged 8x8 thumbnails: averaging never increases
-        # the RMS difference, so every near pair passes this 4x cheaper filter.
-        x = full.reshape(n, 8, 2, 8, 2, 3).mean(axis=(2, 4)).reshape(n, -1)
-        dims = x.shape[1]
-        # min(std_i, std_j) <= std_i: a per-row bound on the pair's threshold.
-        row_limit = np.maximum(imageio.NEAR_ABS, imageio.NEAR_REL * full.reshape(n, -1).std(1))
-        x -= 128.0    # centring keeps float32 dot products accurate
-        sq = (x * x).sum(axis=1)
-        for lo in range(0, n, block):
-            hi = min(n, lo + block)
-            d2 = sq[lo:hi, None] + sq[None, lo:] - 2.0 * (x[lo:hi] @ x[lo:].T)
-            # A small margin for float32 rounding; the exact check follows.
-            bound = ((row_limit[lo:hi] + 0.5) ** 2 * dims)[:, None]
-            rows, cols = np.nonzero(d2 <= bound)
-            for r, c in zip(rows.tolist(), cols.tolist()):
-                i, j = lo + r, lo + c
-                if j > i and find(i) != find(j) and imageio.are_near_duplicates(
-                        signatures[i], signatures[j]):
-                    parent[find(i)] = find(j)
-    groups = collections.defaultdict(list)
-    for i in range(n):
-        groups[find(i)].append(i)
-    return sorted(groups.values())
 
 
 # ---------------------------------------------------------------- writing
@@ -905,6 +872,7 @@ def _provenance(plan, spans, *, src_b, arguments) -> dict:
             "duplicates": len(plan.duplicates),
             "near_duplicate_groups": len(plan.groups),
             "images_in_near_duplicate_groups": sum(len(g) for g in plan.groups),
+            "largest_group": plan.largest_group,
             "stored_unchanged": sum(not r.image.changed for r in kept),
             "exif_turned": sum(any(n.startswith("exif_orientation") for n in r.image.notes)
                                for r in kept),
@@ -920,6 +888,7 @@ def _provenance(plan, spans, *, src_b, arguments) -> dict:
         # viewers do): the pixels are stored as they show, with no EXIF turn.
         "corrupt_exif_ignored": [fileio.show(rel) for rel in corrupt_exif],
         "group_by": plan.named_groups,
+        "near_duplicate_threshold": plan.near_limit,
         "links_outside_source": [{"path": fileio.show(rel), "target": fileio.show(target)}
                                  for rel, target in plan.outside],
         "image_stats": _image_stats(kept, spans),
@@ -1024,7 +993,8 @@ def format_summary(info: dict) -> str:
             for split, entry in sorted(splits.items(), key=lambda kv: kv[0] != "train")),
         f"skipped {c['skipped']}, ignored {c['ignored']} (+{c['hidden_ignored']} hidden), "
         f"exact duplicates {c['duplicates']}, near-duplicate groups "
-        f"{c['near_duplicate_groups']} ({c['images_in_near_duplicate_groups']} images)",
+        f"{c['near_duplicate_groups']} ({c['images_in_near_duplicate_groups']} images), "
+        f"largest group {c.get('largest_group', 1)}",
         f"stored unchanged {c['stored_unchanged']}, resized {c['resized']}, "
         f"EXIF-turned {c['exif_turned']}, colour-converted {c['converted_mode']}",
     ]
@@ -1034,6 +1004,9 @@ def format_summary(info: dict) -> str:
                      f"show): {', '.join(damaged[:5])}"
                      + (f" ... and {len(damaged) - 5} more (see info.json)"
                         if len(damaged) > 5 else ""))
+    hint = _large_group_hint(c.get("largest_group", 1), c["stored"], bool(info.get("group_by")))
+    if hint:
+        lines.append(f"warning: {hint}")
     named = info.get("group_by")
     if named:
         lines.append(f"--group_by: {named['keys']} keys, {named['split_groups']} groups split "

@@ -40,6 +40,9 @@ def test_make_records_writes_the_default_out_and_a_summary(made):
     assert "wrote 16 images" in proc.stdout
     assert "skipped broken.jpg: not an image" in proc.stdout
     assert os.path.exists(base / "records" / "photos" / "info.json")
+    info = json.loads((base / "records" / "photos" / "info.json").read_text())
+    assert info["arguments"]["near_duplicate_threshold"] == 4.0
+    assert info["near_duplicate_threshold"] == 4.0 and "largest group 1" in proc.stdout
 
 
 def test_make_records_bad_arguments_exit_2_with_one_line(tmp_path):
@@ -96,7 +99,8 @@ def test_make_records_help_explains():
     proc = tool("make_records", "--help")
     assert proc.returncode in (0, 1)   # absl's --help exits 1 after printing
     for text in ("make_records --src photos/", "--max_side", "--val_fraction", "--[no]overwrite",
-                 "--max_skipped_fraction", "--workers", "--jpeg_quality"):
+                 "--max_skipped_fraction", "--workers", "--jpeg_quality",
+                 "--near_duplicate_threshold"):
         assert text in proc.stdout
 
 

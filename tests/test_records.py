@@ -9,11 +9,12 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import tensorflow as tf
 from PIL import Image
 
-from upright.pipeline import imageio, recordio, records, schema
+from upright.pipeline import imageio, neardup, recordio, records, schema
 from tests import helpers
 
 
@@ -185,7 +186,7 @@ def test_group_near_duplicates_is_transitive_and_exact():
     pictures = [helpers.distinct_image(s, 32, 32) for s in range(5)]
     sigs = [imageio.signature(Image.fromarray(p)) for p in pictures]
     shifted = bytes(min(255, b + 3) for b in sigs[2])        # 3 grey levels off picture 2
-    groups = records.group_near_duplicates(sigs + [shifted], block=2)
+    groups = neardup.group_near_duplicates(sigs + [shifted])
     assert groups == [[0], [1], [2, 5], [3], [4]]
 
 
@@ -451,3 +452,41 @@ def test_group_by_follows_exact_duplicates_to_their_own_picture(tmp_path):
     sides = [records._unit_hash(b"group", hashlib.sha256(k).hexdigest()) < 0.5
              for k in (b"p0", b"p7")]
     assert sides[0] != sides[1]
+
+
+def write_template_folder(src, count):
+    """One template, copies that differ by noise and a small marker's position:
+    near-duplicates by design, chained into one group at the default threshold."""
+    os.makedirs(src, exist_ok=True)
+    rng = np.random.default_rng(0)
+    template = np.linspace(100, 160, 64)[None, :, None].repeat(64, 0).repeat(3, 2)
+    for k in range(count):
+        picture = template + rng.normal(0, 2, template.shape)
+        picture[4 * (k % 15):4 * (k % 15) + 2, 4 * (k // 15):4 * (k // 15) + 2] = 0
+        helpers.write_image_file(os.path.join(src, f"form{k:03d}.png"),
+                                 np.clip(picture, 0, 255).astype(np.uint8), "png")
+
+
+def test_near_duplicate_threshold_and_the_largest_group(tmp_path):
+    write_template_folder(tmp_path / "src", 40)
+    with pytest.raises(records.MakeRecordsError, match=r"would be empty .*one group holds 40 "
+                       r"of the 40 images.*lower --near_duplicate_threshold \(0 turns"):
+        run(tmp_path / "src", tmp_path / "out")
+    assert not (tmp_path / "out" / "info.json").exists()
+    info = run(tmp_path / "src", tmp_path / "out", near_duplicate_threshold=0)
+    counts = info["counts"]
+    assert (counts["stored"], counts["near_duplicate_groups"], counts["largest_group"]) == (40, 0, 1)
+    assert info["near_duplicate_threshold"] == 0 and counts["train"] and counts["val"]
+    assert "largest group 1" in records.format_summary(info)
+    assert "warning" not in records.format_summary(info)
+    with pytest.raises(records.MakeRecordsError, match="near_duplicate_threshold must be >= 0"):
+        run(tmp_path / "src", tmp_path / "out2", near_duplicate_threshold=-1)
+
+
+def test_summary_warns_of_a_group_of_more_than_a_quarter(tmp_path):
+    write_template_folder(tmp_path / "src", 12)
+    make_good_folder(tmp_path / "src", range(30))
+    info = run(tmp_path / "src", tmp_path / "out", val_fraction=0.5)
+    assert info["counts"]["largest_group"] == 12 and info["near_duplicate_threshold"] == 4.0
+    assert ("warning: one group holds 12 of the 42 images"
+            in records.format_summary(info))

@@ -67,6 +67,13 @@ _GROUP_BY = flags.DEFINE_string(
     "the same split, so validation measures unseen pictures. E.g. '^(.*)_[0-9]+[.]jpg$' "
     "for crops named <picture>_<n>.jpg, '^[^/]+' for one folder per subject. Exact and "
     "near-duplicates are always kept together, with or without it.")
+_NEAR_DUPLICATE_THRESHOLD = flags.DEFINE_float(
+    "near_duplicate_threshold", 4.0, "Grey levels (0-255) of RMS difference between two "
+    "images' 16x16 thumbnails at or below which they are the same picture (re-encoded or "
+    "resized) and share a split; contrasty pictures get proportionally more (x std/20 above "
+    "std 20). Groups merge transitively: lower it when pictures that differ little by design "
+    "(form pages, product shots on white) chain into one group; 0 turns near-duplicate "
+    "grouping off (exact duplicates are still stored once).", lower_bound=0)
 _BEAM_OPTIONS = flags.DEFINE_string(
     "beam_pipeline_options", "", "With --runner=beam: Beam pipeline options, space-separated, "
     "e.g. \"--runner=FlinkRunner --flink_master=host:8081 --environment_type=LOOPBACK\". "
@@ -91,7 +98,8 @@ def main(argv):
                  "workers": _WORKERS.value, "overwrite": _OVERWRITE.value,
                  "max_skipped_fraction": _MAX_SKIPPED_FRACTION.value,
                  "max_pixels": _MAX_PIXELS.value, "num_shards": _NUM_SHARDS.value,
-                 "runner": _RUNNER.value, "group_by": _GROUP_BY.value}
+                 "runner": _RUNNER.value, "group_by": _GROUP_BY.value,
+                 "near_duplicate_threshold": _NEAR_DUPLICATE_THRESHOLD.value}
     beam_options = shlex.split(_BEAM_OPTIONS.value)
     if beam_options and _RUNNER.value != "beam":
         raise app.UsageError("--beam_pipeline_options needs --runner=beam")
@@ -102,7 +110,8 @@ def main(argv):
             workers=_WORKERS.value, overwrite=_OVERWRITE.value,
             max_skipped_fraction=_MAX_SKIPPED_FRACTION.value, max_pixels=_MAX_PIXELS.value,
             progress=_PROGRESS.value, arguments=arguments, num_shards=_NUM_SHARDS.value,
-            runner=_RUNNER.value, beam_options=beam_options, group_by=_GROUP_BY.value)
+            runner=_RUNNER.value, beam_options=beam_options, group_by=_GROUP_BY.value,
+            near_duplicate_threshold=_NEAR_DUPLICATE_THRESHOLD.value)
     except KeyboardInterrupt:
         print(f"make_records: interrupted; {out} holds its previous output or none that "
               "a reader accepts; run again to finish", file=sys.stderr)
