@@ -104,9 +104,9 @@ import keras
 import tensorflow as tf
 
 from upright.pipeline import augment_ops
+from upright.pipeline import per_image_random as rnd
 from upright.pipeline.augment_ops import (Identity, Op, apply_partitioned, call_unordered,
-                                         fold_seeds, restore_order, run_grouped, salt_of,
-                                         uniforms)
+                                         restore_order, run_grouped)
 
 DEFAULT_SPEC = (
     "sometimes(0.5, jpeg(60,80)); "
@@ -140,7 +140,7 @@ class Sequential(Op):
             self.bind(self.name)
 
     def bind(self, path):
-        self.salt = salt_of(path)
+        self.salt = rnd.salt_of(path)
         for i, op in enumerate(self.ops):
             op.bind(f"{path}/{i}.{op.name}")
 
@@ -200,13 +200,13 @@ class OneOf(Op):
         self.bind(self.name)
 
     def bind(self, path):
-        self.salt = salt_of(path)
+        self.salt = rnd.salt_of(path)
         for i, op in enumerate(self.ops):
             op.bind(f"{path}/{i}.{op.name}")
 
     def choose(self, seeds):
         """Branch index per image, int32 [B]."""
-        u = uniforms(fold_seeds(seeds, self.salt), 1)[:, 0]
+        u = rnd.uniforms(rnd.fold_seeds(seeds, self.salt), 1)[:, 0]
         edges, acc = [], 0.0
         for w in self.weights[:-1]:
             acc += w
@@ -362,7 +362,7 @@ class Sometimes(OneOf):
 
 # ---------------------------------------------------------------- rotation labels
 
-_ROT90_SALT = salt_of("rotate90_random")
+_ROT90_SALT = rnd.salt_of("rotate90_random")
 
 
 @augment_ops.plain
@@ -376,7 +376,7 @@ def rotate90_random(images, labels, seeds):
     images = tf.convert_to_tensor(images)
     if images.shape[1] is not None and images.shape[1] != images.shape[2]:
         raise ValueError(f"rotate90_random needs square images, got {images.shape}")
-    k = augment_ops.randint(0, 3, uniforms(fold_seeds(seeds, _ROT90_SALT), 1)[:, 0])
+    k = rnd.randint(0, 3, rnd.uniforms(rnd.fold_seeds(seeds, _ROT90_SALT), 1)[:, 0])
     return _rot90_per_image(images, k), k
 
 

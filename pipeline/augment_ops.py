@@ -11,176 +11,22 @@ on the batch it sits in, its position there, or the other ops of the policy.
 That is what lets a OneOf compute a branch only for the images that chose it,
 and lets the host (tf.data) and device (Keras layer) placements agree exactly.
 
-Random numbers:
-  * per-image scalars (a gain, a kernel size, a branch choice) come from a small
-    integer hash of the seed computed in int64 (batched; no per-image loop);
-  * per-pixel noise comes from a counter-based hash of (image seed, element
-    index) in uint32 arithmetic on the whole batch (`pixel_bits`).
+Random numbers come from per_image_random.py: per-image scalars from
+`uniforms`, per-pixel noise from the counter-based `pixel_bits`.
 
 Ranges are in OUTPUT pixels (the training resolution, e.g. S=128); see
 `augment.py` for the mapping from the source article's full-resolution ranges.
 """
-import hashlib
 import math
 
 import numpy as np
 import tensorflow as tf
 
+from upright.pipeline import per_image_random as rnd
+
 # Our ops have no tensor-dependent Python control flow; keeping AutoGraph out
 # of them makes tracing a policy (tf.data map, tf.function, Keras) much faster.
 plain = tf.autograph.experimental.do_not_convert
-
-_MASK32 = 0xFFFFFFFF
-_MASK31 = 0x7FFFFFFF
-_HASH_MUL = 0x45D9F3B  # < 2**27: x * _HASH_MUL stays below 2**59 in int64
-
-
-# ---------------------------------------------------------------- randomness
-
-def salt_of(text: str) -> int:
-    """A stable 31-bit constant for a name or policy path (not Python hash())."""
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little") & _MASK31
-
-
-def _mix_py(x: int) -> int:
-    x &= _MASK32
-    x = ((x ^ (x >> 16)) * _HASH_MUL) & _MASK32
-    x = ((x ^ (x >> 16)) * _HASH_MUL) & _MASK32
-    return x ^ (x >> 16)
-
-
-def _mix(x):
-    """32-bit integer hash (int64 tensor in [0, 2**32) -> same range).
-
-    Done in int64 so that no product overflows (every kernel has CPU and GPU
-    implementations for int64, unlike uint32 multiply).
-    """
-    x = tf.bitwise.bitwise_and(
-        tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, 16)) * _HASH_MUL, _MASK32)
-    x = tf.bitwise.bitwise_and(
-        tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, 16)) * _HASH_MUL, _MASK32)
-    return tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, 16))
-
-
-def _words(seeds):
-    seeds = tf.cast(seeds, tf.int64)
-    return (tf.bitwise.bitwise_and(seeds[:, 0], _MASK32),
-            tf.bitwise.bitwise_and(seeds[:, 1], _MASK32))
-
-
-def fold_seeds(seeds, salt: int):
-    """Per-image seeds with a constant folded in: int32 [B, 2] -> int32 [B, 2].
-
-    Different salts give unrelated seeds (both words depend on both input
-    words and on the salt), so ops never share random numbers.
-    """
-    a, b = _words(seeds)
-    h1 = _mix(tf.bitwise.bitwise_xor(b, _mix_py(salt)))
-    h2 = _mix(tf.bitwise.bitwise_xor(a, h1))
-    h3 = _mix(tf.bitwise.bitwise_xor(h2, tf.bitwise.bitwise_xor(b, _mix_py(salt ^ 0x5BD1E995))))
-    out = tf.stack([tf.bitwise.bitwise_and(h2, _MASK31), tf.bitwise.bitwise_and(h3, _MASK31)], 1)
-    return tf.cast(out, tf.int32)
-
-
-def uniforms(seeds, n: int):
-    """n per-image uniforms in [0, 1): float32 [B, n], from the seeds alone."""
-    a, b = _words(seeds)
-    j = tf.constant([_mix_py(0x9E3779B9 * (i + 1)) for i in range(n)], tf.int64)
-    h = _mix(tf.bitwise.bitwise_xor(a[:, None], j[None, :]))
-    h = _mix(tf.bitwise.bitwise_xor(h, b[:, None]))
-    h = _mix(tf.bitwise.bitwise_xor(h, a[:, None]))
-    # 24 high bits: exactly representable in float32, so u < 1 always.
-    return tf.cast(tf.bitwise.right_shift(h, 8), tf.float32) * (1.0 / (1 << 24))
-
-
-def lerp(lo, hi, u):
-    return lo + (hi - lo) * u
-
-
-def randint(lo: int, hi: int, u):
-    """Integers uniform in [lo, hi] (both included) from uniforms u."""
-    return tf.minimum(lo + tf.cast(tf.floor(u * (hi - lo + 1)), tf.int32), hi)
-
-
-def _fmix32(h):
-    """MurmurHash3's 32-bit finaliser (a bijection with full avalanche), uint32."""
-    h = tf.bitwise.bitwise_xor(h, tf.bitwise.right_shift(h, 16))
-    h = h * tf.constant(0x85EBCA6B, tf.uint32)
-    h = tf.bitwise.bitwise_xor(h, tf.bitwise.right_shift(h, 13))
-    h = h * tf.constant(0xC2B2AE35, tf.uint32)
-    return tf.bitwise.bitwise_xor(h, tf.bitwise.right_shift(h, 16))
-
-
-def image_keys(seeds):
-    """One uint32 key per image from its (already folded) seed: uint32 [B]."""
-    k = tf.bitcast(tf.cast(seeds, tf.int32), tf.uint32)
-    return tf.bitwise.bitwise_xor(k[:, 0], _fmix32(k[:, 1] + tf.constant(0x9E3779B9, tf.uint32)))
-
-
-def hash_bits(keys, counters):
-    """Random bits for (key, counter) pairs: fmix32(counter * golden ^ key).
-
-    keys and counters are uint32 and broadcast against each other. One round
-    of MurmurHash3's finaliser over a Weyl sequence: each image's stream is a
-    full-avalanche scramble of its counters under its own key.
-    """
-    return _fmix32(tf.bitwise.bitwise_xor(counters * tf.constant(0x9E3779B1, tf.uint32), keys))
-
-
-def pixel_bits(seeds, shape):
-    """Per-image random bits: uint32 [B, *shape], a function of each image's
-    seed and the element's index only.
-
-    Counter-based (hash_bits of the element index under the image's key): all
-    elementwise uint32 arithmetic on the whole batch: no per-image loop, no
-    while_loop in the graph (fast to build), the same bits on CPU and GPU, and
-    per-image by construction. (Philox via tf.random.stateless_uniform takes
-    one seed per call, so per-image draws would need a loop over the batch.)
-    """
-    rank = len(shape) if isinstance(shape, (list, tuple)) else int(shape.shape[0])
-    shape = tf.cast(shape, tf.int32)
-    keys = tf.reshape(image_keys(seeds), [-1] + [1] * rank)
-    count = tf.reduce_prod(shape)
-    index = tf.bitcast(tf.reshape(tf.range(count, dtype=tf.int32), tf.concat([[1], shape], 0)),
-                       tf.uint32)
-    return hash_bits(keys, index)
-
-
-def bits_to_uniform(bits):
-    """uint32 bits -> float32 uniforms in [0, 1) (24-bit resolution)."""
-    bits = tf.bitwise.right_shift(bits, 8)
-    return tf.cast(tf.bitcast(bits, tf.int32), tf.float32) * (1.0 / (1 << 24))
-
-
-def pixel_uniform(seeds, shape):
-    """Per-image uniforms in [0, 1): float32 [B, *shape] (24-bit resolution)."""
-    return bits_to_uniform(pixel_bits(seeds, shape))
-
-
-def bits_to_normal(bits, pop_bits: int = 24):
-    """Approximately standard normal values from random uint32 words.
-
-    z = (popcount of `pop_bits` bits - pop_bits/2 + uniform dither) / std: a
-    Binomial(pop_bits, 1/2) (normal by the central limit theorem) smoothed by
-    an 8-bit uniform dither so it is continuous. Mean 0, variance 1, excess
-    kurtosis -0.08 for 24 bits, |z| <= 5.1. It costs one 32-bit draw and a
-    few integer ops: about half of tf.random.stateless_normal (Box-Muller) on
-    a CPU. Uses bits 8..8+pop_bits-1 for the count and bits 0..7 for the dither.
-    """
-    bits = tf.bitcast(bits, tf.int32)  # PopulationCount has no uint32 GPU kernel
-    count = tf.cast(tf.raw_ops.PopulationCount(x=tf.bitwise.bitwise_and(
-        tf.bitwise.right_shift(bits, 8), (1 << pop_bits) - 1)), tf.float32)
-    dither = tf.cast(tf.bitwise.bitwise_and(bits, 255), tf.float32) * (1.0 / 256)
-    std = math.sqrt(pop_bits / 4.0 + 1.0 / 12.0)
-    return (count - (pop_bits / 2.0 - 1.0 / 512 + 0.5) + dither) * (1.0 / std)
-
-
-def pixel_draw(seeds, shape, kind: str = "uniform"):
-    """Per-image noise, float32 [B, *shape]: "uniform" in [0, 1) or "normal"
-    (the fast approximation of bits_to_normal)."""
-    if kind == "uniform":
-        return pixel_uniform(seeds, shape)
-    return bits_to_normal(pixel_bits(seeds, shape))
 
 
 def per_image(values):
@@ -264,11 +110,11 @@ class Op:
     clips = True    # False where outputs of [0, 255] inputs stay in [0, 255]
 
     def __init__(self):
-        self.salt = salt_of(self.name)
+        self.salt = rnd.salt_of(self.name)
 
     def bind(self, path: str):
         """Sets the op's salt from its position in a policy (called by parents)."""
-        self.salt = salt_of(path)
+        self.salt = rnd.salt_of(path)
 
     @plain
     def __call__(self, images, labels, seeds):
@@ -312,7 +158,7 @@ class RangeOp(Op):
 
     def draw(self, u):
         """The per-image parameter, float32 [B]."""
-        return lerp(self.lo, self.hi, u[:, 0])
+        return rnd.lerp(self.lo, self.hi, u[:, 0])
 
     def spec(self):
         return f"{self.name}({_fmt(self.lo, self.hi)})"
@@ -394,13 +240,13 @@ class _Noise(Op):
         # [S, S, 1] for them and [S, S, 3] only for the per-channel ones.
         def branch(channels):
             def add_noise(x, y, s):
-                s = fold_seeds(s, self.salt)
-                scale = per_image(lerp(self.lo, self.hi, uniforms(s, 1)[:, 0]))
+                s = rnd.fold_seeds(s, self.salt)
+                scale = per_image(rnd.lerp(self.lo, self.hi, rnd.uniforms(s, 1)[:, 0]))
                 shape = tf.concat([tf.shape(x)[1:3], [channels]], 0)
                 return tf.clip_by_value(x + self.sample(s, shape, scale), 0.0, 255.0), y
             return add_noise
 
-        u = uniforms(fold_seeds(seeds, self.salt), 2)
+        u = rnd.uniforms(rnd.fold_seeds(seeds, self.salt), 2)
         shared = tf.cast(u[:, 1] >= self.per_channel, tf.int32)
         return run_grouped([branch(3), branch(1)], shared, images, labels, seeds, index)
 
@@ -415,12 +261,12 @@ class _Noise(Op):
         """The same values, for a fused (XLA) kernel: every image draws
         [S, S, 3] and shared-channel images keep channel 0's noise."""
         images = tf.convert_to_tensor(images, tf.float32)
-        u = uniforms(fold_seeds(seeds, self.salt), 2)
+        u = rnd.uniforms(rnd.fold_seeds(seeds, self.salt), 2)
         shared = per_image(u[:, 1] >= self.per_channel)
 
         def noise(channels):
-            s = fold_seeds(seeds, self.salt)
-            scale = per_image(lerp(self.lo, self.hi, uniforms(s, 1)[:, 0]))
+            s = rnd.fold_seeds(seeds, self.salt)
+            scale = per_image(rnd.lerp(self.lo, self.hi, rnd.uniforms(s, 1)[:, 0]))
             shape = tf.concat([tf.shape(images)[1:3], [channels]], 0)
             return self.sample(s, shape, scale)
 
@@ -439,7 +285,7 @@ class GaussianNoise(_Noise):
     default = (0.02, 0.05 * 255)
 
     def sample(self, seeds, shape, scale):
-        return pixel_draw(seeds, shape, "normal") * scale
+        return rnd.pixel_draw(seeds, shape, "normal") * scale
 
 
 class LaplaceNoise(_Noise):
@@ -448,7 +294,7 @@ class LaplaceNoise(_Noise):
     default = (0.02, 0.05 * 255)
 
     def sample(self, seeds, shape, scale):
-        v = pixel_uniform(seeds, shape) - 0.5  # in [-0.5, 0.5)
+        v = rnd.pixel_uniform(seeds, shape) - 0.5  # in [-0.5, 0.5)
         return -scale * tf.sign(v) * tf.math.log1p(-2.0 * tf.abs(v))
 
 
@@ -462,8 +308,8 @@ class PoissonNoise(_Noise):
     default = (8.0, 16.0)
 
     def sample(self, seeds, shape, lam):
-        bits = pixel_bits(seeds, shape)
-        z = bits_to_normal(tf.bitwise.right_shift(bits, 1), pop_bits=23)
+        bits = rnd.pixel_bits(seeds, shape)
+        z = rnd.bits_to_normal(tf.bitwise.right_shift(bits, 1), pop_bits=23)
         k = tf.maximum(tf.round(lam + tf.sqrt(lam) * z), 0.0)
         # Sign from bit 0 by arithmetic: tf.where is slow on a CPU.
         sign = 1.0 - 2.0 * tf.cast(tf.bitcast(tf.bitwise.bitwise_and(
@@ -503,8 +349,8 @@ class _Replace(Op):
         """The draws `hits` and `hit_pixels` share: (h, w, max_hits, count float32
         [B] hits per image (0 where `chosen` is False), keys [B] of the folded
         seeds, pos int32 [B, max_hits] candidate positions in [0, h w))."""
-        seeds = fold_seeds(seeds, self.salt)
-        u = uniforms(seeds, self.num_params)
+        seeds = rnd.fold_seeds(seeds, self.salt)
+        u = rnd.uniforms(seeds, self.num_params)
         h, w = images.shape[1], images.shape[2]
         lam = self.p * h * w
         sd = math.sqrt(lam * (1.0 - self.p))
@@ -513,11 +359,11 @@ class _Replace(Op):
         count = tf.clip_by_value(tf.round(lam + sd * z), 0.0, float(max_hits))
         if chosen is not None:
             count *= tf.cast(chosen, tf.float32)
-        keys = image_keys(seeds)
-        bits = hash_bits(keys[:, None],
+        keys = rnd.image_keys(seeds)
+        bits = rnd.hash_bits(keys[:, None],
                          tf.constant(np.arange(max_hits, dtype=np.uint32) + np.uint32(1 << 31)))
         # Position: a 24-bit uniform scaled to [0, h w).
-        pos = tf.cast(tf.floor(bits_to_uniform(bits) * (h * w)), tf.int32)
+        pos = tf.cast(tf.floor(rnd.bits_to_uniform(bits) * (h * w)), tf.int32)
         return h, w, max_hits, count, keys, tf.minimum(pos, h * w - 1)
 
     def hits(self, images, seeds, chosen=None):
@@ -530,7 +376,7 @@ class _Replace(Op):
         image = tf.cast(where[:, 0], tf.int32)
         pos = tf.gather_nd(pos, where)
         # The value comes from the position's own hash: equal for duplicates.
-        value = self.value(bits_to_uniform(hash_bits(tf.gather(keys, image),
+        value = self.value(rnd.bits_to_uniform(rnd.hash_bits(tf.gather(keys, image),
                                                      tf.bitcast(pos, tf.uint32))))
         return tf.stack([image, pos // w, pos % w], 1), value
 
@@ -538,7 +384,7 @@ class _Replace(Op):
     def __call__(self, images, labels, seeds):
         images = tf.convert_to_tensor(images, tf.float32)
         if not self.sparse_ok(images):
-            return self.transform_dense(images, fold_seeds(seeds, self.salt)), labels
+            return self.transform_dense(images, rnd.fold_seeds(seeds, self.salt)), labels
         return scatter_hits(images, [self.hits(images, seeds)]), labels
 
     def hit_pixels(self, images, seeds, chosen=None):
@@ -554,21 +400,21 @@ class _Replace(Op):
         flat = tf.reshape(tf.range(b)[:, None] * (h * w) + pos, [-1, 1])
         hit = tf.scatter_nd(flat, tf.reshape(keep, [-1]), [b * h * w]) > 0.0
         counters = tf.constant(np.arange(h * w, dtype=np.uint32))
-        value = self.value(bits_to_uniform(hash_bits(keys[:, None], counters[None, :])))
+        value = self.value(rnd.bits_to_uniform(rnd.hash_bits(keys[:, None], counters[None, :])))
         return tf.reshape(hit, [-1, h, w, 1]), tf.reshape(value, [-1, h, w, 1])
 
     @plain
     def call_static(self, images, labels, seeds):
         images = tf.convert_to_tensor(images, tf.float32)
         if not self.sparse_ok(images):
-            return self.transform_dense(images, fold_seeds(seeds, self.salt)), labels
+            return self.transform_dense(images, rnd.fold_seeds(seeds, self.salt)), labels
         hit, value = self.hit_pixels(images, seeds)
         return tf.where(hit, value, images), labels
 
     def transform_dense(self, images, seeds):
         """One uniform per pixel: for unknown sizes and large p."""
         shape = tf.concat([tf.shape(images)[1:3], [1]], 0)
-        v = pixel_uniform(seeds, shape)
+        v = rnd.pixel_uniform(seeds, shape)
         # Given a hit, v / p is again uniform in [0, 1): reuse it for the value.
         return tf.where(v < self.p, self.value(v / max(self.p, 1e-12)), images)
 
@@ -641,7 +487,7 @@ class FrequencyBlend(Op):
 
     def mask(self, seeds, exponent, size):
         g = self.grid
-        noise = pixel_draw(seeds, [g, g], "normal")
+        noise = rnd.pixel_draw(seeds, [g, g], "normal")
         f = np.fft.fftfreq(g)
         radius = np.sqrt(f[:, None] ** 2 + f[None, :] ** 2)
         radius[0, 0] = 1.0 / g  # keep the mean finite
@@ -656,9 +502,9 @@ class FrequencyBlend(Op):
         return tf.image.resize(field[..., None], size, method="bilinear")
 
     def transform(self, images, seeds, u):
-        m = per_image(lerp(*self.mul, u[:, 0]))
-        c = per_image(lerp(*self.con, u[:, 1]))
-        a = self.mask(seeds, lerp(*self.exponent, u[:, 2]), tf.shape(images)[1:3])
+        m = per_image(rnd.lerp(*self.mul, u[:, 0]))
+        c = per_image(rnd.lerp(*self.con, u[:, 1]))
+        a = self.mask(seeds, rnd.lerp(*self.exponent, u[:, 2]), tf.shape(images)[1:3])
         return _blend(images, a, m, c)
 
     @plain
@@ -666,11 +512,11 @@ class FrequencyBlend(Op):
         """The op on the images where chosen (bool [B]), identity elsewhere:
         masks for the whole batch (small FFTs), then one fused XLA pass."""
         images = tf.convert_to_tensor(images, tf.float32)
-        seeds = fold_seeds(seeds, self.salt)
-        u = uniforms(seeds, self.num_params)
-        m = per_image(lerp(*self.mul, u[:, 0]))
-        c = per_image(lerp(*self.con, u[:, 1]))
-        a = self.mask(seeds, lerp(*self.exponent, u[:, 2]), tf.shape(images)[1:3])
+        seeds = rnd.fold_seeds(seeds, self.salt)
+        u = rnd.uniforms(seeds, self.num_params)
+        m = per_image(rnd.lerp(*self.mul, u[:, 0]))
+        c = per_image(rnd.lerp(*self.con, u[:, 1]))
+        a = self.mask(seeds, rnd.lerp(*self.exponent, u[:, 2]), tf.shape(images)[1:3])
         return _blend_masked(images, a, m, c, per_image(tf.cast(chosen, tf.float32))), labels
 
 
@@ -850,7 +696,7 @@ class AverageBlur(Op):
         if self.lo == self.hi:  # one size for all: a pooling pass is cheaper
             p = self.lo // 2
             return tf.nn.avg_pool2d(reflect_pad(images, p, p), self.lo, 1, "VALID")
-        k = self.lo + 2 * randint(0, (self.hi - self.lo) // 2, u[:, 0])
+        k = self.lo + 2 * rnd.randint(0, (self.hi - self.lo) // 2, u[:, 0])
         return convolve(images, box_kernels(k, self.hi))
 
     @plain
@@ -875,7 +721,7 @@ class MotionBlur(Op):
 
     def transform(self, images, seeds, u, convolve=convolve_per_image):
         size = self.hi if self.hi % 2 else self.hi + 1
-        k = randint(self.lo, self.hi, u[:, 0])
+        k = rnd.randint(self.lo, self.hi, u[:, 0])
         return convolve(images, motion_kernels(k, 360.0 * u[:, 1], size))
 
     @plain
@@ -887,8 +733,8 @@ def _call_with(op, images, labels, seeds, **transform_args):
     """Op.__call__: fold the seeds, draw the per-image parameters, transform,
     clip; `transform_args` go to transform (the blurs' static forms)."""
     images = tf.convert_to_tensor(images, tf.float32)
-    seeds = fold_seeds(seeds, op.salt)
-    u = uniforms(seeds, op.num_params) if op.num_params else None
+    seeds = rnd.fold_seeds(seeds, op.salt)
+    u = rnd.uniforms(seeds, op.num_params) if op.num_params else None
     out = op.transform(images, seeds, u, **transform_args)
     return (tf.clip_by_value(out, 0.0, 255.0) if op.clips else out), labels
 
@@ -1025,7 +871,7 @@ class Jpeg(Op):
         return f"{self.name}({self.lo},{self.hi})"
 
     def transform(self, images, seeds, u):
-        quality = randint(self.lo, self.hi, u[:, 0])
+        quality = rnd.randint(self.lo, self.hi, u[:, 0])
         pixels = tf.cast(tf.round(tf.clip_by_value(images, 0.0, 255.0)), tf.uint8)
 
         def one(args):
@@ -1067,7 +913,7 @@ class ChannelGamma(Op):
         return f"{self.name}({_fmt(self.lo, self.hi)})"
 
     def transform(self, images, seeds, u):
-        g = tf.reshape(lerp(self.lo, self.hi, u), [-1, 1, 1, 3])
+        g = tf.reshape(rnd.lerp(self.lo, self.hi, u), [-1, 1, 1, 3])
         return 255.0 * tf.exp(g * tf.math.log(images / 255.0))
 
 
@@ -1088,8 +934,8 @@ class SigmoidContrast(Op):
         return f"{self.name}({_fmt(*self.gain, *self.cutoff)})"
 
     def transform(self, images, seeds, u):
-        gain = per_image(lerp(*self.gain, u[:, 0]))
-        cutoff = per_image(lerp(*self.cutoff, u[:, 1]))
+        gain = per_image(rnd.lerp(*self.gain, u[:, 0]))
+        cutoff = per_image(rnd.lerp(*self.cutoff, u[:, 1]))
         return 255.0 * tf.sigmoid(gain * (images / 255.0 - cutoff))
 
 
@@ -1210,7 +1056,7 @@ class Rotate(RangeOp):
     def call_masked(self, images, labels, seeds, chosen):
         """The op on the images where chosen (bool [B]), identity elsewhere."""
         images = tf.convert_to_tensor(images, tf.float32)
-        u = uniforms(fold_seeds(seeds, self.salt), self.num_params)
+        u = rnd.uniforms(rnd.fold_seeds(seeds, self.salt), self.num_params)
         angle = self.draw(u) * tf.cast(chosen, tf.float32)
         return tf.clip_by_value(rotate_bilinear(images, angle), 0.0, 255.0), labels
 
@@ -1273,7 +1119,7 @@ class Mirror(Op):
     @plain
     def __call__(self, images, labels, seeds):
         images = tf.convert_to_tensor(images, tf.float32)
-        u = uniforms(fold_seeds(seeds, self.salt), 1)[:, 0]
+        u = rnd.uniforms(rnd.fold_seeds(seeds, self.salt), 1)[:, 0]
         odd = per_image(tf.equal(tf.math.floormod(labels, 2), 1))
         mirrored = tf.where(odd, tf.reverse(images, [1]), tf.reverse(images, [2]))
         return tf.where(per_image(u < self.p), mirrored, images), labels

@@ -78,7 +78,7 @@ def outputs(spec: str, schedule: str) -> str:
 
 
 def random_numbers() -> str:
-    from upright.pipeline import augment_ops as ao
+    from upright.pipeline import per_image_random as ao
     _, _, seeds = batch()
     folded = ao.fold_seeds(seeds, ao.salt_of("pins"))
     return digest(folded.numpy(), ao.uniforms(folded, 5).numpy(),
