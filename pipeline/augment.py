@@ -34,11 +34,16 @@ Policy spec strings (`parse_policy`)
                 by '|' form a OneOf (uniform choice per image); each
                 alternative is `name` or `name(arg, ...)` with numbers;
                 `sometimes(p, STEPS)` applies STEPS to a fraction p of images;
-                `default` and `none` may appear as steps.
+                `default` and `none` may appear as steps; parentheses group
+                steps (as `spec()` writes a nested sequence).
     e.g. "add(-20,20)|multiply; gaussian_blur(0.5,1); sometimes(0.5, jpeg(60,80))"
-    Arguments are positional and optional (defaults below); one number for a
-    range op fixes it: "add(10)" adds exactly 10.
-An unknown name raises ValueError listing the known op names.
+    Arguments are optional (defaults below), positional or keyword with the
+    parameter names below: "frequency_blend(exp_lo=0, exp_hi=1)". One number
+    for a range op fixes it: "add(10)" adds exactly 10. Names are
+    case-insensitive. The string is read with Python's `ast` and never
+    evaluated: arguments must be number literals.
+An unknown name raises ValueError listing the known op names; a bad argument
+raises ValueError naming the op and the argument.
 
 Ops, arguments and defaults (ranges in OUTPUT pixels, see mapping):
     add(lo=-15, hi=15)            multiply(lo=0.8, hi=1.2)
@@ -97,7 +102,11 @@ Note on the source: its `sometimes = lambda aug: iaa.Sometimes(0.5)` drops
 `aug`, so the article's frequency blend, JPEG and small rotation never ran.
 We follow the intended sequence (design notes), with p = 0.5 for each.
 """
+import ast
 import copy
+import inspect
+import keyword
+import re
 import time
 
 import keras
@@ -429,127 +438,147 @@ def known_ops():
     return sorted(set(augment_ops.OPS) | {"sometimes", "default", "none"})
 
 
-def _tokenize(spec):
-    tokens, i = [], 0
-    while i < len(spec):
-        ch = spec[i]
-        if ch.isspace():
-            i += 1
-        elif ch in "();|,":
-            tokens.append(ch)
-            i += 1
-        elif ch.isalpha() or ch == "_":
-            j = i
-            while j < len(spec) and (spec[j].isalnum() or spec[j] == "_"):
-                j += 1
-            tokens.append(spec[i:j].lower())
-            i = j
-        elif ch.isdigit() or ch in "+-.":
-            j = i + 1
-            while j < len(spec) and (spec[j].isdigit() or spec[j] in ".eE" or
-                                     (spec[j] in "+-" and spec[j - 1] in "eE")):
-                j += 1
-            try:
-                tokens.append(float(spec[i:j]))
-            except ValueError:
-                raise ValueError(f"bad number {spec[i:j]!r} in policy spec {spec!r}") from None
-            i = j
-        else:
-            raise ValueError(f"unexpected character {ch!r} in policy spec {spec!r}")
-    return tokens
-
-
-class _Parser:
-    def __init__(self, spec):
-        self.spec = spec
-        self.tokens = _tokenize(spec)
-        self.pos = 0
-
-    def peek(self):
-        return self.tokens[self.pos] if self.pos < len(self.tokens) else None
-
-    def take(self, expected=None):
-        tok = self.peek()
-        if tok is None or (expected is not None and tok != expected):
-            want = f"{expected!r}" if expected else "more"
-            raise ValueError(f"policy spec {self.spec!r}: expected {want}, got "
-                             f"{'end' if tok is None else repr(tok)}")
-        self.pos += 1
-        return tok
-
-    def steps(self):
-        ops = [self.alternatives()]
-        while self.peek() == ";":
-            self.take(";")
-            if self.peek() in (None, ")"):
-                break  # tolerate a trailing ';'
-            ops.append(self.alternatives())
-        return ops[0] if len(ops) == 1 else Sequential(ops)
-
-    def alternatives(self):
-        ops = [self.term()]
-        while self.peek() == "|":
-            self.take("|")
-            ops.append(self.term())
-        return ops[0] if len(ops) == 1 else OneOf(ops)
-
-    def term(self):
-        name = self.take()
-        if not isinstance(name, str) or name in "();|,":
-            raise ValueError(f"policy spec {self.spec!r}: expected an op name, got {name!r}")
-        if name not in known_ops():
-            raise ValueError(f"unknown augmentation op {name!r} in policy spec {self.spec!r}; "
-                             f"known ops: {', '.join(known_ops())}")
-        if name == "sometimes":
-            self.take("(")
-            p = self.take()
-            if not isinstance(p, float):
-                raise ValueError(f"policy spec {self.spec!r}: sometimes(p, steps) needs a number p")
-            self.take(",")
-            inner = self.steps()
-            self.take(")")
-            return Sometimes(p, inner)
-        args = []
-        if self.peek() == "(":
-            self.take("(")
-            while self.peek() != ")":
-                arg = self.take()
-                if not isinstance(arg, float):
-                    raise ValueError(f"policy spec {self.spec!r}: arguments of {name} must be "
-                                     f"numbers, got {arg!r}")
-                args.append(arg)
-                if self.peek() == ",":
-                    self.take(",")
-            self.take(")")
-        if name == "default":
-            if args:
-                raise ValueError("'default' takes no arguments")
-            return _Parser(DEFAULT_SPEC).parse()
-        if name == "none":
-            return Identity()
-        cls = augment_ops.OPS[name]
-        try:
-            return cls(*args)
-        except TypeError as e:
-            raise ValueError(f"policy spec {self.spec!r}: bad arguments for {name}: {e}") from None
-
-    def parse(self):
-        op = self.steps()
-        if self.peek() is not None:
-            raise ValueError(f"policy spec {self.spec!r}: unexpected {self.peek()!r}")
-        return op
+# The spec characters: names, numbers, '(),=' and the two separators; '*' so
+# that a starred argument gets its own message. Anything else (a '#' would
+# start a Python comment) is refused before Python's parser sees it.
+_SPEC_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_.+-*(),=;| \t\r\n")
 
 
 def parse_policy(spec: str) -> Op:
     """A policy from a spec string ("default", "none" or steps; see module doc).
 
     The result is always a Sequential (so that split_policy and seed paths are
-    uniform). Raises ValueError on syntax errors and unknown op names.
+    uniform). Raises ValueError on syntax errors, unknown op names and
+    arguments that are not numbers or not the op's.
     """
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"empty policy spec {spec!r}; use 'none' for no augmentation")
-    op = _Parser(spec).parse()
+    op = _SpecParser(spec).parse()
     return op if isinstance(op, Sequential) else Sequential([op])
+
+
+class _SpecParser:
+    """A spec string as a Python expression, read with `ast`.
+
+    Names are case-insensitive (the text is lower-cased). '|' is Python's
+    bitwise or; each ';' becomes ' or ', the one operator that binds less
+    tightly, so "a | b; c" reads as (a | b) or c: a sequence of a OneOf and c.
+    An op is a Name or a Call with number arguments, positional or keyword
+    (the op's parameter names); sometimes(p, STEPS) takes steps as its second
+    argument. Nothing is evaluated: the tree is only read.
+    """
+
+    def __init__(self, spec: str):
+        self.spec = spec
+
+    def fail(self, message: str):
+        raise ValueError(f"policy spec {self.spec!r}: {message}")
+
+    def parse(self):
+        text = self.spec.lower()
+        bad = sorted(set(text) - _SPEC_CHARS)
+        if bad:
+            raise ValueError(f"unexpected character {bad[0]!r} in policy spec {self.spec!r}")
+        for word in re.findall(r"[a-z_][a-z0-9_]*", text):
+            if keyword.iskeyword(word):
+                self.fail(f"expected an op name, got {word!r}")
+        # A trailing ';' (at the end or before a ')') is tolerated.
+        text = re.sub(r";(\s*(\)|$))", r"\1", text).replace(";", " or ")
+        try:
+            tree = ast.parse(f"({text}\n)", mode="eval")
+        except SyntaxError as e:
+            self.fail(f"bad syntax ({e.msg})")
+        self.text = f"({text}\n)"
+        return self.steps(tree.body)
+
+    def part(self, node) -> str:
+        return (ast.get_source_segment(self.text, node) or ast.unparse(node)).replace(" or ", "; ")
+
+    def steps(self, node):
+        """';'-separated steps: one op or a Sequential."""
+        if isinstance(node, ast.BoolOp) and isinstance(node.op, ast.Or):
+            return Sequential([self.alternatives(v) for v in node.values])
+        return self.alternatives(node)
+
+    def alternatives(self, node):
+        """'|'-separated alternatives: one op or a OneOf."""
+        branches = []
+
+        def collect(n):
+            if isinstance(n, ast.BinOp) and isinstance(n.op, ast.BitOr):
+                collect(n.left)
+                collect(n.right)
+            else:
+                branches.append(self.term(n))
+
+        collect(node)
+        return branches[0] if len(branches) == 1 else OneOf(branches)
+
+    def term(self, node):
+        """One op: `name` or `name(args)`; a parenthesised group of steps."""
+        if isinstance(node, ast.BoolOp) and isinstance(node.op, ast.Or):
+            return self.steps(node)
+        call = node if isinstance(node, ast.Call) else None
+        name_node = call.func if call else node
+        if not isinstance(name_node, ast.Name):
+            self.fail(f"expected an op name, got {self.part(node)!r}")
+        name = name_node.id
+        if name not in known_ops():
+            raise ValueError(f"unknown augmentation op {name!r} in policy spec {self.spec!r}; "
+                             f"known ops: {', '.join(known_ops())}")
+        if name == "sometimes":
+            return self.sometimes(call)
+        args, kwargs = self.arguments(name, call)
+        if name in ("default", "none"):
+            if args or kwargs:
+                self.fail(f"'{name}' takes no arguments")
+            return Identity() if name == "none" else _SpecParser(DEFAULT_SPEC).parse()
+        return self.make(name, args, kwargs)
+
+    def sometimes(self, call):
+        if call is None or len(call.args) != 2 or call.keywords:
+            self.fail("sometimes needs (p, STEPS), e.g. sometimes(0.5, jpeg(60,80))")
+        p = self.number(call.args[0])
+        if p is None:
+            self.fail(f"sometimes(p, steps) needs a number p, got {self.part(call.args[0])!r}")
+        return Sometimes(p, self.steps(call.args[1]))
+
+    def arguments(self, name, call):
+        """(positional floats, keyword floats) of an op's call; none for a bare name."""
+        if call is None:
+            return [], {}
+        args, kwargs = [], {}
+        for node in call.args:
+            value = self.number(node)
+            if value is None:
+                self.fail(f"arguments of {name} must be numbers, got {self.part(node)!r}")
+            args.append(value)
+        for kw in call.keywords:
+            value = self.number(kw.value)
+            if kw.arg is None or value is None:
+                self.fail(f"arguments of {name} must be numbers, got {self.part(kw)!r}")
+            kwargs[kw.arg] = value
+        return args, kwargs
+
+    @staticmethod
+    def number(node):
+        """The float of a number literal with at most one sign, else None."""
+        sign = 1.0
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.UAdd, ast.USub)):
+            sign = -1.0 if isinstance(node.op, ast.USub) else 1.0
+            node = node.operand
+        if (isinstance(node, ast.Constant) and type(node.value) in (int, float)):
+            return sign * float(node.value)
+        return None
+
+    def make(self, name, args, kwargs):
+        cls = augment_ops.OPS[name]
+        params = inspect.signature(cls).parameters
+        try:
+            inspect.signature(cls).bind(*args, **kwargs)
+        except TypeError as e:
+            self.fail(f"bad arguments for {name}: {e} (parameters: {', '.join(params) or 'none'})")
+        return cls(*args, **kwargs)
 
 
 # ---------------------------------------------------------------- Keras layer
