@@ -107,7 +107,6 @@ import copy
 import inspect
 import keyword
 import re
-import time
 
 import keras
 import tensorflow as tf
@@ -403,11 +402,6 @@ def _rot90_per_image(images, k):
 
 # ---------------------------------------------------------------- policies
 
-def default_policy() -> Op:
-    """The source article's sequence at the training resolution (DEFAULT_SPEC)."""
-    return parse_policy(DEFAULT_SPEC)
-
-
 def split_policy(op: Op):
     """(host_op, device_op): host_op holds the ops with no GPU kernel (JPEG).
 
@@ -672,93 +666,3 @@ def _in_xla_context() -> bool:
     from tensorflow.python.ops import control_flow_util
     return (not tf.executing_eagerly() and
             control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
-
-
-# ---------------------------------------------------------------- benchmark
-
-def _leaves(op, prefix=""):
-    """(label, op) for every leaf op of a policy, in order."""
-    if isinstance(op, (Sequential, OneOf)):
-        out = []
-        for child in op.ops:
-            out.extend(_leaves(child))
-        return out
-    return [] if isinstance(op, Identity) else [(op.spec(), op)]
-
-
-def time_op(op, images, seeds, *, num_batches=20, warmup=3, num_parallel_calls=None):
-    """Speed of `op` mapped over batches inside a tf.data pipeline.
-
-    images float32 [B, S, S, 3] in [0, 255] (already decoded: one batch reused,
-    with fresh seeds for every batch); seeds int32 [B, 2].
-    Returns (images per second of wall time, CPU milliseconds per image). The
-    CPU time counts this process only, so it stays meaningful when other
-    processes share the cores; cores / (CPU s per image) bounds images/s.
-    """
-    images = tf.convert_to_tensor(images, tf.float32)
-    seeds = tf.convert_to_tensor(seeds, tf.int32)
-    labels = tf.zeros(tf.shape(images)[:1], tf.int32)
-    batch = int(images.shape[0])
-
-    def make(i):
-        step = tf.cast(i, tf.int32) * tf.constant([1, 7919], tf.int32)
-        return images, labels, seeds + step
-
-    ds = (tf.data.Dataset.range(warmup + num_batches)
-          .map(make)
-          .map(op, num_parallel_calls=num_parallel_calls or tf.data.AUTOTUNE)
-          .prefetch(2))
-    it = iter(ds)
-    for _ in range(warmup):
-        next(it)
-    wall, cpu = time.perf_counter(), time.process_time()
-    for _ in range(num_batches):
-        next(it)
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    n = batch * num_batches
-    return n / wall, 1000.0 * cpu / n
-
-
-def benchmark_ops(images, seeds, *, spec="default", num_batches=20, warmup=10,
-                  num_parallel_calls=None, leaves=True):
-    """A per-op cost table for a policy: list of (label, images/s, CPU ms/image).
-
-    Rows: rotate90_random; every leaf op alone on all images (if `leaves`);
-    every top-level step as it sits in the policy (a OneOf/Sometimes costs
-    only its chosen share); the host part, the device part and the whole
-    policy; then rotate90_random + whole policy (what input_fn runs per batch
-    after decoding). Measured inside tf.data (batch-level map, parallel calls)
-    on the given decoded batch, e.g. 64 images at S = 128. The warm-up
-    batches also absorb XLA compilation (one per bucketed group size).
-    """
-    policy = parse_policy(spec)
-    rows = []
-
-    def add(label, op):
-        rows.append((label, *time_op(op, images, seeds, num_batches=num_batches, warmup=warmup,
-                                      num_parallel_calls=num_parallel_calls)))
-
-    add("rotate90_random", rotate90_random)
-    if leaves:
-        for label, op in _leaves(policy):
-            add(f"alone: {label}", op)
-    for step in policy.ops:
-        add(f"step: {step.spec()}", step)
-    host, device = split_policy(policy)
-    add("host part", host)
-    add("device part", device)
-    add(f"policy {spec!r}", policy)
-
-    @augment_ops.plain
-    def rotate_and_augment(x, y, s):
-        return policy(*rotate90_random(x, y, s), s)
-
-    add(f"rotate90_random + policy {spec!r}", rotate_and_augment)
-    return rows
-
-
-def format_cost_table(rows) -> str:
-    """The rows of benchmark_ops as an aligned text table."""
-    lines = [f"{'images/s':>9} {'CPU ms/img':>10}  op"]
-    lines += [f"{ips:9.0f} {cpu:10.3f}  {label}" for label, ips, cpu in rows]
-    return "\n".join(lines)
