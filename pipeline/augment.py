@@ -113,8 +113,8 @@ import tensorflow as tf
 
 from upright.pipeline import augment_ops
 from upright.pipeline import per_image_random as rnd
-from upright.pipeline.augment_ops import (Identity, Op, apply_partitioned, call_unordered,
-                                         restore_order, run_grouped)
+from upright.pipeline import augment_schedule
+from upright.pipeline.augment_ops import Identity, Op
 
 DEFAULT_SPEC = (
     "sometimes(0.5, jpeg(60,80)); "
@@ -154,7 +154,8 @@ class Sequential(Op):
 
     def call_unordered(self, images, labels, seeds, index):
         for op in self.ops:
-            images, labels, seeds, index = call_unordered(op, images, labels, seeds, index)
+            images, labels, seeds, index = augment_schedule.call_unordered(
+                op, images, labels, seeds, index)
         return images, labels, seeds, index
 
     @augment_ops.plain
@@ -167,7 +168,7 @@ class Sequential(Op):
         # Rows may be regrouped by every OneOf inside; put them back once.
         index = tf.range(tf.shape(images)[0])
         images, labels, _, index = self.call_unordered(images, labels, seeds, index)
-        return restore_order(images, labels, index)
+        return augment_schedule.restore_order(images, labels, index)
 
     @augment_ops.plain
     def call_static(self, images, labels, seeds):
@@ -258,7 +259,7 @@ class OneOf(Op):
         its own images, and one scatter writes them all (no regrouping)."""
         choice = self.choose(seeds)
         hit_lists = [op.hits(images, seeds, tf.equal(choice, i)) for i, op in enumerate(self.ops)]
-        return augment_ops.scatter_hits(images, hit_lists), labels
+        return augment_schedule.scatter_hits(images, hit_lists), labels
 
     def call_unordered(self, images, labels, seeds, index):
         images = tf.convert_to_tensor(images, tf.float32)
@@ -266,7 +267,8 @@ class OneOf(Op):
             return (*self._dense(images, labels, seeds), seeds, index)
         if self._sparse(images):
             return (*self._scatter(images, labels, seeds), seeds, index)
-        return run_grouped(self.ops, self.choose(seeds), images, labels, seeds, index)
+        return augment_schedule.run_grouped(self.ops, self.choose(seeds), images, labels, seeds,
+                                            index)
 
     @augment_ops.plain
     def __call__(self, images, labels, seeds):
@@ -275,7 +277,8 @@ class OneOf(Op):
             return self._dense(images, labels, seeds)
         if self._sparse(images):
             return self._scatter(images, labels, seeds)
-        return apply_partitioned(self.ops, self.choose(seeds), images, labels, seeds)
+        return augment_schedule.apply_partitioned(self.ops, self.choose(seeds), images, labels,
+                                                  seeds)
 
     @augment_ops.plain
     def call_static(self, images, labels, seeds):

@@ -22,6 +22,7 @@ import math
 import numpy as np
 import tensorflow as tf
 
+from upright.pipeline import augment_schedule as schedule
 from upright.pipeline import image_filters as filters
 from upright.pipeline import per_image_random as rnd
 
@@ -33,66 +34,6 @@ plain = tf.autograph.experimental.do_not_convert
 def per_image(values):
     """[B] -> [B, 1, 1, 1] for broadcasting against images."""
     return tf.reshape(values, [-1, 1, 1, 1])
-
-
-def call_unordered(op, images, labels, seeds, index):
-    """Runs op; its outputs may come back in any order of the batch.
-
-    Every row keeps its image, label, seed and `index` (int32 [B], the row's
-    position in the caller's batch) together, so the caller can restore the
-    order once, at the end (`restore_order`), instead of after every OneOf.
-    """
-    if hasattr(op, "call_unordered"):
-        return op.call_unordered(images, labels, seeds, index)
-    images, labels = op(images, labels, seeds)
-    return images, labels, seeds, index
-
-
-@plain
-def run_grouped(branches, choice, images, labels, seeds, index):
-    """Runs branches[i] on the rows with choice == i, without restoring order.
-
-    The rows are sorted by choice (one gather), split into contiguous groups
-    (no copy), each group goes through its branch only, and the groups are
-    concatenated: two passes over the batch, about half of what
-    dynamic_partition + dynamic_stitch cost on a CPU. Returns (images,
-    labels, seeds, index) grouped by branch.
-    """
-    n = len(branches)
-    if n == 1:
-        return call_unordered(branches[0], images, labels, seeds, index)
-    order = tf.argsort(choice, stable=True)
-    sizes = tf.math.bincount(choice, minlength=n, maxlength=n, dtype=tf.int32)
-
-    def groups(t):
-        return tf.split(tf.gather(t, order), sizes, num=n)
-
-    outs = []
-    for op, x, y, s, i in zip(branches, groups(images), groups(labels), groups(seeds),
-                              groups(index)):
-        if not isinstance(op, Identity):
-            x, y, s, i = call_unordered(op, x, y, s, i)
-        outs.append((x, y, s, i))
-    return tuple(tf.concat(list(parts), 0) for parts in zip(*outs))
-
-
-def restore_order(images, labels, index):
-    """Puts rows back in batch order: row j goes to position index[j]."""
-    inverse = tf.math.invert_permutation(index)
-    return tf.gather(images, inverse), tf.gather(labels, inverse)
-
-
-@plain
-def apply_partitioned(branches, choice, images, labels, seeds):
-    """Runs branches[i] on the images with choice == i; results in batch order.
-
-    choice int32 [B] in [0, len(branches)); branches are callables
-    (images, labels, seeds) -> (images, labels) (an Identity is skipped).
-    Each branch computes only its own images.
-    """
-    index = tf.range(tf.shape(images)[0])
-    images, labels, _, index = run_grouped(branches, choice, images, labels, seeds, index)
-    return restore_order(images, labels, index)
 
 
 # ---------------------------------------------------------------- base class
@@ -109,6 +50,7 @@ class Op:
     num_params = 0  # per-image scalars drawn by the base class
     fusible = False  # cheap to run on every image in one XLA kernel
     clips = True    # False where outputs of [0, 255] inputs stay in [0, 255]
+    identity = False  # True for Identity only: a grouped OneOf skips its rows
 
     def __init__(self):
         self.salt = rnd.salt_of(self.name)
@@ -169,6 +111,7 @@ class RangeOp(Op):
 
 class Identity(Op):
     name = "identity"
+    identity = True
 
     @plain
     def __call__(self, images, labels, seeds):
@@ -249,13 +192,13 @@ class _Noise(Op):
 
         u = rnd.uniforms(rnd.fold_seeds(seeds, self.salt), 2)
         shared = tf.cast(u[:, 1] >= self.per_channel, tf.int32)
-        return run_grouped([branch(3), branch(1)], shared, images, labels, seeds, index)
+        return schedule.run_grouped([branch(3), branch(1)], shared, images, labels, seeds, index)
 
     @plain
     def __call__(self, images, labels, seeds):
         index = tf.range(tf.shape(images)[0])
         images, labels, _, index = self.call_unordered(images, labels, seeds, index)
-        return restore_order(images, labels, index)
+        return schedule.restore_order(images, labels, index)
 
     @plain
     def dense(self, images, labels, seeds):
@@ -386,7 +329,7 @@ class _Replace(Op):
         images = tf.convert_to_tensor(images, tf.float32)
         if not self.sparse_ok(images):
             return self.transform_dense(images, rnd.fold_seeds(seeds, self.salt)), labels
-        return scatter_hits(images, [self.hits(images, seeds)]), labels
+        return schedule.scatter_hits(images, [self.hits(images, seeds)]), labels
 
     def hit_pixels(self, images, seeds, chosen=None):
         """The hits of `hits` as dense per-pixel arrays, static shapes only:
@@ -418,18 +361,6 @@ class _Replace(Op):
         v = rnd.pixel_uniform(seeds, shape)
         # Given a hit, v / p is again uniform in [0, 1): reuse it for the value.
         return tf.where(v < self.p, self.value(v / max(self.p, 1e-12)), images)
-
-
-def scatter_hits(images, hit_lists):
-    """Writes (index [K, 3], value [K]) hit lists into images, all channels.
-
-    Duplicate positions carry equal values, so the update order is moot.
-    """
-    index = tf.concat([i for i, _ in hit_lists], 0)
-    value = tf.concat([v for _, v in hit_lists], 0)
-    channels = images.shape[3] or tf.shape(images)[3]
-    return tf.tensor_scatter_nd_update(images, index,
-                                       tf.tile(value[:, None], tf.stack([1, channels])))
 
 
 def _arcsine_low(w):
