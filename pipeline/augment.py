@@ -152,6 +152,10 @@ class Sequential(Op):
         for i, op in enumerate(self.ops):
             op.bind(f"{path}/{i}.{op.name}")
 
+    @property
+    def reads_labels(self):
+        return any(op.reads_labels for op in self.ops)
+
     def call_unordered(self, images, labels, seeds, index):
         for op in self.ops:
             images, labels, seeds, index = augment_schedule.call_unordered(
@@ -212,6 +216,10 @@ class OneOf(Op):
         self.salt = rnd.salt_of(path)
         for i, op in enumerate(self.ops):
             op.bind(f"{path}/{i}.{op.name}")
+
+    @property
+    def reads_labels(self):
+        return any(op.reads_labels for op in self.ops)
 
     def choose(self, seeds):
         """Branch index per image, int32 [B]."""
@@ -404,6 +412,22 @@ def _rot90_per_image(images, k):
 
 
 # ---------------------------------------------------------------- policies
+
+def refuse_label_readers(op: Op, where: str):
+    """Raises ValueError if `op` holds an op that reads the labels (mirror):
+    `where` passes none (the model-side AugmentLayer sees no labels)."""
+    if op.reads_labels:
+        readers = [leaf.spec() for leaf in _leaves(op) if leaf.reads_labels]
+        raise ValueError(f"{', '.join(readers)} reads the labels, which {where} does not pass; "
+                         f"put it first in the policy so that split_policy keeps it on the host")
+
+
+def _leaves(op):
+    """The leaf ops of a policy, in order."""
+    if hasattr(op, "ops"):
+        return [leaf for child in op.ops for leaf in _leaves(child)]
+    return [op]
+
 
 def split_policy(op: Op):
     """(host_op, device_op): host_op holds the ops with no GPU kernel (JPEG).
@@ -613,6 +637,7 @@ class AugmentLayer(keras.layers.Layer):
         self.policy_spec = policy_spec
         self.schedule = schedule
         self._device_op = split_policy(parse_policy(policy_spec))[1]
+        refuse_label_readers(self._device_op, "AugmentLayer (the model side)")
         # Traced for XLA, the layer takes the static schedule: Keras may compile it.
         self.supports_jit = schedule != "grouped"
 

@@ -43,10 +43,13 @@ class Op:
 
     `host` marks ops with no accelerator kernel (JPEG) or that read the
     labels (mirror; the model-side part never sees them); `split_policy`
-    keeps them in the tf.data part.
+    keeps them in the tf.data part. `reads_labels` marks ops whose output
+    depends on the labels: callers that pass no labels refuse them
+    (augment.refuse_label_readers).
     """
     name = "op"
     host = False
+    reads_labels = False
     num_params = 0  # per-image scalars drawn by the base class
     fusible = False  # cheap to run on every image in one XLA kernel
     clips = True    # False where outputs of [0, 255] inputs stay in [0, 255]
@@ -747,6 +750,7 @@ class Mirror(Op):
     """
     name = "mirror"
     host = True
+    reads_labels = True
     clips = False
 
     def __init__(self, p=0.5):

@@ -129,3 +129,14 @@ def test_a_nested_sequence_round_trips():
     # same policy (same seed paths).
     policy = augment.parse_policy("mirror; default")
     assert describe(augment.parse_policy(policy.spec())) == describe(policy)
+
+
+def test_label_reading_ops_are_refused_where_no_labels_are_passed():
+    policy = augment.parse_policy("add; sometimes(0.5, mirror | gamma); zoom")
+    assert policy.reads_labels and not augment.parse_policy("default").reads_labels
+    with pytest.raises(ValueError, match=r"mirror\(0.5\) reads the labels, which the test"):
+        augment.refuse_label_readers(policy, "the test")
+    augment.refuse_label_readers(augment.parse_policy("add; zoom"), "the test")
+    # split_policy keeps mirror on the host, so the layer's device part passes.
+    layer = augment.AugmentLayer("mirror; add")
+    assert not layer._device_op.reads_labels
