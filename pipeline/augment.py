@@ -1,5 +1,10 @@
 """Batched, per-image, seeded augmentation: policies, placements, the Keras layer.
 
+Modules: augment.py (this: composition, schedules, spec parser, placements,
+AugmentLayer), augment_ops.py (the leaf ops), image_filters.py (their
+convolutions, medians and warps), per_image_random.py (seeded random numbers),
+augment_schedule.py (the grouped schedule's row regrouping).
+
 Every op (see augment_ops.py for the leaves) is a callable
 
     op(images, labels, seeds) -> (images, labels)
