@@ -1,5 +1,10 @@
 """Batched, per-image, seeded augmentation: policies, placements, the Keras layer.
 
+Modules: augment.py (this: composition, schedules, spec parser, placements,
+AugmentLayer), augment_ops.py (the leaf ops), image_filters.py (their
+convolutions, medians and warps), per_image_random.py (seeded random numbers),
+augment_schedule.py (the grouped schedule's row regrouping).
+
 Every op (see augment_ops.py for the leaves) is a callable
 
     op(images, labels, seeds) -> (images, labels)
@@ -34,11 +39,16 @@ Policy spec strings (`parse_policy`)
                 by '|' form a OneOf (uniform choice per image); each
                 alternative is `name` or `name(arg, ...)` with numbers;
                 `sometimes(p, STEPS)` applies STEPS to a fraction p of images;
-                `default` and `none` may appear as steps.
+                `default` and `none` may appear as steps; parentheses group
+                steps (as `spec()` writes a nested sequence).
     e.g. "add(-20,20)|multiply; gaussian_blur(0.5,1); sometimes(0.5, jpeg(60,80))"
-    Arguments are positional and optional (defaults below); one number for a
-    range op fixes it: "add(10)" adds exactly 10.
-An unknown name raises ValueError listing the known op names.
+    Arguments are optional (defaults below), positional or keyword with the
+    parameter names below: "frequency_blend(exp_lo=0, exp_hi=1)". One number
+    for a range op fixes it: "add(10)" adds exactly 10. Names are
+    case-insensitive. The string is read with Python's `ast` and never
+    evaluated: arguments must be number literals.
+An unknown name raises ValueError listing the known op names; a bad argument
+raises ValueError naming the op and the argument.
 
 Ops, arguments and defaults (ranges in OUTPUT pixels, see mapping):
     add(lo=-15, hi=15)            multiply(lo=0.8, hi=1.2)
@@ -97,16 +107,19 @@ Note on the source: its `sometimes = lambda aug: iaa.Sometimes(0.5)` drops
 `aug`, so the article's frequency blend, JPEG and small rotation never ran.
 We follow the intended sequence (design notes), with p = 0.5 for each.
 """
+import ast
 import copy
-import time
+import inspect
+import keyword
+import re
 
 import keras
 import tensorflow as tf
 
 from upright.pipeline import augment_ops
-from upright.pipeline.augment_ops import (Identity, Op, apply_partitioned, call_unordered,
-                                         fold_seeds, restore_order, run_grouped, salt_of,
-                                         uniforms)
+from upright.pipeline import per_image_random as rnd
+from upright.pipeline import augment_schedule
+from upright.pipeline.augment_ops import Identity, Op
 
 DEFAULT_SPEC = (
     "sometimes(0.5, jpeg(60,80)); "
@@ -140,13 +153,18 @@ class Sequential(Op):
             self.bind(self.name)
 
     def bind(self, path):
-        self.salt = salt_of(path)
+        self.salt = rnd.salt_of(path)
         for i, op in enumerate(self.ops):
             op.bind(f"{path}/{i}.{op.name}")
 
+    @property
+    def reads_labels(self):
+        return any(op.reads_labels for op in self.ops)
+
     def call_unordered(self, images, labels, seeds, index):
         for op in self.ops:
-            images, labels, seeds, index = call_unordered(op, images, labels, seeds, index)
+            images, labels, seeds, index = augment_schedule.call_unordered(
+                op, images, labels, seeds, index)
         return images, labels, seeds, index
 
     @augment_ops.plain
@@ -159,7 +177,7 @@ class Sequential(Op):
         # Rows may be regrouped by every OneOf inside; put them back once.
         index = tf.range(tf.shape(images)[0])
         images, labels, _, index = self.call_unordered(images, labels, seeds, index)
-        return restore_order(images, labels, index)
+        return augment_schedule.restore_order(images, labels, index)
 
     @augment_ops.plain
     def call_static(self, images, labels, seeds):
@@ -200,13 +218,17 @@ class OneOf(Op):
         self.bind(self.name)
 
     def bind(self, path):
-        self.salt = salt_of(path)
+        self.salt = rnd.salt_of(path)
         for i, op in enumerate(self.ops):
             op.bind(f"{path}/{i}.{op.name}")
 
+    @property
+    def reads_labels(self):
+        return any(op.reads_labels for op in self.ops)
+
     def choose(self, seeds):
         """Branch index per image, int32 [B]."""
-        u = uniforms(fold_seeds(seeds, self.salt), 1)[:, 0]
+        u = rnd.uniforms(rnd.fold_seeds(seeds, self.salt), 1)[:, 0]
         edges, acc = [], 0.0
         for w in self.weights[:-1]:
             acc += w
@@ -250,7 +272,7 @@ class OneOf(Op):
         its own images, and one scatter writes them all (no regrouping)."""
         choice = self.choose(seeds)
         hit_lists = [op.hits(images, seeds, tf.equal(choice, i)) for i, op in enumerate(self.ops)]
-        return augment_ops.scatter_hits(images, hit_lists), labels
+        return augment_schedule.scatter_hits(images, hit_lists), labels
 
     def call_unordered(self, images, labels, seeds, index):
         images = tf.convert_to_tensor(images, tf.float32)
@@ -258,7 +280,8 @@ class OneOf(Op):
             return (*self._dense(images, labels, seeds), seeds, index)
         if self._sparse(images):
             return (*self._scatter(images, labels, seeds), seeds, index)
-        return run_grouped(self.ops, self.choose(seeds), images, labels, seeds, index)
+        return augment_schedule.run_grouped(self.ops, self.choose(seeds), images, labels, seeds,
+                                            index)
 
     @augment_ops.plain
     def __call__(self, images, labels, seeds):
@@ -267,7 +290,8 @@ class OneOf(Op):
             return self._dense(images, labels, seeds)
         if self._sparse(images):
             return self._scatter(images, labels, seeds)
-        return apply_partitioned(self.ops, self.choose(seeds), images, labels, seeds)
+        return augment_schedule.apply_partitioned(self.ops, self.choose(seeds), images, labels,
+                                                  seeds)
 
     @augment_ops.plain
     def call_static(self, images, labels, seeds):
@@ -362,7 +386,7 @@ class Sometimes(OneOf):
 
 # ---------------------------------------------------------------- rotation labels
 
-_ROT90_SALT = salt_of("rotate90_random")
+_ROT90_SALT = rnd.salt_of("rotate90_random")
 
 
 @augment_ops.plain
@@ -376,7 +400,7 @@ def rotate90_random(images, labels, seeds):
     images = tf.convert_to_tensor(images)
     if images.shape[1] is not None and images.shape[1] != images.shape[2]:
         raise ValueError(f"rotate90_random needs square images, got {images.shape}")
-    k = augment_ops.randint(0, 3, uniforms(fold_seeds(seeds, _ROT90_SALT), 1)[:, 0])
+    k = rnd.randint(0, 3, rnd.uniforms(rnd.fold_seeds(seeds, _ROT90_SALT), 1)[:, 0])
     return _rot90_per_image(images, k), k
 
 
@@ -394,9 +418,20 @@ def _rot90_per_image(images, k):
 
 # ---------------------------------------------------------------- policies
 
-def default_policy() -> Op:
-    """The source article's sequence at the training resolution (DEFAULT_SPEC)."""
-    return parse_policy(DEFAULT_SPEC)
+def refuse_label_readers(op: Op, where: str):
+    """Raises ValueError if `op` holds an op that reads the labels (mirror):
+    `where` passes none (the model-side AugmentLayer sees no labels)."""
+    if op.reads_labels:
+        readers = [leaf.spec() for leaf in _leaves(op) if leaf.reads_labels]
+        raise ValueError(f"{', '.join(readers)} reads the labels, which {where} does not pass; "
+                         f"put it first in the policy so that split_policy keeps it on the host")
+
+
+def _leaves(op):
+    """The leaf ops of a policy, in order."""
+    if hasattr(op, "ops"):
+        return [leaf for child in op.ops for leaf in _leaves(child)]
+    return [op]
 
 
 def split_policy(op: Op):
@@ -429,127 +464,147 @@ def known_ops():
     return sorted(set(augment_ops.OPS) | {"sometimes", "default", "none"})
 
 
-def _tokenize(spec):
-    tokens, i = [], 0
-    while i < len(spec):
-        ch = spec[i]
-        if ch.isspace():
-            i += 1
-        elif ch in "();|,":
-            tokens.append(ch)
-            i += 1
-        elif ch.isalpha() or ch == "_":
-            j = i
-            while j < len(spec) and (spec[j].isalnum() or spec[j] == "_"):
-                j += 1
-            tokens.append(spec[i:j].lower())
-            i = j
-        elif ch.isdigit() or ch in "+-.":
-            j = i + 1
-            while j < len(spec) and (spec[j].isdigit() or spec[j] in ".eE" or
-                                     (spec[j] in "+-" and spec[j - 1] in "eE")):
-                j += 1
-            try:
-                tokens.append(float(spec[i:j]))
-            except ValueError:
-                raise ValueError(f"bad number {spec[i:j]!r} in policy spec {spec!r}") from None
-            i = j
-        else:
-            raise ValueError(f"unexpected character {ch!r} in policy spec {spec!r}")
-    return tokens
-
-
-class _Parser:
-    def __init__(self, spec):
-        self.spec = spec
-        self.tokens = _tokenize(spec)
-        self.pos = 0
-
-    def peek(self):
-        return self.tokens[self.pos] if self.pos < len(self.tokens) else None
-
-    def take(self, expected=None):
-        tok = self.peek()
-        if tok is None or (expected is not None and tok != expected):
-            want = f"{expected!r}" if expected else "more"
-            raise ValueError(f"policy spec {self.spec!r}: expected {want}, got "
-                             f"{'end' if tok is None else repr(tok)}")
-        self.pos += 1
-        return tok
-
-    def steps(self):
-        ops = [self.alternatives()]
-        while self.peek() == ";":
-            self.take(";")
-            if self.peek() in (None, ")"):
-                break  # tolerate a trailing ';'
-            ops.append(self.alternatives())
-        return ops[0] if len(ops) == 1 else Sequential(ops)
-
-    def alternatives(self):
-        ops = [self.term()]
-        while self.peek() == "|":
-            self.take("|")
-            ops.append(self.term())
-        return ops[0] if len(ops) == 1 else OneOf(ops)
-
-    def term(self):
-        name = self.take()
-        if not isinstance(name, str) or name in "();|,":
-            raise ValueError(f"policy spec {self.spec!r}: expected an op name, got {name!r}")
-        if name not in known_ops():
-            raise ValueError(f"unknown augmentation op {name!r} in policy spec {self.spec!r}; "
-                             f"known ops: {', '.join(known_ops())}")
-        if name == "sometimes":
-            self.take("(")
-            p = self.take()
-            if not isinstance(p, float):
-                raise ValueError(f"policy spec {self.spec!r}: sometimes(p, steps) needs a number p")
-            self.take(",")
-            inner = self.steps()
-            self.take(")")
-            return Sometimes(p, inner)
-        args = []
-        if self.peek() == "(":
-            self.take("(")
-            while self.peek() != ")":
-                arg = self.take()
-                if not isinstance(arg, float):
-                    raise ValueError(f"policy spec {self.spec!r}: arguments of {name} must be "
-                                     f"numbers, got {arg!r}")
-                args.append(arg)
-                if self.peek() == ",":
-                    self.take(",")
-            self.take(")")
-        if name == "default":
-            if args:
-                raise ValueError("'default' takes no arguments")
-            return _Parser(DEFAULT_SPEC).parse()
-        if name == "none":
-            return Identity()
-        cls = augment_ops.OPS[name]
-        try:
-            return cls(*args)
-        except TypeError as e:
-            raise ValueError(f"policy spec {self.spec!r}: bad arguments for {name}: {e}") from None
-
-    def parse(self):
-        op = self.steps()
-        if self.peek() is not None:
-            raise ValueError(f"policy spec {self.spec!r}: unexpected {self.peek()!r}")
-        return op
+# The spec characters: names, numbers, '(),=' and the two separators; '*' so
+# that a starred argument gets its own message. Anything else (a '#' would
+# start a Python comment) is refused before Python's parser sees it.
+_SPEC_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_.+-*(),=;| \t\r\n")
 
 
 def parse_policy(spec: str) -> Op:
     """A policy from a spec string ("default", "none" or steps; see module doc).
 
     The result is always a Sequential (so that split_policy and seed paths are
-    uniform). Raises ValueError on syntax errors and unknown op names.
+    uniform). Raises ValueError on syntax errors, unknown op names and
+    arguments that are not numbers or not the op's.
     """
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"empty policy spec {spec!r}; use 'none' for no augmentation")
-    op = _Parser(spec).parse()
+    op = _SpecParser(spec).parse()
     return op if isinstance(op, Sequential) else Sequential([op])
+
+
+class _SpecParser:
+    """A spec string as a Python expression, read with `ast`.
+
+    Names are case-insensitive (the text is lower-cased). '|' is Python's
+    bitwise or; each ';' becomes ' or ', the one operator that binds less
+    tightly, so "a | b; c" reads as (a | b) or c: a sequence of a OneOf and c.
+    An op is a Name or a Call with number arguments, positional or keyword
+    (the op's parameter names); sometimes(p, STEPS) takes steps as its second
+    argument. Nothing is evaluated: the tree is only read.
+    """
+
+    def __init__(self, spec: str):
+        self.spec = spec
+
+    def fail(self, message: str):
+        raise ValueError(f"policy spec {self.spec!r}: {message}")
+
+    def parse(self):
+        text = self.spec.lower()
+        bad = sorted(set(text) - _SPEC_CHARS)
+        if bad:
+            raise ValueError(f"unexpected character {bad[0]!r} in policy spec {self.spec!r}")
+        for word in re.findall(r"[a-z_][a-z0-9_]*", text):
+            if keyword.iskeyword(word):
+                self.fail(f"expected an op name, got {word!r}")
+        # A trailing ';' (at the end or before a ')') is tolerated.
+        text = re.sub(r";(\s*(\)|$))", r"\1", text).replace(";", " or ")
+        try:
+            tree = ast.parse(f"({text}\n)", mode="eval")
+        except SyntaxError as e:
+            self.fail(f"bad syntax ({e.msg})")
+        self.text = f"({text}\n)"
+        return self.steps(tree.body)
+
+    def part(self, node) -> str:
+        return (ast.get_source_segment(self.text, node) or ast.unparse(node)).replace(" or ", "; ")
+
+    def steps(self, node):
+        """';'-separated steps: one op or a Sequential."""
+        if isinstance(node, ast.BoolOp) and isinstance(node.op, ast.Or):
+            return Sequential([self.alternatives(v) for v in node.values])
+        return self.alternatives(node)
+
+    def alternatives(self, node):
+        """'|'-separated alternatives: one op or a OneOf."""
+        branches = []
+
+        def collect(n):
+            if isinstance(n, ast.BinOp) and isinstance(n.op, ast.BitOr):
+                collect(n.left)
+                collect(n.right)
+            else:
+                branches.append(self.term(n))
+
+        collect(node)
+        return branches[0] if len(branches) == 1 else OneOf(branches)
+
+    def term(self, node):
+        """One op: `name` or `name(args)`; a parenthesised group of steps."""
+        if isinstance(node, ast.BoolOp) and isinstance(node.op, ast.Or):
+            return self.steps(node)
+        call = node if isinstance(node, ast.Call) else None
+        name_node = call.func if call else node
+        if not isinstance(name_node, ast.Name):
+            self.fail(f"expected an op name, got {self.part(node)!r}")
+        name = name_node.id
+        if name not in known_ops():
+            raise ValueError(f"unknown augmentation op {name!r} in policy spec {self.spec!r}; "
+                             f"known ops: {', '.join(known_ops())}")
+        if name == "sometimes":
+            return self.sometimes(call)
+        args, kwargs = self.arguments(name, call)
+        if name in ("default", "none"):
+            if args or kwargs:
+                self.fail(f"'{name}' takes no arguments")
+            return Identity() if name == "none" else _SpecParser(DEFAULT_SPEC).parse()
+        return self.make(name, args, kwargs)
+
+    def sometimes(self, call):
+        if call is None or len(call.args) != 2 or call.keywords:
+            self.fail("sometimes needs (p, STEPS), e.g. sometimes(0.5, jpeg(60,80))")
+        p = self.number(call.args[0])
+        if p is None:
+            self.fail(f"sometimes(p, steps) needs a number p, got {self.part(call.args[0])!r}")
+        return Sometimes(p, self.steps(call.args[1]))
+
+    def arguments(self, name, call):
+        """(positional floats, keyword floats) of an op's call; none for a bare name."""
+        if call is None:
+            return [], {}
+        args, kwargs = [], {}
+        for node in call.args:
+            value = self.number(node)
+            if value is None:
+                self.fail(f"arguments of {name} must be numbers, got {self.part(node)!r}")
+            args.append(value)
+        for kw in call.keywords:
+            value = self.number(kw.value)
+            if kw.arg is None or value is None:
+                self.fail(f"arguments of {name} must be numbers, got {self.part(kw)!r}")
+            kwargs[kw.arg] = value
+        return args, kwargs
+
+    @staticmethod
+    def number(node):
+        """The float of a number literal with at most one sign, else None."""
+        sign = 1.0
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.UAdd, ast.USub)):
+            sign = -1.0 if isinstance(node.op, ast.USub) else 1.0
+            node = node.operand
+        if (isinstance(node, ast.Constant) and type(node.value) in (int, float)):
+            return sign * float(node.value)
+        return None
+
+    def make(self, name, args, kwargs):
+        cls = augment_ops.OPS[name]
+        params = inspect.signature(cls).parameters
+        try:
+            inspect.signature(cls).bind(*args, **kwargs)
+        except TypeError as e:
+            self.fail(f"bad arguments for {name}: {e} (parameters: {', '.join(params) or 'none'})")
+        return cls(*args, **kwargs)
 
 
 # ---------------------------------------------------------------- Keras layer
@@ -587,6 +642,7 @@ class AugmentLayer(keras.layers.Layer):
         self.policy_spec = policy_spec
         self.schedule = schedule
         self._device_op = split_policy(parse_policy(policy_spec))[1]
+        refuse_label_readers(self._device_op, "AugmentLayer (the model side)")
         # Traced for XLA, the layer takes the static schedule: Keras may compile it.
         self.supports_jit = schedule != "grouped"
 
@@ -643,93 +699,3 @@ def _in_xla_context() -> bool:
     from tensorflow.python.ops import control_flow_util
     return (not tf.executing_eagerly() and
             control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
-
-
-# ---------------------------------------------------------------- benchmark
-
-def _leaves(op, prefix=""):
-    """(label, op) for every leaf op of a policy, in order."""
-    if isinstance(op, (Sequential, OneOf)):
-        out = []
-        for child in op.ops:
-            out.extend(_leaves(child))
-        return out
-    return [] if isinstance(op, Identity) else [(op.spec(), op)]
-
-
-def time_op(op, images, seeds, *, num_batches=20, warmup=3, num_parallel_calls=None):
-    """Speed of `op` mapped over batches inside a tf.data pipeline.
-
-    images float32 [B, S, S, 3] in [0, 255] (already decoded: one batch reused,
-    with fresh seeds for every batch); seeds int32 [B, 2].
-    Returns (images per second of wall time, CPU milliseconds per image). The
-    CPU time counts this process only, so it stays meaningful when other
-    processes share the cores; cores / (CPU s per image) bounds images/s.
-    """
-    images = tf.convert_to_tensor(images, tf.float32)
-    seeds = tf.convert_to_tensor(seeds, tf.int32)
-    labels = tf.zeros(tf.shape(images)[:1], tf.int32)
-    batch = int(images.shape[0])
-
-    def make(i):
-        step = tf.cast(i, tf.int32) * tf.constant([1, 7919], tf.int32)
-        return images, labels, seeds + step
-
-    ds = (tf.data.Dataset.range(warmup + num_batches)
-          .map(make)
-          .map(op, num_parallel_calls=num_parallel_calls or tf.data.AUTOTUNE)
-          .prefetch(2))
-    it = iter(ds)
-    for _ in range(warmup):
-        next(it)
-    wall, cpu = time.perf_counter(), time.process_time()
-    for _ in range(num_batches):
-        next(it)
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    n = batch * num_batches
-    return n / wall, 1000.0 * cpu / n
-
-
-def benchmark_ops(images, seeds, *, spec="default", num_batches=20, warmup=10,
-                  num_parallel_calls=None, leaves=True):
-    """A per-op cost table for a policy: list of (label, images/s, CPU ms/image).
-
-    Rows: rotate90_random; every leaf op alone on all images (if `leaves`);
-    every top-level step as it sits in the policy (a OneOf/Sometimes costs
-    only its chosen share); the host part, the device part and the whole
-    policy; then rotate90_random + whole policy (what input_fn runs per batch
-    after decoding). Measured inside tf.data (batch-level map, parallel calls)
-    on the given decoded batch, e.g. 64 images at S = 128. The warm-up
-    batches also absorb XLA compilation (one per bucketed group size).
-    """
-    policy = parse_policy(spec)
-    rows = []
-
-    def add(label, op):
-        rows.append((label, *time_op(op, images, seeds, num_batches=num_batches, warmup=warmup,
-                                      num_parallel_calls=num_parallel_calls)))
-
-    add("rotate90_random", rotate90_random)
-    if leaves:
-        for label, op in _leaves(policy):
-            add(f"alone: {label}", op)
-    for step in policy.ops:
-        add(f"step: {step.spec()}", step)
-    host, device = split_policy(policy)
-    add("host part", host)
-    add("device part", device)
-    add(f"policy {spec!r}", policy)
-
-    @augment_ops.plain
-    def rotate_and_augment(x, y, s):
-        return policy(*rotate90_random(x, y, s), s)
-
-    add(f"rotate90_random + policy {spec!r}", rotate_and_augment)
-    return rows
-
-
-def format_cost_table(rows) -> str:
-    """The rows of benchmark_ops as an aligned text table."""
-    lines = [f"{'images/s':>9} {'CPU ms/img':>10}  op"]
-    lines += [f"{ips:9.0f} {cpu:10.3f}  {label}" for label, ips, cpu in rows]
-    return "\n".join(lines)

@@ -11,241 +11,29 @@ on the batch it sits in, its position there, or the other ops of the policy.
 That is what lets a OneOf compute a branch only for the images that chose it,
 and lets the host (tf.data) and device (Keras layer) placements agree exactly.
 
-Random numbers:
-  * per-image scalars (a gain, a kernel size, a branch choice) come from a small
-    integer hash of the seed computed in int64 (batched; no per-image loop);
-  * per-pixel noise comes from a counter-based hash of (image seed, element
-    index) in uint32 arithmetic on the whole batch (`pixel_bits`).
+Random numbers come from per_image_random.py: per-image scalars from
+`uniforms`, per-pixel noise from the counter-based `pixel_bits`.
 
 Ranges are in OUTPUT pixels (the training resolution, e.g. S=128); see
 `augment.py` for the mapping from the source article's full-resolution ranges.
 """
-import hashlib
 import math
 
 import numpy as np
 import tensorflow as tf
 
+from upright.pipeline import augment_schedule as schedule
+from upright.pipeline import image_filters as filters
+from upright.pipeline import per_image_random as rnd
+
 # Our ops have no tensor-dependent Python control flow; keeping AutoGraph out
 # of them makes tracing a policy (tf.data map, tf.function, Keras) much faster.
 plain = tf.autograph.experimental.do_not_convert
-
-_MASK32 = 0xFFFFFFFF
-_MASK31 = 0x7FFFFFFF
-_HASH_MUL = 0x45D9F3B  # < 2**27: x * _HASH_MUL stays below 2**59 in int64
-
-
-# ---------------------------------------------------------------- randomness
-
-def salt_of(text: str) -> int:
-    """A stable 31-bit constant for a name or policy path (not Python hash())."""
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little") & _MASK31
-
-
-def _mix_py(x: int) -> int:
-    x &= _MASK32
-    x = ((x ^ (x >> 16)) * _HASH_MUL) & _MASK32
-    x = ((x ^ (x >> 16)) * _HASH_MUL) & _MASK32
-    return x ^ (x >> 16)
-
-
-def _mix(x):
-    """32-bit integer hash (int64 tensor in [0, 2**32) -> same range).
-
-    Done in int64 so that no product overflows (every kernel has CPU and GPU
-    implementations for int64, unlike uint32 multiply).
-    """
-    x = tf.bitwise.bitwise_and(
-        tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, 16)) * _HASH_MUL, _MASK32)
-    x = tf.bitwise.bitwise_and(
-        tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, 16)) * _HASH_MUL, _MASK32)
-    return tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, 16))
-
-
-def _words(seeds):
-    seeds = tf.cast(seeds, tf.int64)
-    return (tf.bitwise.bitwise_and(seeds[:, 0], _MASK32),
-            tf.bitwise.bitwise_and(seeds[:, 1], _MASK32))
-
-
-def fold_seeds(seeds, salt: int):
-    """Per-image seeds with a constant folded in: int32 [B, 2] -> int32 [B, 2].
-
-    Different salts give unrelated seeds (both words depend on both input
-    words and on the salt), so ops never share random numbers.
-    """
-    a, b = _words(seeds)
-    h1 = _mix(tf.bitwise.bitwise_xor(b, _mix_py(salt)))
-    h2 = _mix(tf.bitwise.bitwise_xor(a, h1))
-    h3 = _mix(tf.bitwise.bitwise_xor(h2, tf.bitwise.bitwise_xor(b, _mix_py(salt ^ 0x5BD1E995))))
-    out = tf.stack([tf.bitwise.bitwise_and(h2, _MASK31), tf.bitwise.bitwise_and(h3, _MASK31)], 1)
-    return tf.cast(out, tf.int32)
-
-
-def uniforms(seeds, n: int):
-    """n per-image uniforms in [0, 1): float32 [B, n], from the seeds alone."""
-    a, b = _words(seeds)
-    j = tf.constant([_mix_py(0x9E3779B9 * (i + 1)) for i in range(n)], tf.int64)
-    h = _mix(tf.bitwise.bitwise_xor(a[:, None], j[None, :]))
-    h = _mix(tf.bitwise.bitwise_xor(h, b[:, None]))
-    h = _mix(tf.bitwise.bitwise_xor(h, a[:, None]))
-    # 24 high bits: exactly representable in float32, so u < 1 always.
-    return tf.cast(tf.bitwise.right_shift(h, 8), tf.float32) * (1.0 / (1 << 24))
-
-
-def lerp(lo, hi, u):
-    return lo + (hi - lo) * u
-
-
-def randint(lo: int, hi: int, u):
-    """Integers uniform in [lo, hi] (both included) from uniforms u."""
-    return tf.minimum(lo + tf.cast(tf.floor(u * (hi - lo + 1)), tf.int32), hi)
-
-
-def _fmix32(h):
-    """MurmurHash3's 32-bit finaliser (a bijection with full avalanche), uint32."""
-    h = tf.bitwise.bitwise_xor(h, tf.bitwise.right_shift(h, 16))
-    h = h * tf.constant(0x85EBCA6B, tf.uint32)
-    h = tf.bitwise.bitwise_xor(h, tf.bitwise.right_shift(h, 13))
-    h = h * tf.constant(0xC2B2AE35, tf.uint32)
-    return tf.bitwise.bitwise_xor(h, tf.bitwise.right_shift(h, 16))
-
-
-def image_keys(seeds):
-    """One uint32 key per image from its (already folded) seed: uint32 [B]."""
-    k = tf.bitcast(tf.cast(seeds, tf.int32), tf.uint32)
-    return tf.bitwise.bitwise_xor(k[:, 0], _fmix32(k[:, 1] + tf.constant(0x9E3779B9, tf.uint32)))
-
-
-def hash_bits(keys, counters):
-    """Random bits for (key, counter) pairs: fmix32(counter * golden ^ key).
-
-    keys and counters are uint32 and broadcast against each other. One round
-    of MurmurHash3's finaliser over a Weyl sequence: each image's stream is a
-    full-avalanche scramble of its counters under its own key.
-    """
-    return _fmix32(tf.bitwise.bitwise_xor(counters * tf.constant(0x9E3779B1, tf.uint32), keys))
-
-
-def pixel_bits(seeds, shape):
-    """Per-image random bits: uint32 [B, *shape], a function of each image's
-    seed and the element's index only.
-
-    Counter-based (hash_bits of the element index under the image's key): all
-    elementwise uint32 arithmetic on the whole batch: no per-image loop, no
-    while_loop in the graph (fast to build), the same bits on CPU and GPU, and
-    per-image by construction. (Philox via tf.random.stateless_uniform takes
-    one seed per call, so per-image draws would need a loop over the batch.)
-    """
-    rank = len(shape) if isinstance(shape, (list, tuple)) else int(shape.shape[0])
-    shape = tf.cast(shape, tf.int32)
-    keys = tf.reshape(image_keys(seeds), [-1] + [1] * rank)
-    count = tf.reduce_prod(shape)
-    index = tf.bitcast(tf.reshape(tf.range(count, dtype=tf.int32), tf.concat([[1], shape], 0)),
-                       tf.uint32)
-    return hash_bits(keys, index)
-
-
-def bits_to_uniform(bits):
-    """uint32 bits -> float32 uniforms in [0, 1) (24-bit resolution)."""
-    bits = tf.bitwise.right_shift(bits, 8)
-    return tf.cast(tf.bitcast(bits, tf.int32), tf.float32) * (1.0 / (1 << 24))
-
-
-def pixel_uniform(seeds, shape):
-    """Per-image uniforms in [0, 1): float32 [B, *shape] (24-bit resolution)."""
-    return bits_to_uniform(pixel_bits(seeds, shape))
-
-
-def bits_to_normal(bits, pop_bits: int = 24):
-    """Approximately standard normal values from random uint32 words.
-
-    z = (popcount of `pop_bits` bits - pop_bits/2 + uniform dither) / std: a
-    Binomial(pop_bits, 1/2) (normal by the central limit theorem) smoothed by
-    an 8-bit uniform dither so it is continuous. Mean 0, variance 1, excess
-    kurtosis -0.08 for 24 bits, |z| <= 5.1. It costs one 32-bit draw and a
-    few integer ops: about half of tf.random.stateless_normal (Box-Muller) on
-    a CPU. Uses bits 8..8+pop_bits-1 for the count and bits 0..7 for the dither.
-    """
-    bits = tf.bitcast(bits, tf.int32)  # PopulationCount has no uint32 GPU kernel
-    count = tf.cast(tf.raw_ops.PopulationCount(x=tf.bitwise.bitwise_and(
-        tf.bitwise.right_shift(bits, 8), (1 << pop_bits) - 1)), tf.float32)
-    dither = tf.cast(tf.bitwise.bitwise_and(bits, 255), tf.float32) * (1.0 / 256)
-    std = math.sqrt(pop_bits / 4.0 + 1.0 / 12.0)
-    return (count - (pop_bits / 2.0 - 1.0 / 512 + 0.5) + dither) * (1.0 / std)
-
-
-def pixel_draw(seeds, shape, kind: str = "uniform"):
-    """Per-image noise, float32 [B, *shape]: "uniform" in [0, 1) or "normal"
-    (the fast approximation of bits_to_normal)."""
-    if kind == "uniform":
-        return pixel_uniform(seeds, shape)
-    return bits_to_normal(pixel_bits(seeds, shape))
 
 
 def per_image(values):
     """[B] -> [B, 1, 1, 1] for broadcasting against images."""
     return tf.reshape(values, [-1, 1, 1, 1])
-
-
-def call_unordered(op, images, labels, seeds, index):
-    """Runs op; its outputs may come back in any order of the batch.
-
-    Every row keeps its image, label, seed and `index` (int32 [B], the row's
-    position in the caller's batch) together, so the caller can restore the
-    order once, at the end (`restore_order`), instead of after every OneOf.
-    """
-    if hasattr(op, "call_unordered"):
-        return op.call_unordered(images, labels, seeds, index)
-    images, labels = op(images, labels, seeds)
-    return images, labels, seeds, index
-
-
-@plain
-def run_grouped(branches, choice, images, labels, seeds, index):
-    """Runs branches[i] on the rows with choice == i, without restoring order.
-
-    The rows are sorted by choice (one gather), split into contiguous groups
-    (no copy), each group goes through its branch only, and the groups are
-    concatenated: two passes over the batch, about half of what
-    dynamic_partition + dynamic_stitch cost on a CPU. Returns (images,
-    labels, seeds, index) grouped by branch.
-    """
-    n = len(branches)
-    if n == 1:
-        return call_unordered(branches[0], images, labels, seeds, index)
-    order = tf.argsort(choice, stable=True)
-    sizes = tf.math.bincount(choice, minlength=n, maxlength=n, dtype=tf.int32)
-
-    def groups(t):
-        return tf.split(tf.gather(t, order), sizes, num=n)
-
-    outs = []
-    for op, x, y, s, i in zip(branches, groups(images), groups(labels), groups(seeds),
-                              groups(index)):
-        if not isinstance(op, Identity):
-            x, y, s, i = call_unordered(op, x, y, s, i)
-        outs.append((x, y, s, i))
-    return tuple(tf.concat(list(parts), 0) for parts in zip(*outs))
-
-
-def restore_order(images, labels, index):
-    """Puts rows back in batch order: row j goes to position index[j]."""
-    inverse = tf.math.invert_permutation(index)
-    return tf.gather(images, inverse), tf.gather(labels, inverse)
-
-
-@plain
-def apply_partitioned(branches, choice, images, labels, seeds):
-    """Runs branches[i] on the images with choice == i; results in batch order.
-
-    choice int32 [B] in [0, len(branches)); branches are callables
-    (images, labels, seeds) -> (images, labels) (an Identity is skipped).
-    Each branch computes only its own images.
-    """
-    index = tf.range(tf.shape(images)[0])
-    images, labels, _, index = run_grouped(branches, choice, images, labels, seeds, index)
-    return restore_order(images, labels, index)
 
 
 # ---------------------------------------------------------------- base class
@@ -255,20 +43,24 @@ class Op:
 
     `host` marks ops with no accelerator kernel (JPEG) or that read the
     labels (mirror; the model-side part never sees them); `split_policy`
-    keeps them in the tf.data part.
+    keeps them in the tf.data part. `reads_labels` marks ops whose output
+    depends on the labels: callers that pass no labels refuse them
+    (augment.refuse_label_readers).
     """
     name = "op"
     host = False
+    reads_labels = False
     num_params = 0  # per-image scalars drawn by the base class
     fusible = False  # cheap to run on every image in one XLA kernel
     clips = True    # False where outputs of [0, 255] inputs stay in [0, 255]
+    identity = False  # True for Identity only: a grouped OneOf skips its rows
 
     def __init__(self):
-        self.salt = salt_of(self.name)
+        self.salt = rnd.salt_of(self.name)
 
     def bind(self, path: str):
         """Sets the op's salt from its position in a policy (called by parents)."""
-        self.salt = salt_of(path)
+        self.salt = rnd.salt_of(path)
 
     @plain
     def __call__(self, images, labels, seeds):
@@ -312,7 +104,7 @@ class RangeOp(Op):
 
     def draw(self, u):
         """The per-image parameter, float32 [B]."""
-        return lerp(self.lo, self.hi, u[:, 0])
+        return rnd.lerp(self.lo, self.hi, u[:, 0])
 
     def spec(self):
         return f"{self.name}({_fmt(self.lo, self.hi)})"
@@ -322,6 +114,7 @@ class RangeOp(Op):
 
 class Identity(Op):
     name = "identity"
+    identity = True
 
     @plain
     def __call__(self, images, labels, seeds):
@@ -394,33 +187,33 @@ class _Noise(Op):
         # [S, S, 1] for them and [S, S, 3] only for the per-channel ones.
         def branch(channels):
             def add_noise(x, y, s):
-                s = fold_seeds(s, self.salt)
-                scale = per_image(lerp(self.lo, self.hi, uniforms(s, 1)[:, 0]))
+                s = rnd.fold_seeds(s, self.salt)
+                scale = per_image(rnd.lerp(self.lo, self.hi, rnd.uniforms(s, 1)[:, 0]))
                 shape = tf.concat([tf.shape(x)[1:3], [channels]], 0)
                 return tf.clip_by_value(x + self.sample(s, shape, scale), 0.0, 255.0), y
             return add_noise
 
-        u = uniforms(fold_seeds(seeds, self.salt), 2)
+        u = rnd.uniforms(rnd.fold_seeds(seeds, self.salt), 2)
         shared = tf.cast(u[:, 1] >= self.per_channel, tf.int32)
-        return run_grouped([branch(3), branch(1)], shared, images, labels, seeds, index)
+        return schedule.run_grouped([branch(3), branch(1)], shared, images, labels, seeds, index)
 
     @plain
     def __call__(self, images, labels, seeds):
         index = tf.range(tf.shape(images)[0])
         images, labels, _, index = self.call_unordered(images, labels, seeds, index)
-        return restore_order(images, labels, index)
+        return schedule.restore_order(images, labels, index)
 
     @plain
     def dense(self, images, labels, seeds):
         """The same values, for a fused (XLA) kernel: every image draws
         [S, S, 3] and shared-channel images keep channel 0's noise."""
         images = tf.convert_to_tensor(images, tf.float32)
-        u = uniforms(fold_seeds(seeds, self.salt), 2)
+        u = rnd.uniforms(rnd.fold_seeds(seeds, self.salt), 2)
         shared = per_image(u[:, 1] >= self.per_channel)
 
         def noise(channels):
-            s = fold_seeds(seeds, self.salt)
-            scale = per_image(lerp(self.lo, self.hi, uniforms(s, 1)[:, 0]))
+            s = rnd.fold_seeds(seeds, self.salt)
+            scale = per_image(rnd.lerp(self.lo, self.hi, rnd.uniforms(s, 1)[:, 0]))
             shape = tf.concat([tf.shape(images)[1:3], [channels]], 0)
             return self.sample(s, shape, scale)
 
@@ -439,7 +232,7 @@ class GaussianNoise(_Noise):
     default = (0.02, 0.05 * 255)
 
     def sample(self, seeds, shape, scale):
-        return pixel_draw(seeds, shape, "normal") * scale
+        return rnd.pixel_draw(seeds, shape, "normal") * scale
 
 
 class LaplaceNoise(_Noise):
@@ -448,7 +241,7 @@ class LaplaceNoise(_Noise):
     default = (0.02, 0.05 * 255)
 
     def sample(self, seeds, shape, scale):
-        v = pixel_uniform(seeds, shape) - 0.5  # in [-0.5, 0.5)
+        v = rnd.pixel_uniform(seeds, shape) - 0.5  # in [-0.5, 0.5)
         return -scale * tf.sign(v) * tf.math.log1p(-2.0 * tf.abs(v))
 
 
@@ -462,8 +255,8 @@ class PoissonNoise(_Noise):
     default = (8.0, 16.0)
 
     def sample(self, seeds, shape, lam):
-        bits = pixel_bits(seeds, shape)
-        z = bits_to_normal(tf.bitwise.right_shift(bits, 1), pop_bits=23)
+        bits = rnd.pixel_bits(seeds, shape)
+        z = rnd.bits_to_normal(tf.bitwise.right_shift(bits, 1), pop_bits=23)
         k = tf.maximum(tf.round(lam + tf.sqrt(lam) * z), 0.0)
         # Sign from bit 0 by arithmetic: tf.where is slow on a CPU.
         sign = 1.0 - 2.0 * tf.cast(tf.bitcast(tf.bitwise.bitwise_and(
@@ -503,8 +296,8 @@ class _Replace(Op):
         """The draws `hits` and `hit_pixels` share: (h, w, max_hits, count float32
         [B] hits per image (0 where `chosen` is False), keys [B] of the folded
         seeds, pos int32 [B, max_hits] candidate positions in [0, h w))."""
-        seeds = fold_seeds(seeds, self.salt)
-        u = uniforms(seeds, self.num_params)
+        seeds = rnd.fold_seeds(seeds, self.salt)
+        u = rnd.uniforms(seeds, self.num_params)
         h, w = images.shape[1], images.shape[2]
         lam = self.p * h * w
         sd = math.sqrt(lam * (1.0 - self.p))
@@ -513,11 +306,11 @@ class _Replace(Op):
         count = tf.clip_by_value(tf.round(lam + sd * z), 0.0, float(max_hits))
         if chosen is not None:
             count *= tf.cast(chosen, tf.float32)
-        keys = image_keys(seeds)
-        bits = hash_bits(keys[:, None],
+        keys = rnd.image_keys(seeds)
+        bits = rnd.hash_bits(keys[:, None],
                          tf.constant(np.arange(max_hits, dtype=np.uint32) + np.uint32(1 << 31)))
         # Position: a 24-bit uniform scaled to [0, h w).
-        pos = tf.cast(tf.floor(bits_to_uniform(bits) * (h * w)), tf.int32)
+        pos = tf.cast(tf.floor(rnd.bits_to_uniform(bits) * (h * w)), tf.int32)
         return h, w, max_hits, count, keys, tf.minimum(pos, h * w - 1)
 
     def hits(self, images, seeds, chosen=None):
@@ -530,7 +323,7 @@ class _Replace(Op):
         image = tf.cast(where[:, 0], tf.int32)
         pos = tf.gather_nd(pos, where)
         # The value comes from the position's own hash: equal for duplicates.
-        value = self.value(bits_to_uniform(hash_bits(tf.gather(keys, image),
+        value = self.value(rnd.bits_to_uniform(rnd.hash_bits(tf.gather(keys, image),
                                                      tf.bitcast(pos, tf.uint32))))
         return tf.stack([image, pos // w, pos % w], 1), value
 
@@ -538,8 +331,8 @@ class _Replace(Op):
     def __call__(self, images, labels, seeds):
         images = tf.convert_to_tensor(images, tf.float32)
         if not self.sparse_ok(images):
-            return self.transform_dense(images, fold_seeds(seeds, self.salt)), labels
-        return scatter_hits(images, [self.hits(images, seeds)]), labels
+            return self.transform_dense(images, rnd.fold_seeds(seeds, self.salt)), labels
+        return schedule.scatter_hits(images, [self.hits(images, seeds)]), labels
 
     def hit_pixels(self, images, seeds, chosen=None):
         """The hits of `hits` as dense per-pixel arrays, static shapes only:
@@ -554,35 +347,23 @@ class _Replace(Op):
         flat = tf.reshape(tf.range(b)[:, None] * (h * w) + pos, [-1, 1])
         hit = tf.scatter_nd(flat, tf.reshape(keep, [-1]), [b * h * w]) > 0.0
         counters = tf.constant(np.arange(h * w, dtype=np.uint32))
-        value = self.value(bits_to_uniform(hash_bits(keys[:, None], counters[None, :])))
+        value = self.value(rnd.bits_to_uniform(rnd.hash_bits(keys[:, None], counters[None, :])))
         return tf.reshape(hit, [-1, h, w, 1]), tf.reshape(value, [-1, h, w, 1])
 
     @plain
     def call_static(self, images, labels, seeds):
         images = tf.convert_to_tensor(images, tf.float32)
         if not self.sparse_ok(images):
-            return self.transform_dense(images, fold_seeds(seeds, self.salt)), labels
+            return self.transform_dense(images, rnd.fold_seeds(seeds, self.salt)), labels
         hit, value = self.hit_pixels(images, seeds)
         return tf.where(hit, value, images), labels
 
     def transform_dense(self, images, seeds):
         """One uniform per pixel: for unknown sizes and large p."""
         shape = tf.concat([tf.shape(images)[1:3], [1]], 0)
-        v = pixel_uniform(seeds, shape)
+        v = rnd.pixel_uniform(seeds, shape)
         # Given a hit, v / p is again uniform in [0, 1): reuse it for the value.
         return tf.where(v < self.p, self.value(v / max(self.p, 1e-12)), images)
-
-
-def scatter_hits(images, hit_lists):
-    """Writes (index [K, 3], value [K]) hit lists into images, all channels.
-
-    Duplicate positions carry equal values, so the update order is moot.
-    """
-    index = tf.concat([i for i, _ in hit_lists], 0)
-    value = tf.concat([v for _, v in hit_lists], 0)
-    channels = images.shape[3] or tf.shape(images)[3]
-    return tf.tensor_scatter_nd_update(images, index,
-                                       tf.tile(value[:, None], tf.stack([1, channels])))
 
 
 def _arcsine_low(w):
@@ -641,7 +422,7 @@ class FrequencyBlend(Op):
 
     def mask(self, seeds, exponent, size):
         g = self.grid
-        noise = pixel_draw(seeds, [g, g], "normal")
+        noise = rnd.pixel_draw(seeds, [g, g], "normal")
         f = np.fft.fftfreq(g)
         radius = np.sqrt(f[:, None] ** 2 + f[None, :] ** 2)
         radius[0, 0] = 1.0 / g  # keep the mean finite
@@ -656,9 +437,9 @@ class FrequencyBlend(Op):
         return tf.image.resize(field[..., None], size, method="bilinear")
 
     def transform(self, images, seeds, u):
-        m = per_image(lerp(*self.mul, u[:, 0]))
-        c = per_image(lerp(*self.con, u[:, 1]))
-        a = self.mask(seeds, lerp(*self.exponent, u[:, 2]), tf.shape(images)[1:3])
+        m = per_image(rnd.lerp(*self.mul, u[:, 0]))
+        c = per_image(rnd.lerp(*self.con, u[:, 1]))
+        a = self.mask(seeds, rnd.lerp(*self.exponent, u[:, 2]), tf.shape(images)[1:3])
         return _blend(images, a, m, c)
 
     @plain
@@ -666,11 +447,11 @@ class FrequencyBlend(Op):
         """The op on the images where chosen (bool [B]), identity elsewhere:
         masks for the whole batch (small FFTs), then one fused XLA pass."""
         images = tf.convert_to_tensor(images, tf.float32)
-        seeds = fold_seeds(seeds, self.salt)
-        u = uniforms(seeds, self.num_params)
-        m = per_image(lerp(*self.mul, u[:, 0]))
-        c = per_image(lerp(*self.con, u[:, 1]))
-        a = self.mask(seeds, lerp(*self.exponent, u[:, 2]), tf.shape(images)[1:3])
+        seeds = rnd.fold_seeds(seeds, self.salt)
+        u = rnd.uniforms(seeds, self.num_params)
+        m = per_image(rnd.lerp(*self.mul, u[:, 0]))
+        c = per_image(rnd.lerp(*self.con, u[:, 1]))
+        a = self.mask(seeds, rnd.lerp(*self.exponent, u[:, 2]), tf.shape(images)[1:3])
         return _blend_masked(images, a, m, c, per_image(tf.cast(chosen, tf.float32))), labels
 
 
@@ -688,147 +469,18 @@ def _blend_masked(images, a, m, c, chosen):
 
 # ---------------------------------------------------------------- blurs
 
-def reflect_pad(images, ph: int, pw: int):
-    """Reflect padding (cv2 BORDER_REFLECT_101) of the two spatial axes.
-
-    Built from slices so that it also accepts an empty batch (MirrorPad
-    rejects a zero-sized batch axis).
-    """
-    x = images
-    if ph:
-        x = tf.concat([tf.reverse(x[:, 1:ph + 1], [1]), x, tf.reverse(x[:, -ph - 1:-1], [1])], 1)
-    if pw:
-        x = tf.concat([tf.reverse(x[:, :, 1:pw + 1], [2]), x,
-                       tf.reverse(x[:, :, -pw - 1:-1], [2])], 2)
-    return x
-
-
-def _fold(x):
-    """[B, H, W, C] -> [1, H, W, B*C]: the batch into the channels."""
-    shape = tf.shape(x)
-    return tf.reshape(tf.transpose(x, [1, 2, 0, 3]), [1, shape[1], shape[2], shape[0] * shape[3]])
-
-
-def _unfold(y, b, c):
-    """[1, H, W, B*C] -> [B, H, W, C]."""
-    shape = tf.shape(y)
-    return tf.transpose(tf.reshape(y, [shape[1], shape[2], b, c]), [2, 0, 1, 3])
-
-
-def _depthwise_folded(x, kernels, c):
-    """VALID depthwise convolution of a folded batch with per-image kernels
-    [B, kh, kw] (each image's kernel repeated over its c channels)."""
-    kh, kw = kernels.shape[1], kernels.shape[2]
-    b = tf.shape(kernels)[0]
-    f = tf.transpose(kernels, [1, 2, 0])[:, :, :, None]
-    f = tf.reshape(tf.broadcast_to(f, [kh, kw, b, c]), [kh, kw, b * c, 1])
-    # One zero channel group extra: a depthwise filter may not be empty (a
-    # OneOf branch can get no images).
-    shape = tf.shape(x)
-    x = tf.concat([x, tf.zeros([1, shape[1], shape[2], c])], 3)
-    f = tf.concat([f, tf.zeros([kh, kw, c, 1])], 2)
-    return tf.nn.depthwise_conv2d(x, f, [1, 1, 1, 1], "VALID")[..., :b * c]
-
-
-def convolve_per_image(images, kernels):
-    """Each image convolved with its own 2-D kernel, reflect padding.
-
-    images float32 [B, H, W, C]; kernels float32 [B, kh, kw] (kh, kw static,
-    odd). The batch is folded into the channels of ONE depthwise convolution:
-    [B, H, W, C] -> [1, H, W, B*C] with a [kh, kw, B*C, 1] filter.
-    """
-    kh, kw = kernels.shape[1], kernels.shape[2]
-    b, c = tf.shape(images)[0], images.shape[3]
-    x = _fold(reflect_pad(images, kh // 2, kw // 2))
-    return _unfold(_depthwise_folded(x, kernels, c), b, c)
-
-
-def convolve_separable(images, kernels):
-    """Each image convolved with its own separable kernel k k^T ([B, K], K
-    odd), reflect padding: two 1-D depthwise passes in one folded layout."""
-    k = kernels.shape[1]
-    b, c = tf.shape(images)[0], images.shape[3]
-    x = _fold(reflect_pad(images, k // 2, k // 2))
-    x = _depthwise_folded(x, tf.reshape(kernels, [-1, 1, k]), c)
-    x = _depthwise_folded(x, tf.reshape(kernels, [-1, k, 1]), c)
-    return _unfold(x, b, c)
-
-
-def convolve_taps(images, kernels):
-    """convolve_per_image as a sum of shifted, per-image weighted copies of the
-    reflect-padded images (kh kw taps, [B, kh, kw] kernels): elementwise work
-    that XLA fuses into one pass. The static schedule's form: XLA's CPU
-    backend runs the batch-folded depthwise convolution ~20x slower."""
-    kh, kw = kernels.shape[1], kernels.shape[2]
-    h, w = tf.shape(images)[1], tf.shape(images)[2]
-    x = reflect_pad(images, kh // 2, kw // 2)
-    out = None
-    for i in range(kh):
-        for j in range(kw):
-            term = per_image(kernels[:, i, j]) * x[:, i:i + h, j:j + w, :]
-            out = term if out is None else out + term
-    return out
-
-
-def convolve_separable_taps(images, kernels):
-    """convolve_separable as two tap sums ([B, K] kernels), for XLA."""
-    k = kernels.shape[1]
-    x = convolve_taps(images, tf.reshape(kernels, [-1, 1, k]))
-    return convolve_taps(x, tf.reshape(kernels, [-1, k, 1]))
-
-
-def gaussian_kernels(sigma, size: int):
-    """Normalised 1-D Gaussians, float32 [B, size], one per sigma [B]."""
-    x = tf.range(size, dtype=tf.float32) - (size - 1) / 2.0
-    g = tf.exp(-0.5 * tf.square(x[None, :] / sigma[:, None]))
-    return g / tf.reduce_sum(g, 1, keepdims=True)
-
-
-def box_kernels(k, size: int):
-    """1-D box filters of odd length k [B] (int32) centred in `size` taps."""
-    x = tf.abs(tf.range(size, dtype=tf.int32) - size // 2)
-    inside = tf.cast(x[None, :] <= k[:, None] // 2, tf.float32)
-    return inside / tf.reduce_sum(inside, 1, keepdims=True)
-
-
-def motion_kernels(k, angle_deg, size: int):
-    """Line kernels of length k [B] (int32) at any angle [B] (degrees, counter-
-    clockwise from the x axis), centred in a size x size grid: float32
-    [B, size, size], each summing to 1.
-
-    In the line's own frame a tap at (along, across) gets the length of the
-    segment [-k/2, k/2] inside its unit cell along the line, times a tent
-    max(0, 1 - |across|) across it: the k-pixel box line that imgaug's
-    MotionBlur rotates with bilinear interpolation, in closed form. At 0 and
-    90 degrees it is exactly k taps of 1/k.
-    """
-    c = (size - 1) / 2.0
-    grid = tf.range(size, dtype=tf.float32) - c
-    gx = grid[None, None, :]          # column offset, x to the right
-    gy = -grid[None, :, None]         # row offset, y up
-    rad = angle_deg * (math.pi / 180.0)
-    cos = tf.reshape(tf.cos(rad), [-1, 1, 1])
-    sin = tf.reshape(tf.sin(rad), [-1, 1, 1])
-    along = gx * cos + gy * sin
-    across = -gx * sin + gy * cos
-    half = tf.reshape(tf.cast(k, tf.float32), [-1, 1, 1]) / 2.0
-    kern = (tf.clip_by_value(half + 0.5 - tf.abs(along), 0.0, 1.0)
-            * tf.nn.relu(1.0 - tf.abs(across)))
-    return kern / tf.reduce_sum(kern, [1, 2], keepdims=True)
-
-
 class GaussianBlur(RangeOp):
     """Gaussian blur, sigma in [lo, hi] output pixels per image (separable)."""
     name = "gaussian_blur"
     default = (0.5, 1.0)
 
-    def transform(self, images, seeds, u, convolve=convolve_separable):
+    def transform(self, images, seeds, u, convolve=filters.convolve_separable):
         size = 2 * max(1, math.ceil(3 * self.hi)) + 1
-        return convolve(images, gaussian_kernels(tf.maximum(self.draw(u), 1e-3), size))
+        return convolve(images, filters.gaussian_kernels(tf.maximum(self.draw(u), 1e-3), size))
 
     @plain
     def call_static(self, images, labels, seeds):
-        return _call_with(self, images, labels, seeds, convolve=convolve_separable_taps)
+        return _call_with(self, images, labels, seeds, convolve=filters.convolve_separable_taps)
 
 
 class AverageBlur(Op):
@@ -846,16 +498,16 @@ class AverageBlur(Op):
     def spec(self):
         return f"{self.name}({self.lo},{self.hi})"
 
-    def transform(self, images, seeds, u, convolve=convolve_separable):
+    def transform(self, images, seeds, u, convolve=filters.convolve_separable):
         if self.lo == self.hi:  # one size for all: a pooling pass is cheaper
             p = self.lo // 2
-            return tf.nn.avg_pool2d(reflect_pad(images, p, p), self.lo, 1, "VALID")
-        k = self.lo + 2 * randint(0, (self.hi - self.lo) // 2, u[:, 0])
-        return convolve(images, box_kernels(k, self.hi))
+            return tf.nn.avg_pool2d(filters.reflect_pad(images, p, p), self.lo, 1, "VALID")
+        k = self.lo + 2 * rnd.randint(0, (self.hi - self.lo) // 2, u[:, 0])
+        return convolve(images, filters.box_kernels(k, self.hi))
 
     @plain
     def call_static(self, images, labels, seeds):
-        return _call_with(self, images, labels, seeds, convolve=convolve_separable_taps)
+        return _call_with(self, images, labels, seeds, convolve=filters.convolve_separable_taps)
 
 
 class MotionBlur(Op):
@@ -873,88 +525,29 @@ class MotionBlur(Op):
     def spec(self):
         return f"{self.name}({self.lo},{self.hi})"
 
-    def transform(self, images, seeds, u, convolve=convolve_per_image):
+    def transform(self, images, seeds, u, convolve=filters.convolve_per_image):
         size = self.hi if self.hi % 2 else self.hi + 1
-        k = randint(self.lo, self.hi, u[:, 0])
-        return convolve(images, motion_kernels(k, 360.0 * u[:, 1], size))
+        k = rnd.randint(self.lo, self.hi, u[:, 0])
+        return convolve(images, filters.motion_kernels(k, 360.0 * u[:, 1], size))
 
     @plain
     def call_static(self, images, labels, seeds):
-        return _call_with(self, images, labels, seeds, convolve=convolve_taps)
+        return _call_with(self, images, labels, seeds, convolve=filters.convolve_taps)
 
 
 def _call_with(op, images, labels, seeds, **transform_args):
     """Op.__call__: fold the seeds, draw the per-image parameters, transform,
     clip; `transform_args` go to transform (the blurs' static forms)."""
     images = tf.convert_to_tensor(images, tf.float32)
-    seeds = fold_seeds(seeds, op.salt)
-    u = uniforms(seeds, op.num_params) if op.num_params else None
+    seeds = rnd.fold_seeds(seeds, op.salt)
+    u = rnd.uniforms(seeds, op.num_params) if op.num_params else None
     out = op.transform(images, seeds, u, **transform_args)
     return (tf.clip_by_value(out, 0.0, 255.0) if op.clips else out), labels
 
 
-def _shifted(images, k: int):
-    """The k*k shifted views of reflect-padded images (each [B, H, W, C])."""
-    p = k // 2
-    x = reflect_pad(images, p, p)
-    h, w = tf.shape(images)[1], tf.shape(images)[2]
-    return [x[:, i:i + h, j:j + w, :] for i in range(k) for j in range(k)]
-
-
-def _med3(a, b, c):
-    return tf.maximum(tf.minimum(a, b), tf.minimum(tf.maximum(a, b), c))
-
-
-def median3(images):
-    """Exact 3x3 median per channel (reflect border).
-
-    Sort every vertical triple once (shared by the three windows that hold
-    it); the 3x3 median is then med3(max of the three lows, med3 of the three
-    middles, min of the three highs) over horizontally adjacent columns, the
-    max and min by 1x3 max-pooling (one fused pass each).
-    """
-    h, w = tf.shape(images)[1], tf.shape(images)[2]
-    x = reflect_pad(images, 1, 1)
-    a, b, c = x[:, 0:h], x[:, 1:h + 1], x[:, 2:h + 2]      # [B, H, W + 2, C]
-    lo, hi = tf.minimum(a, b), tf.maximum(a, b)
-    mid = tf.maximum(lo, tf.minimum(hi, c))
-    lo, hi = tf.minimum(lo, c), tf.maximum(hi, c)
-    max_lo = tf.nn.max_pool2d(lo, [1, 3], 1, "VALID")
-    min_hi = -tf.nn.max_pool2d(-hi, [1, 3], 1, "VALID")
-    return _med3(max_lo, _med3(mid[:, :, 0:w], mid[:, :, 1:w + 1], mid[:, :, 2:w + 2]), min_hi)
-
-
-def median_forgetful(images, k: int):
-    """Exact k x k median (k odd) by forgetful selection: keep n//2 + 2
-    candidates, repeatedly drop the current min and max and take in the next
-    value. O(n^2 / 2) min/max ops instead of a full sort; used for k >= 5."""
-    vals = _shifted(images, k)
-    n = len(vals)
-    r = n // 2 + 2
-    pool, rest = vals[:r], vals[r:]
-    while True:
-        # Move the min to pool[0] and the max to pool[-1] by one pass each.
-        for i in range(1, len(pool)):
-            pool[0], pool[i] = tf.minimum(pool[0], pool[i]), tf.maximum(pool[0], pool[i])
-        for i in range(1, len(pool) - 1):
-            pool[i], pool[-1] = tf.minimum(pool[i], pool[-1]), tf.maximum(pool[i], pool[-1])
-        pool = pool[1:-1]
-        if not rest:
-            break
-        pool.append(rest.pop(0))
-    # Remaining pool: odd length with the median in the middle of its order.
-    while len(pool) > 1:
-        for i in range(1, len(pool)):
-            pool[0], pool[i] = tf.minimum(pool[0], pool[i]), tf.maximum(pool[0], pool[i])
-        for i in range(1, len(pool) - 1):
-            pool[i], pool[-1] = tf.minimum(pool[i], pool[-1]), tf.maximum(pool[i], pool[-1])
-        pool = pool[1:-1]
-    return pool[0]
-
-
 class MedianBlur(Op):
     """Median blur with a fixed odd size k, exact (3: shared column sorts and
-    max-pools; 5, 7: forgetful selection), XLA-compiled (run_xla_bucketed)."""
+    max-pools; 5, 7: forgetful selection), XLA-compiled (filters.run_xla_bucketed)."""
     clips = False
     name = "median_blur"
 
@@ -968,36 +561,12 @@ class MedianBlur(Op):
         return f"{self.name}({self.k})"
 
     def transform(self, images, seeds, u):
-        return run_xla_bucketed(_MEDIAN_XLA[self.k], images)
+        return filters.run_xla_bucketed(filters.MEDIAN_XLA[self.k], images)
 
     @plain
     def call_static(self, images, labels, seeds):
         # One shape per batch already: no padding to buckets.
-        return _MEDIAN_XLA[self.k](tf.convert_to_tensor(images, tf.float32)), labels
-
-
-_MEDIAN_XLA = {
-    3: tf.function(median3, jit_compile=True, reduce_retracing=True, autograph=False),
-    5: tf.function(lambda x: median_forgetful(x, 5), jit_compile=True, reduce_retracing=True,
-                   autograph=False),
-    7: tf.function(lambda x: median_forgetful(x, 7), jit_compile=True, reduce_retracing=True,
-                   autograph=False),
-}
-
-
-@plain
-def run_xla_bucketed(fn, images, bucket: int = 8):
-    """fn(images) for an XLA-compiled fn, with the batch zero-padded to a
-    multiple of `bucket`: a OneOf hands a branch a different number of images
-    every batch, and XLA compiles once per shape, so this bounds the
-    compilations (9 shapes for batches of 64) for a few padded rows.
-
-    XLA fuses the median's min/max network into one pass: ~3x faster on a CPU.
-    """
-    n = tf.shape(images)[0]
-    padded = (n + bucket - 1) // bucket * bucket
-    pad = tf.zeros(tf.concat([[padded - n], tf.shape(images)[1:]], 0), images.dtype)
-    return fn(tf.concat([images, pad], 0))[:n]
+        return filters.MEDIAN_XLA[self.k](tf.convert_to_tensor(images, tf.float32)), labels
 
 
 # ---------------------------------------------------------------- JPEG (host)
@@ -1025,7 +594,7 @@ class Jpeg(Op):
         return f"{self.name}({self.lo},{self.hi})"
 
     def transform(self, images, seeds, u):
-        quality = randint(self.lo, self.hi, u[:, 0])
+        quality = rnd.randint(self.lo, self.hi, u[:, 0])
         pixels = tf.cast(tf.round(tf.clip_by_value(images, 0.0, 255.0)), tf.uint8)
 
         def one(args):
@@ -1067,7 +636,7 @@ class ChannelGamma(Op):
         return f"{self.name}({_fmt(self.lo, self.hi)})"
 
     def transform(self, images, seeds, u):
-        g = tf.reshape(lerp(self.lo, self.hi, u), [-1, 1, 1, 3])
+        g = tf.reshape(rnd.lerp(self.lo, self.hi, u), [-1, 1, 1, 3])
         return 255.0 * tf.exp(g * tf.math.log(images / 255.0))
 
 
@@ -1088,8 +657,8 @@ class SigmoidContrast(Op):
         return f"{self.name}({_fmt(*self.gain, *self.cutoff)})"
 
     def transform(self, images, seeds, u):
-        gain = per_image(lerp(*self.gain, u[:, 0]))
-        cutoff = per_image(lerp(*self.cutoff, u[:, 1]))
+        gain = per_image(rnd.lerp(*self.gain, u[:, 0]))
+        cutoff = per_image(rnd.lerp(*self.cutoff, u[:, 1]))
         return 255.0 * tf.sigmoid(gain * (images / 255.0 - cutoff))
 
 
@@ -1116,84 +685,6 @@ class LinearContrast(RangeOp):
 
 # ---------------------------------------------------------------- geometry
 
-def rotation_transforms(angle_deg, height, width):
-    """Projective transforms [B, 8] (output -> input coordinates) that turn
-    each image by angle_deg [B] degrees counter-clockwise about its centre."""
-    a = angle_deg * (math.pi / 180.0)
-    cos, sin = tf.cos(a), tf.sin(a)
-    cx = (tf.cast(width, tf.float32) - 1.0) / 2.0
-    cy = (tf.cast(height, tf.float32) - 1.0) / 2.0
-    # Input point for output (x, y): rotate (x - cx, y - cy) back by the angle
-    # (y points down, so a counter-clockwise turn on screen is -a in (x, y)).
-    a0, a1 = cos, -sin
-    b0, b1 = sin, cos
-    a2 = cx - a0 * cx - a1 * cy
-    b2 = cy - b0 * cx - b1 * cy
-    zeros = tf.zeros_like(a)
-    return tf.stack([a0, a1, a2, b0, b1, b2, zeros, zeros], 1)
-
-
-@tf.function(jit_compile=True, reduce_retracing=True, autograph=False)
-def rotate_bilinear(images, angle_deg):
-    """Turns each image by its angle (degrees, counter-clockwise) about its
-    centre; bilinear, edge fill (source coordinates clamped to the image, as
-    ImageProjectiveTransformV3's fill_mode NEAREST: no empty corners).
-
-    images float32 [B, H, W, C]; angle_deg float32 [B]. Angle 0 returns the
-    image exactly. XLA-compiled: the coordinate maths, the four gathers and
-    the interpolation fuse into one loop, ~5x faster on a CPU than
-    ImageProjectiveTransformV3 (whose CPU kernel is a per-pixel functor).
-    """
-    shape = tf.shape(images)
-    return _affine_bilinear(images, rotation_transforms(angle_deg, shape[1], shape[2]))
-
-
-def window_transforms(scale, x0, y0):
-    """Transforms [B, 8] that stretch the square window with corner (x0, y0)
-    and side scale x (size - 1) pixels (pixel-centre coordinates) over the
-    whole image: output (x, y) reads input (x0 + scale x, y0 + scale y)."""
-    zeros = tf.zeros_like(scale)
-    return tf.stack([scale, zeros, x0, zeros, scale, y0, zeros, zeros], 1)
-
-
-@tf.function(jit_compile=True, reduce_retracing=True, autograph=False)
-def zoom_window(images, scale, x0, y0):
-    """Each image's window (window_transforms) stretched over the image, bilinear.
-
-    images float32 [B, H, W, C]; scale, x0, y0 float32 [B], scale in (0, 1],
-    the window inside the image: 0 <= x0 <= (1 - scale)(W - 1), likewise y0.
-    scale 1 at (0, 0) returns the image exactly.
-    """
-    return _affine_bilinear(images, window_transforms(scale, x0, y0))
-
-
-def _affine_bilinear(images, t):
-    """Samples images [B, H, W, C] at the input points of transforms t [B, 8]
-    (output -> input, the first six entries), bilinear, coordinates clamped to
-    the image. Traced inside the XLA functions above."""
-    b, h, w, c = tf.unstack(tf.shape(images))
-    hf, wf = tf.cast(h, tf.float32), tf.cast(w, tf.float32)
-    yy = tf.range(hf)[None, :, None]
-    xx = tf.range(wf)[None, None, :]
-    a0, a1, a2, b0, b1, b2 = [tf.reshape(t[:, i], [-1, 1, 1]) for i in range(6)]
-    sx = tf.clip_by_value(a0 * xx + a1 * yy + a2, 0.0, wf - 1.0)
-    sy = tf.clip_by_value(b0 * xx + b1 * yy + b2, 0.0, hf - 1.0)
-    x0, y0 = tf.floor(sx), tf.floor(sy)
-    fx, fy = (sx - x0)[..., None], (sy - y0)[..., None]
-    x0, y0 = tf.cast(x0, tf.int32), tf.cast(y0, tf.int32)
-    x1, y1 = tf.minimum(x0 + 1, w - 1), tf.minimum(y0 + 1, h - 1)
-    flat = tf.reshape(images, [-1, c])
-    base = tf.reshape(tf.range(b) * h * w, [-1, 1, 1])
-
-    def pick(yi, xi):
-        return tf.gather(flat, base + yi * w + xi)
-
-    p00, p01, p10, p11 = pick(y0, x0), pick(y0, x1), pick(y1, x0), pick(y1, x1)
-    top = p00 + fx * (p01 - p00)
-    bottom = p10 + fx * (p11 - p10)
-    return top + fy * (bottom - top)
-
-
 class Rotate(RangeOp):
     """Small rotation, angle uniform in [lo, hi] degrees per image, bilinear,
     edge fill (no empty corners). Labels unchanged: the turn is far below a
@@ -1204,15 +695,15 @@ class Rotate(RangeOp):
     default = (-2.0, 2.0)
 
     def transform(self, images, seeds, u):
-        return rotate_bilinear(images, self.draw(u))
+        return filters.rotate_bilinear(images, self.draw(u))
 
     @plain
     def call_masked(self, images, labels, seeds, chosen):
         """The op on the images where chosen (bool [B]), identity elsewhere."""
         images = tf.convert_to_tensor(images, tf.float32)
-        u = uniforms(fold_seeds(seeds, self.salt), self.num_params)
+        u = rnd.uniforms(rnd.fold_seeds(seeds, self.salt), self.num_params)
         angle = self.draw(u) * tf.cast(chosen, tf.float32)
-        return tf.clip_by_value(rotate_bilinear(images, angle), 0.0, 255.0), labels
+        return tf.clip_by_value(filters.rotate_bilinear(images, angle), 0.0, 255.0), labels
 
 
 class Zoom(RangeOp):
@@ -1242,7 +733,7 @@ class Zoom(RangeOp):
         room = 1.0 - scale
         x0 = u[:, 1] * room * (tf.cast(shape[2], tf.float32) - 1.0)
         y0 = u[:, 2] * room * (tf.cast(shape[1], tf.float32) - 1.0)
-        return zoom_window(images, scale, x0, y0)
+        return filters.zoom_window(images, scale, x0, y0)
 
 
 class Mirror(Op):
@@ -1259,6 +750,7 @@ class Mirror(Op):
     """
     name = "mirror"
     host = True
+    reads_labels = True
     clips = False
 
     def __init__(self, p=0.5):
@@ -1273,7 +765,7 @@ class Mirror(Op):
     @plain
     def __call__(self, images, labels, seeds):
         images = tf.convert_to_tensor(images, tf.float32)
-        u = uniforms(fold_seeds(seeds, self.salt), 1)[:, 0]
+        u = rnd.uniforms(rnd.fold_seeds(seeds, self.salt), 1)[:, 0]
         odd = per_image(tf.equal(tf.math.floormod(labels, 2), 1))
         mirrored = tf.where(odd, tf.reverse(images, [1]), tf.reverse(images, [2]))
         return tf.where(per_image(u < self.p), mirrored, images), labels

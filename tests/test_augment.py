@@ -1,9 +1,9 @@
-"""Tests for pipeline/augment.py and pipeline/augment_ops.py: values, not shapes."""
+"""Tests for pipeline/augment.py, augment_ops.py and image_filters.py: values, not shapes."""
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from upright.pipeline import augment, augment_ops as ao
+from upright.pipeline import augment, augment_ops as ao, image_filters
 from tests import helpers
 
 
@@ -86,12 +86,12 @@ def test_dropout_pepper_salt_with_p_one():
 
 
 def test_box_and_motion_kernels_sum_to_one():
-    k = ao.box_kernels(tf.constant([1, 3, 5]), 5).numpy()
+    k = image_filters.box_kernels(tf.constant([1, 3, 5]), 5).numpy()
     np.testing.assert_allclose(k.sum(1), 1.0, rtol=1e-6)
     np.testing.assert_allclose(k[1], [0, 1 / 3, 1 / 3, 1 / 3, 0], rtol=1e-6)
     lengths = tf.constant([3, 5, 4, 5, 3], tf.int32)
     angles = tf.constant([0.0, 90.0, 45.0, 213.0, 359.0])
-    m = ao.motion_kernels(lengths, angles, 5).numpy()
+    m = image_filters.motion_kernels(lengths, angles, 5).numpy()
     np.testing.assert_allclose(m.sum((1, 2)), 1.0, rtol=1e-5)
     # Angle 0: a horizontal line through the centre; 90: a vertical one.
     np.testing.assert_allclose(m[0][2, 1:4], 1 / 3, atol=1e-6)
@@ -108,7 +108,8 @@ def test_convolve_per_image_uses_each_images_kernel():
     delta[1, 1] = 1
     shift = np.zeros([3, 3], np.float32)
     shift[1, 2] = 1  # out[i, j] = x[i, j + 1] (cross-correlation)
-    out = ao.convolve_per_image(tf.constant(x), tf.constant(np.stack([delta, shift]))).numpy()
+    out = image_filters.convolve_per_image(tf.constant(x),
+                                           tf.constant(np.stack([delta, shift]))).numpy()
     np.testing.assert_allclose(out[0], x[0], atol=1e-4)
     np.testing.assert_allclose(out[1][:, :5], x[1][:, 1:], atol=1e-4)
     np.testing.assert_allclose(out[1][:, 5], x[1][:, 4], atol=1e-4)  # reflect border
@@ -170,8 +171,8 @@ def test_rotate_small_angle_leaves_no_empty_corners():
 def test_rotate_matches_projective_transform_and_sometimes_keeps_the_rest():
     x = _images(6, 24)
     angle = tf.constant([-2.0, -1.0, 0.0, 0.5, 1.5, 2.0])
-    ours = ao.rotate_bilinear(tf.constant(x), angle).numpy()
-    t = ao.rotation_transforms(angle, 24, 24)
+    ours = image_filters.rotate_bilinear(tf.constant(x), angle).numpy()
+    t = image_filters.rotation_transforms(angle, 24, 24)
     want = tf.raw_ops.ImageProjectiveTransformV3(
         images=x, transforms=t, output_shape=[24, 24], fill_value=0.0,
         interpolation="BILINEAR", fill_mode="NEAREST").numpy()
@@ -231,8 +232,8 @@ def test_zoom_stretches_a_window_and_commutes_with_quarter_turns():
     size = 16
     ramp = np.tile((10.0 * np.arange(size, dtype=np.float32))[None, None, :, None],
                    [2, size, 1, 3])                         # value = 10 x column
-    out = ao.zoom_window(tf.constant(ramp), tf.constant([0.5, 1.0]), tf.constant([3.0, 0.0]),
-                         tf.constant([2.0, 0.0])).numpy()
+    out = image_filters.zoom_window(tf.constant(ramp), tf.constant([0.5, 1.0]),
+                                    tf.constant([3.0, 0.0]), tf.constant([2.0, 0.0])).numpy()
     np.testing.assert_allclose(out[0, 5], 10.0 * (3.0 + 0.5 * np.arange(size))[:, None]
                                * np.ones(3), atol=1e-3)
     np.testing.assert_array_equal(out[1], ramp[1])          # the whole image: exact
@@ -245,8 +246,8 @@ def test_zoom_stretches_a_window_and_commutes_with_quarter_turns():
 
     def zoom(images, x0, y0):
         n = len(images)
-        return ao.zoom_window(tf.constant(images), tf.fill([n], scale), tf.fill([n], x0),
-                              tf.fill([n], y0)).numpy()
+        return image_filters.zoom_window(tf.constant(images), tf.fill([n], scale),
+                                         tf.fill([n], x0), tf.fill([n], y0)).numpy()
 
     turned = np.rot90(x, 1, axes=(1, 2)).copy()
     np.testing.assert_allclose(zoom(turned, x0, y0),

@@ -8,7 +8,7 @@ at a time with the op list closest to upright's default policy (see
 pipeline/augment.py DEFAULT_SPEC), run in worker processes the way it is
 combined with tf.data today (a multiprocessing pool or a py_function per
 image). Images are already decoded uint8 arrays, so this measures the
-augmentation alone, like augment.benchmark_ops.
+augmentation alone, like bench_input.benchmark_ops.
 
 Where albumentations has no equivalent op, the closest cheap stand-in is used
 and marked below; the stand-ins are at most as costly as the originals, so

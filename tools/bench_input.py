@@ -82,6 +82,99 @@ def decoded_sample(records, split, image_size, count):
     return np.clip(np.round(images.numpy()), 0, 255).astype(np.uint8)
 
 
+# ---------------------------------------------------------------- per-op cost table
+
+def _leaves(op):
+    """(label, op) for every leaf op of a policy, in order."""
+    from upright.pipeline import augment, augment_ops
+    if isinstance(op, (augment.Sequential, augment.OneOf)):
+        out = []
+        for child in op.ops:
+            out.extend(_leaves(child))
+        return out
+    return [] if isinstance(op, augment_ops.Identity) else [(op.spec(), op)]
+
+
+def time_op(op, images, seeds, *, num_batches=20, warmup=3, num_parallel_calls=None):
+    """Speed of `op` mapped over batches inside a tf.data pipeline.
+
+    images float32 [B, S, S, 3] in [0, 255] (already decoded: one batch reused,
+    with fresh seeds for every batch); seeds int32 [B, 2].
+    Returns (images per second of wall time, CPU milliseconds per image). The
+    CPU time counts this process only, so it stays meaningful when other
+    processes share the cores; cores / (CPU s per image) bounds images/s.
+    """
+    import tensorflow as tf
+    images = tf.convert_to_tensor(images, tf.float32)
+    seeds = tf.convert_to_tensor(seeds, tf.int32)
+    labels = tf.zeros(tf.shape(images)[:1], tf.int32)
+    batch = int(images.shape[0])
+
+    def make(i):
+        step = tf.cast(i, tf.int32) * tf.constant([1, 7919], tf.int32)
+        return images, labels, seeds + step
+
+    ds = (tf.data.Dataset.range(warmup + num_batches)
+          .map(make)
+          .map(op, num_parallel_calls=num_parallel_calls or tf.data.AUTOTUNE)
+          .prefetch(2))
+    it = iter(ds)
+    for _ in range(warmup):
+        next(it)
+    wall, cpu = time.perf_counter(), time.process_time()
+    for _ in range(num_batches):
+        next(it)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    n = batch * num_batches
+    return n / wall, 1000.0 * cpu / n
+
+
+def benchmark_ops(images, seeds, *, spec="default", num_batches=20, warmup=10,
+                  num_parallel_calls=None, leaves=True):
+    """A per-op cost table for a policy: list of (label, images/s, CPU ms/image).
+
+    Rows: rotate90_random; every leaf op alone on all images (if `leaves`);
+    every top-level step as it sits in the policy (a OneOf/Sometimes costs
+    only its chosen share); the host part, the device part and the whole
+    policy; then rotate90_random + whole policy (what input_fn runs per batch
+    after decoding). Measured inside tf.data (batch-level map, parallel calls)
+    on the given decoded batch, e.g. 64 images at S = 128. The warm-up
+    batches also absorb XLA compilation (one per bucketed group size).
+    """
+    from upright.pipeline import augment, augment_ops
+    policy = augment.parse_policy(spec)
+    rows = []
+
+    def add(label, op):
+        rows.append((label, *time_op(op, images, seeds, num_batches=num_batches, warmup=warmup,
+                                      num_parallel_calls=num_parallel_calls)))
+
+    add("rotate90_random", augment.rotate90_random)
+    if leaves:
+        for label, op in _leaves(policy):
+            add(f"alone: {label}", op)
+    for step in policy.ops:
+        add(f"step: {step.spec()}", step)
+    host, device = augment.split_policy(policy)
+    add("host part", host)
+    add("device part", device)
+    add(f"policy {spec!r}", policy)
+
+    @augment_ops.plain
+    def rotate_and_augment(x, y, s):
+        return policy(*augment.rotate90_random(x, y, s), s)
+
+    add(f"rotate90_random + policy {spec!r}", rotate_and_augment)
+    return rows
+
+
+def format_cost_table(rows) -> str:
+    """The rows of benchmark_ops as an aligned text table."""
+    lines = [f"{'images/s':>9} {'CPU ms/img':>10}  op"]
+    lines += [f"{ips:9.0f} {cpu:10.3f}  {label}" for label, ips, cpu in rows]
+    return "\n".join(lines)
+
+
 def run_benchmark(*, records, split, image_size, batch_size, batches, warmup, policy,
                   ops, albumentations, processes, out=sys.stdout):
     import numpy as np
@@ -106,8 +199,8 @@ def run_benchmark(*, records, split, image_size, batch_size, batches, warmup, po
 
     images = decoded_sample(records, split, image_size, batch_size)
     seeds = np.random.default_rng(0).integers(0, 2**31 - 1, [batch_size, 2], dtype=np.int32)
-    alone, alone_cpu_ms = augment.time_op(augment.parse_policy(policy), images.astype(np.float32),
-                                          seeds, num_batches=batches, warmup=warmup)
+    alone, alone_cpu_ms = time_op(augment.parse_policy(policy), images.astype(np.float32),
+                                   seeds, num_batches=batches, warmup=warmup)
     row(f"4. policy {policy!r} alone, decoded batches", alone, 1000.0 / alone_cpu_ms)
     if albumentations:
         try:
@@ -126,9 +219,9 @@ def run_benchmark(*, records, split, image_size, batch_size, batches, warmup, po
     if ops:
         print(f"\nper-op cost, decoded batches of {batch_size} at S={image_size} "
               f"(a OneOf step pays only for its chosen share):", file=out)
-        rows = augment.benchmark_ops(images.astype(np.float32), seeds, spec=policy,
-                                     num_batches=max(5, batches // 2), warmup=warmup)
-        print(augment.format_cost_table(rows), file=out, flush=True)
+        rows = benchmark_ops(images.astype(np.float32), seeds, spec=policy,
+                             num_batches=max(5, batches // 2), warmup=warmup)
+        print(format_cost_table(rows), file=out, flush=True)
 
 
 def main(argv):
