@@ -140,7 +140,22 @@ DEFAULT_SPEC = (
 # function and the trainer alike): each compiles once per process and shape.
 _XLA_CACHE = {}
 
-class Sequential(Op):
+
+class _Composite(Op):
+    """An op made of ops (self.ops): each child is bound under this op's path,
+    and the whole reads labels when any child does."""
+
+    def bind(self, path):
+        self.salt = rnd.salt_of(path)
+        for i, op in enumerate(self.ops):
+            op.bind(f"{path}/{i}.{op.name}")
+
+    @property
+    def reads_labels(self):
+        return any(op.reads_labels for op in self.ops)
+
+
+class Sequential(_Composite):
     """Applies its ops in order."""
     name = "sequential"
 
@@ -151,15 +166,6 @@ class Sequential(Op):
         self.host = any(op.host for op in self.ops)
         if _bind:
             self.bind(self.name)
-
-    def bind(self, path):
-        self.salt = rnd.salt_of(path)
-        for i, op in enumerate(self.ops):
-            op.bind(f"{path}/{i}.{op.name}")
-
-    @property
-    def reads_labels(self):
-        return any(op.reads_labels for op in self.ops)
 
     def call_unordered(self, images, labels, seeds, index):
         for op in self.ops:
@@ -194,7 +200,7 @@ class Sequential(Op):
                          for op in self.ops) or "none"
 
 
-class OneOf(Op):
+class OneOf(_Composite):
     """Each image picks one of `ops` (probabilities `weights`, default uniform).
 
     If every branch is fusible (pointwise ops, additive noise), all branches
@@ -216,15 +222,6 @@ class OneOf(Op):
         self.weights = [w / total for w in weights]
         self.host = any(op.host for op in self.ops)
         self.bind(self.name)
-
-    def bind(self, path):
-        self.salt = rnd.salt_of(path)
-        for i, op in enumerate(self.ops):
-            op.bind(f"{path}/{i}.{op.name}")
-
-    @property
-    def reads_labels(self):
-        return any(op.reads_labels for op in self.ops)
 
     def choose(self, seeds):
         """Branch index per image, int32 [B]."""

@@ -24,9 +24,10 @@ and only the changed page dictionaries (plus a cross-reference section) are
 appended, so content streams, images, fonts, forms and signatures' byte ranges
 are untouched.
 """
-import contextlib
 import io
 import logging
+
+from upright.pipeline import quiet
 
 PDF_EXTENSIONS = frozenset({".pdf"})
 DEFAULT_MAX_PAGES = 2000
@@ -36,19 +37,6 @@ _TAIL = 1024
 
 class PdfError(ValueError):
     """A PDF that is not processed (encrypted, damaged, too many pages): one line."""
-
-
-@contextlib.contextmanager
-def _quiet_pypdf():
-    """pypdf logs its repairs of odd files as WARNINGs on stderr: not for users
-    (a file it cannot read raises, and becomes one PdfError line)."""
-    logger = logging.getLogger("pypdf")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def _first_line(e) -> str:
@@ -66,7 +54,7 @@ def open_pdf(data: bytes, *, max_pages: int = DEFAULT_MAX_PAGES):
         raise PdfError("damaged PDF: no %PDF- header; not processed")
     if b"%%EOF" not in data[-_TAIL:]:
         raise PdfError("damaged PDF: no %%EOF at the end (truncated?); not processed")
-    with _quiet_pypdf():
+    with quiet.logger_level("pypdf", logging.ERROR):
         try:
             reader = pypdf.PdfReader(io.BytesIO(data))
             if reader.is_encrypted:
@@ -117,7 +105,7 @@ def rotate_pages(data: bytes, rotations: dict) -> bytes:
     unchanged."""
     import pypdf
     from pypdf.generic import NameObject, NumberObject
-    with _quiet_pypdf():
+    with quiet.logger_level("pypdf", logging.ERROR):
         writer = pypdf.PdfWriter(io.BytesIO(data), incremental=True)
         for index, degrees in sorted(rotations.items()):
             if degrees % 90:

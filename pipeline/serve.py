@@ -51,7 +51,7 @@ import tempfile
 import numpy as np
 import tensorflow as tf
 
-from upright.pipeline import fileio, inputs, schema
+from upright.pipeline import fileio, inputs, quiet, schema
 
 MODEL_FILE = "model.keras"
 INFO_FILE = "model_info.json"
@@ -185,7 +185,7 @@ def export_saved_model(model, export_dir: str, *, image_size: int,
                           sort_keys=True, final_newline=False, durable=False)
         module = _ServingModule(model, image_size, resize, asset, temperature)
         out = os.path.join(tmp, "saved_model")
-        with _quiet_tf_logs():
+        with quiet.logger_level("tensorflow", logging.WARNING):
             tf.saved_model.save(module, out, signatures={
                 "serving_default": module.serve_bytes,
                 "predict_images": module.predict_images,
@@ -229,7 +229,7 @@ def export_tflite(model, path: str, *, image_size: int = None) -> int:
     converter.target_spec.supported_types = [tf.float16]
     # Keras prints a summary of its temporary SavedModel to stdout, TensorFlow logs
     # each step at INFO: neither is for the user.
-    with contextlib.redirect_stdout(io.StringIO()), _quiet_tf_logs():
+    with contextlib.redirect_stdout(io.StringIO()), quiet.logger_level("tensorflow", logging.WARNING):
         flatbuffer = converter.convert()
     path = os.path.abspath(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -393,7 +393,7 @@ def _load_tflite(path, info):
     # that fails on it is reported as unloadable.
     size = int(info["image_size"])
     try:
-        with _silenced_fd2():
+        with quiet.native_logs_hidden():
             runner(**{input_name: np.zeros([1, size, size, 3], np.float32)})
     except (ValueError, RuntimeError) as e:
         raise ModelDirError(f"cannot run {path} on [1, {size}, {size}, 3]: "
@@ -407,22 +407,6 @@ def _load_tflite(path, info):
         return scale_probabilities_np(probabilities, temperature)
 
     return Predictor(predict_fn=predict, info=info, source=path, handle=runner)
-
-
-@contextlib.contextmanager
-def _silenced_fd2():
-    """File descriptor 2 pointed at /dev/null for the duration (C++ log lines)."""
-    import sys
-    sys.stderr.flush()
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
 
 
 def scale_probabilities_np(probabilities, temperature: float) -> np.ndarray:
@@ -654,18 +638,6 @@ def file_size(path: str) -> int:
         return os.path.getsize(path)
     return sum(os.path.getsize(os.path.join(root, name))
                for root, _, names in os.walk(path) for name in names)
-
-
-@contextlib.contextmanager
-def _quiet_tf_logs():
-    """TensorFlow's Python logger at WARNING for the duration (export chatter)."""
-    logger = tf.get_logger()
-    level = logger.level
-    logger.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def _replace_dir(src, dst):

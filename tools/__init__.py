@@ -6,45 +6,20 @@ Every tool starts through `run_tool`, which gives all of them the same manners:
 `TOOL: error: ...` line, then a short usage line, exit 2; TensorFlow's C++
 start-up lines are not shown unless `-v 1` (or more) is given.
 """
-import contextlib
 import os
 import re
 import sys
-import tempfile
+
+from upright.pipeline import quiet
 
 # TensorFlow's C++ log lines (oneDNN, CPU features, CUDA probes, converter
 # chatter) drown the tools' own output; errors still show. A user's explicit
 # setting wins.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-# One line of TensorFlow's native logging: "I0000 00:00:1796.. 15737 port.cc:153] ...",
-# and the notice abseil prints before its logging is initialised.
-_NATIVE_LOG_LINE = re.compile(rb"^(?:[IWEF]\d{4} \d\d:\d\d:\d+\.\d+ +\d+ [^\]]+\] |"
-                              rb"WARNING: All log messages before absl::InitializeLog\(\))")
-
-
-@contextlib.contextmanager
-def native_startup_hidden(show: bool = False):
-    """Runs the body with file descriptor 2 sent to a temporary file, then
-    writes back every captured line that is not a native log line (all of them
-    when `show`). TensorFlow prints its start-up lines from C++ before abseil's
-    logging is initialised, where TF_CPP_MIN_LOG_LEVEL does not reach them."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as capture:
-        os.dup2(capture.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            capture.seek(0)
-            kept = [line for line in capture.read().splitlines(keepends=True)
-                    if show or not _NATIVE_LOG_LINE.match(line)]
-            if kept:
-                sys.stderr.buffer.write(b"".join(kept))
-                sys.stderr.flush()
+# Hides TensorFlow's C++ start-up lines (see pipeline/quiet.py); the name the
+# tools and tests use.
+native_startup_hidden = quiet.native_logs_hidden
 
 
 def import_tensorflow(show_native_logs: bool = False):
