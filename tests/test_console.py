@@ -50,7 +50,7 @@ def test_help_exits_zero_with_docstring_and_flags(name, flag):
      "train: error: flag --resize=bogus: value should be one of <squash|pad|crop>"),
     ("train", ["--flagfile=/nonexistent/recipe.flags"],
      "train: error: cannot open flagfile '/nonexistent/recipe.flags': no such file, and no "
-     "shipped recipe of that name (b0, b1, base, cpu, demo, lite0, photos_cpu)"),
+     "shipped recipe of that name (b0, b1, base, cpu, demo, documents, lite0, photos_cpu)"),
     ("evaluate", [], "evaluate: error: --model and --records are required"),
     ("evaluate", ["--batch_size=0"],
      "evaluate: error: flag --batch_size=0: 0 is not a positive integer"),
