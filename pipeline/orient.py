@@ -8,7 +8,7 @@ and (optionally) write upright copies.
 What happens to each file (files, or folders walked recursively):
 1. It is read as a person sees it -- EXIF orientation applied -- exactly as
    make_records reads sources (`imageio.read_upright`), and preprocessed as
-   training preprocessed its records (`inputs.preprocess_image`). Unreadable,
+   training preprocessed its records (`preprocess.preprocess_image`). Unreadable,
    corrupt or unsupported files get status "error" with the reason and are
    skipped; nothing stops the run.
 2. The model gives k (the image as seen is turned k quarter turns counter-

@@ -36,7 +36,7 @@ CONVENTION = ("label k: the image was turned k quarter turns counter-clockwise "
                             "from upright (tf.image.rot90(upright, k), np.rot90(upright, k)); "
                             "repair with rot90(image, -k), i.e. k quarter turns clockwise")
 
-# How a stored image becomes the model's S x S input (inputs.resize_image; all
+# How a stored image becomes the model's S x S input (preprocess.resize_image; all
 # three commute with rot90), recorded in model_info.json and the export.
 RESIZE_METHODS = ("squash", "pad", "crop")
 # Where the augmentation policy runs: in tf.data ("host") or in the model

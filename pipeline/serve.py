@@ -7,8 +7,8 @@ Three artefacts, all giving the same answers (tests/test_serve.py checks it):
   three signatures:
     "serving_default": image_bytes tf.string [B] (encoded JPEG/PNG/GIF/BMP, any
         size) -> outputs below. Bytes are decoded and resized by
-        `inputs.preprocess_image`, the function the training input pipeline uses,
-        so serving sees what training saw. EXIF orientation is NOT applied (as in
+        `preprocess.preprocess_image`, the function the training input pipeline
+        uses, so serving sees what training saw. EXIF orientation is NOT applied (as in
         training records, which store pixels as a person sees them): send images
         upright-as-seen, e.g. as `orient` does.
     "predict_images": images float32 [B, S, S, 3] in [0, 255] -> outputs below.
@@ -51,7 +51,7 @@ import tempfile
 import numpy as np
 import tensorflow as tf
 
-from upright.pipeline import fileio, inputs, quiet, schema
+from upright.pipeline import fileio, preprocess, quiet, schema
 
 MODEL_FILE = "model.keras"
 INFO_FILE = "model_info.json"
@@ -141,7 +141,7 @@ class _ServingModule(tf.Module):
 
     def _serve_bytes(self, image_bytes):
         images = tf.map_fn(
-            lambda b: inputs.preprocess_image(b, self._image_size, self._resize),
+            lambda b: preprocess.preprocess_image(b, self._image_size, self._resize),
             image_bytes,
             fn_output_signature=tf.TensorSpec([self._image_size, self._image_size, 3],
                                               tf.float32))
@@ -171,8 +171,8 @@ def export_saved_model(model, export_dir: str, *, image_size: int,
     Returns:
       export_dir.
     """
-    if resize not in inputs.RESIZE_METHODS:
-        raise ValueError(f"resize must be one of {inputs.RESIZE_METHODS}, got {resize!r}")
+    if resize not in preprocess.RESIZE_METHODS:
+        raise ValueError(f"resize must be one of {preprocess.RESIZE_METHODS}, got {resize!r}")
     if not float(temperature) > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     export_dir = os.path.abspath(export_dir)
@@ -271,7 +271,7 @@ class Predictor:
     """A loaded orientation model.
 
     predict_images(float32 [B, S, S, 3] in [0, 255]) -> float32 [B, 4] numpy.
-    preprocess(encoded bytes) -> float32 [S, S, 3] (inputs.preprocess_image).
+    preprocess(encoded bytes) -> float32 [S, S, 3] (preprocess.preprocess_image).
     info: model_info (image_size, resize, convention, ...); source: what was loaded.
     """
     predict_fn: object
@@ -309,7 +309,7 @@ def _preprocess_fn(image_size, resize):
     key = (image_size, resize)
     if key not in _PREPROCESS_CACHE:
         _PREPROCESS_CACHE[key] = tf.function(
-            lambda b: inputs.preprocess_image(b, image_size, resize),
+            lambda b: preprocess.preprocess_image(b, image_size, resize),
             input_signature=[tf.TensorSpec([], tf.string)])
     return _PREPROCESS_CACHE[key]
 
@@ -432,7 +432,7 @@ def read_model_info(info_path: str, convention_key="convention") -> dict:
     """model_info.json, checked: a model folder may come from someone else, so
     every field used is of its type and range (one ModelDirError line, never a
     traceback later): a JSON object, the project's convention, image_size an
-    integer in [1, MAX_IMAGE_SIZE], resize one of inputs.RESIZE_METHODS,
+    integer in [1, MAX_IMAGE_SIZE], resize one of preprocess.RESIZE_METHODS,
     temperature (when present) a finite number > 0."""
     try:
         info = fileio.load_json(info_path)
@@ -448,8 +448,8 @@ def read_model_info(info_path: str, convention_key="convention") -> dict:
     if type(size) is not int or not 1 <= size <= MAX_IMAGE_SIZE:
         raise ModelDirError(f"{info_path}: image_size must be an integer in "
                             f"[1, {MAX_IMAGE_SIZE}], got {size!r:.40}")
-    if info.get("resize", "squash") not in inputs.RESIZE_METHODS:
-        raise ModelDirError(f"{info_path}: resize must be one of {inputs.RESIZE_METHODS}, "
+    if info.get("resize", "squash") not in preprocess.RESIZE_METHODS:
+        raise ModelDirError(f"{info_path}: resize must be one of {preprocess.RESIZE_METHODS}, "
                             f"got {info.get('resize')!r:.40}")
     temperature = info.get("temperature", 1.0)
     if type(temperature) not in (int, float) or not 0 < temperature < float("inf"):

@@ -29,7 +29,7 @@ import zipfile
 
 import numpy as np
 
-from upright.pipeline import model as model_lib
+from upright.pipeline.errors import ModelError
 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _LEGACY_PROTOCOL = 1001
@@ -105,7 +105,7 @@ class _Unpickler(pickle.Unpickler):
 
     def find_class(self, module, name):
         if (module, name) not in _ALLOWED:
-            raise model_lib.ModelError(
+            raise ModelError(
                 f"{self._path}: refused: the pickle asks for {module}.{name}; a state "
                 "dict may only hold OrderedDict, tensors and storages")
         return _ALLOWED[(module, name)]
@@ -130,7 +130,7 @@ def read_state_dict(path: str) -> "collections.OrderedDict[str, np.ndarray]":
     """The state dict in `path` as {name: numpy array} (copies, C-contiguous).
 
     Raises:
-      model_lib.ModelError naming the file: not a torch file, truncated, a global
+      ModelError naming the file: not a torch file, truncated, a global
       other than a state dict's, a tensor outside its storage, not a flat dict of
       tensors.
     """
@@ -138,20 +138,20 @@ def read_state_dict(path: str) -> "collections.OrderedDict[str, np.ndarray]":
         with open(path, "rb") as f:
             data = f.read()
     except OSError as e:
-        raise model_lib.ModelError(f"{path}: cannot read: {e.strerror or e}") from None
+        raise ModelError(f"{path}: cannot read: {e.strerror or e}") from None
     try:
         if data[:4] == b"PK\x03\x04":
             obj, storages = _read_zip(data, path)
         else:
             obj, storages = _read_legacy(data, path)
         return _to_arrays(obj, storages)
-    except model_lib.ModelError:
+    except ModelError:
         raise
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError,
             AttributeError, struct.error, zipfile.BadZipFile, RecursionError,
             MemoryError, OverflowError) as e:
         detail = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
-        raise model_lib.ModelError(f"{path}: not a readable PyTorch state dict: {detail}") \
+        raise ModelError(f"{path}: not a readable PyTorch state dict: {detail}") \
             from None
 
 

@@ -346,15 +346,15 @@ def run_fuzz(*, examples: int, seed: int, before, after) -> list:
 
 def check_stored_with_tensorflow():
     """Decodes the stored images as inspect_records (decode_image) and the input
-    pipeline / orient (inputs.preprocess_image) do. Returns (count, failures)."""
+    pipeline / orient (preprocess.preprocess_image) do. Returns (count, failures)."""
     import tensorflow as tf
-    from upright.pipeline import inputs
+    from upright.pipeline import preprocess
     failures = []
     for encoded, height, width in STORED:
         try:
             image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
             assert tuple(image.shape) == (height, width, 3), (image.shape, height, width)
-            x = inputs.preprocess_image(tf.constant(encoded), 32, "squash").numpy()
+            x = preprocess.preprocess_image(tf.constant(encoded), 32, "squash").numpy()
             assert x.shape == (32, 32, 3) and np.isfinite(x).all()
             assert 0.0 <= x.min() and x.max() <= 255.0
         except Exception as e:  # noqa: BLE001

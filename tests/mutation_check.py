@@ -74,7 +74,7 @@ MUTANTS = (
              'if best is not None and value >= best["val_accuracy"]:'),),
            ("tests/test_train.py::test_kept_model_is_the_best_epoch_of_history",)),
     Mutant("M5", "reduced JPEG decoding off (_JPEG_RATIOS = (1, 1, 1, 1))",
-           "pipeline/inputs.py",
+           "pipeline/preprocess.py",
            (("_JPEG_RATIOS = (1, 2, 4, 8)", "_JPEG_RATIOS = (1, 1, 1, 1)"),),
            ("tests/test_inputs.py::test_jpeg_decoded_size_before_resizing",)),
     Mutant("M6", "the stage's learning rate 1000x too small (training barely moves)",

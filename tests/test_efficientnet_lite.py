@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from upright.pipeline import efficientnet_lite, serve, torch_pickle
-from upright.pipeline import inputs
+from upright.pipeline import preprocess
 from upright.pipeline import model as model_lib
 from tests import helpers
 
@@ -242,7 +242,7 @@ def test_state_dict_of_wrong_shapes_or_variant_is_refused(tmp_path, lite0_state)
 def _photo(image, size=224):
     """The whole photo squashed to size x size, as the project feeds its models
     (a centre crop cuts most of chelsea's cat away: p 0.39 instead of 0.79)."""
-    return inputs.preprocess_image(helpers.encode(image, "png"), size, "squash").numpy()
+    return preprocess.preprocess_image(helpers.encode(image, "png"), size, "squash").numpy()
 
 
 @pytest.mark.parametrize("variant, size, tag", [
@@ -339,7 +339,7 @@ def test_lite_exports_agree_keras_savedmodel_tflite(tmp_path, keras_home):
     export = serve.export_saved_model(model, os.path.join(root, "export"), image_size=size)
     tflite = os.path.join(root, "model.tflite")
     nbytes = serve.export_tflite(model, tflite, image_size=size)
-    images = np.stack([inputs.preprocess_image(helpers.encode(helpers.upright_image(i)),
+    images = np.stack([preprocess.preprocess_image(helpers.encode(helpers.upright_image(i)),
                                                size, "squash").numpy() for i in range(4)])
     keras_probs = serve.load_model_dir(root).predict_images(images)   # .keras reloaded
     np.testing.assert_allclose(keras_probs, np.asarray(model(images)), atol=1e-5)

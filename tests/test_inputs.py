@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from upright.pipeline import augment, inputs, recordio
+from upright.pipeline import augment, inputs, preprocess, recordio
 from tests import helpers
 
 # Odd, non-square sizes: the cases where a resize or pad could break rot90-equivariance.
@@ -46,40 +46,41 @@ def test_resize_commutes_with_rot90(resize, size):
     rng = np.random.default_rng(0)
     for h, w in ODD_SIZES:
         x = rng.uniform(0, 255, (h, w, 3)).astype(np.float32)
-        y = inputs.resize_image(x, size, resize).numpy()
+        y = preprocess.resize_image(x, size, resize).numpy()
         for k in (1, 2, 3):
-            np.testing.assert_allclose(inputs.resize_image(np.rot90(x, k), size, resize).numpy(),
-                                       np.rot90(y, k), atol=2e-3, err_msg=f"{h}x{w} k={k}")
+            turned = preprocess.resize_image(np.rot90(x, k), size, resize).numpy()
+            np.testing.assert_allclose(turned, np.rot90(y, k), atol=2e-3,
+                                       err_msg=f"{h}x{w} k={k}")
 
 
 def test_resize_values():
     # A constant image stays constant (squash, crop) and pad adds equal zero bars.
     x = np.full((10, 30, 3), 200, np.uint8)
-    np.testing.assert_allclose(inputs.resize_image(x, 12, "squash").numpy(), 200, atol=1e-3)
-    np.testing.assert_allclose(inputs.resize_image(x, 12, "crop").numpy(), 200, atol=1e-3)
-    padded = inputs.resize_image(x, 12, "pad").numpy()
+    np.testing.assert_allclose(preprocess.resize_image(x, 12, "squash").numpy(), 200, atol=1e-3)
+    np.testing.assert_allclose(preprocess.resize_image(x, 12, "crop").numpy(), 200, atol=1e-3)
+    padded = preprocess.resize_image(x, 12, "pad").numpy()
     # 10 x 30 -> 4 x 12 content (12 * 10 / 30 = 4, S - 4 even), bars of 4 rows each side.
     np.testing.assert_array_equal(padded[:4], 0)
     np.testing.assert_array_equal(padded[-4:], 0)
     np.testing.assert_allclose(padded[4:8], 200, atol=1e-3)
     # An odd padding total is made even: 12 * 9 / 30 = 3.6 -> 4 rows (not 3 + a lopsided bar).
-    padded = inputs.resize_image(np.full((9, 30, 3), 50, np.uint8), 12, "pad").numpy()
+    padded = preprocess.resize_image(np.full((9, 30, 3), 50, np.uint8), 12, "pad").numpy()
     assert (padded[:, 0, 0] > 0).tolist() == [False] * 4 + [True] * 4 + [False] * 4
     # crop keeps the centre: a 4 x 8 image whose outer columns differ is cropped to them.
     x = np.zeros((4, 8, 3), np.uint8)
     x[:, 2:6] = 255
-    np.testing.assert_allclose(inputs.resize_image(x, 4, "crop").numpy(), 255, atol=1e-3)
+    np.testing.assert_allclose(preprocess.resize_image(x, 4, "crop").numpy(), 255, atol=1e-3)
     with pytest.raises(ValueError, match="resize must be one of"):
-        inputs.resize_image(x, 4, "stretch")
+        preprocess.resize_image(x, 4, "stretch")
 
 
 def test_preprocess_png_is_exact_and_equivariant():
     img = helpers.upright_image(3, 37, 53)
-    out = inputs.preprocess_image(helpers.encode(img, "png"), 16, "squash").numpy()
+    out = preprocess.preprocess_image(helpers.encode(img, "png"), 16, "squash").numpy()
     assert out.dtype == np.float32 and out.shape == (16, 16, 3)
-    np.testing.assert_array_equal(out, inputs.resize_image(img, 16, "squash").numpy())
+    np.testing.assert_array_equal(out, preprocess.resize_image(img, 16, "squash").numpy())
     for k in (1, 2, 3):
-        turned = inputs.preprocess_image(helpers.encode(np.rot90(img, k).copy(), "png"), 16)
+        turned = preprocess.preprocess_image(helpers.encode(np.rot90(img, k).copy(), "png"), 16)
         np.testing.assert_allclose(turned.numpy(), np.rot90(out, k), atol=2e-3)
 
 
@@ -88,12 +89,12 @@ def test_preprocess_jpeg_block_crop_and_reduced_decode():
     data = helpers.encode(img, "jpeg")
     full = tf.io.decode_jpeg(data, fancy_upscaling=False).numpy()
     # Whole 16 x 16 blocks only: 288 x 192. With S=40, 192 / 4 = 48 >= 40 -> ratio 4.
-    want = inputs.resize_image(full[:288, :192], 40, "squash").numpy()
-    got = inputs.preprocess_image(data, 40, "squash").numpy()
+    want = preprocess.resize_image(full[:288, :192], 40, "squash").numpy()
+    got = preprocess.preprocess_image(data, 40, "squash").numpy()
     assert np.abs(got - want).mean() < 3.0          # the decoder's 1/4 scale vs full decode
     assert np.corrcoef(got.ravel(), want.ravel())[0, 1] > 0.99
     # Small JPEGs (under one block on a side) keep that side whole.
-    tiny = inputs.preprocess_image(helpers.encode(helpers.upright_image(5, 12, 40), "jpeg"), 8)
+    tiny = preprocess.preprocess_image(helpers.encode(helpers.upright_image(5, 12, 40), "jpeg"), 8)
     assert tiny.shape == (8, 8, 3)
     assert 0 <= tiny.numpy().min() and tiny.numpy().max() <= 255
 
@@ -113,15 +114,15 @@ def test_jpeg_decoded_size_before_resizing(height, width, size, resize, ratio, d
     that still leaves S pixels, seen in the decoded size before resizing, and the
     preprocessed image is that decode resized (not the full-size decode)."""
     data = helpers.encode(helpers.upright_image(4, height, width), "jpeg")
-    image = inputs._decode_jpeg_aligned(tf.constant(data), size, resize).numpy()
+    image = preprocess._decode_jpeg_aligned(tf.constant(data), size, resize).numpy()
     assert image.shape == decoded + (3,)
     reduced = tf.io.decode_jpeg(data, channels=3, ratio=ratio, fancy_upscaling=False).numpy()
     np.testing.assert_array_equal(image, reduced[:decoded[0], :decoded[1]])
-    got = inputs.preprocess_image(data, size, resize).numpy()
-    np.testing.assert_array_equal(got, inputs.resize_image(image, size, resize).numpy())
+    got = preprocess.preprocess_image(data, size, resize).numpy()
+    np.testing.assert_array_equal(got, preprocess.resize_image(image, size, resize).numpy())
     if ratio > 1:
         full = tf.io.decode_jpeg(data, channels=3, fancy_upscaling=False).numpy()
-        from_full = inputs.resize_image(full[:decoded[0] * ratio, :decoded[1] * ratio],
+        from_full = preprocess.resize_image(full[:decoded[0] * ratio, :decoded[1] * ratio],
                                         size, resize).numpy()
         assert np.abs(got - from_full).max() > 1.0   # the two paths are distinguishable
 
@@ -139,12 +140,12 @@ def test_eval_all_orientations_exact_pixels(png_records, resize):
     assert images.dtype == np.float32 and labels.dtype == np.int32
     np.testing.assert_array_equal(labels, [0, 1, 2, 3] * 3)
     for i, img in enumerate(val):
-        base = inputs.resize_image(img, size, resize).numpy()
+        base = preprocess.resize_image(img, size, resize).numpy()
         for k in range(4):
             np.testing.assert_array_equal(images[4 * i + k], np.rot90(base, k))
             # ... which is also what preprocessing the truly turned image gives.
             np.testing.assert_allclose(images[4 * i + k],
-                                       inputs.resize_image(np.rot90(img, k), size,
+                                       preprocess.resize_image(np.rot90(img, k), size,
                                                            resize).numpy(),
                                        atol=2e-3)
     # Same examples, same order, every run; the count is 4 x num_examples.
@@ -164,7 +165,7 @@ def test_training_one_epoch_is_each_image_once_turned_by_its_label(png_records):
                          training=True, seed=3, policy="none", repeat=False)
     images, labels = _collect(ds)
     assert images.shape == (20, size, size, 3) and labels.shape == (20,)
-    stored = [inputs.resize_image(a, size, "squash").numpy() for a in train]
+    stored = [preprocess.resize_image(a, size, "squash").numpy() for a in train]
     seen = []
     for x, k in zip(images, labels):
         upright = np.rot90(x, -k)  # undo the label's turn: must be a stored image, exactly

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from upright.pipeline import inputs, schema, serve
+from upright.pipeline import preprocess, schema, serve
 from upright.pipeline import model as model_lib
 from tests import helpers
 
@@ -59,7 +59,7 @@ def exported(tmp_path_factory):
 
 def test_keras_savedmodel_tflite_agree(exported, capsys):
     encoded = encoded_test_images()
-    images = np.stack([inputs.preprocess_image(b, S, "squash").numpy() for b in encoded])
+    images = np.stack([preprocess.preprocess_image(b, S, "squash").numpy() for b in encoded])
 
     # Saved Keras model, loaded back the way evaluate/orient load it.
     predictor = serve.load_model_dir(exported["root"])
@@ -155,7 +155,7 @@ def test_serving_follows_the_convention_on_turned_images(tmp_path):
 def test_temperature_scaling_in_export_and_model_dir(tmp_path):
     from upright.pipeline import evaluation
     model = project_model(image_size=16, seed=1)
-    images = np.stack([inputs.preprocess_image(b, 16, "squash").numpy()
+    images = np.stack([preprocess.preprocess_image(b, 16, "squash").numpy()
                        for b in encoded_test_images(4)])
     raw = model(images).numpy()
     expected = evaluation.apply_temperature(raw, 2.0)
@@ -202,7 +202,7 @@ def test_export_sizes_efficientnet(tmp_path, backbone, head, capsys):
     export = serve.export_saved_model(model, os.path.join(root, "export"), image_size=128)
     tflite = os.path.join(root, "model.tflite")
     serve.export_tflite(model, tflite)
-    images = np.stack([inputs.preprocess_image(b, 128, "squash").numpy()
+    images = np.stack([preprocess.preprocess_image(b, 128, "squash").numpy()
                        for b in encoded_test_images(4)])
     keras_probs = serve.load_model_dir(root).predict_images(images)
     saved = serve.load_model_dir(export).predict_images(images)

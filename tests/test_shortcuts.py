@@ -9,13 +9,13 @@ image's top-left and so turns with the label. Two guards:
     comes out of the pipeline the same for all four labels;
 (b) a small CNN trained on orientation-free noise stored as JPEG at odd sizes
     stays at chance -- and the same CNN reads the label perfectly when the two
-    JPEG fixes in inputs.preprocess_image are switched off (so (b) has teeth).
+    JPEG fixes in preprocess.preprocess_image are switched off (so (b) has teeth).
 """
 import keras
 import numpy as np
 import pytest
 
-from upright.pipeline import inputs
+from upright.pipeline import inputs, preprocess
 from tests import helpers
 
 NOISE_SIZE = 45          # odd, not a multiple of 8: partial JPEG blocks at bottom/right
@@ -38,7 +38,7 @@ def test_symmetric_content_looks_the_same_under_every_label(tmp_path, n, size):
     # n == size: no resampling at all, so outputs must be bit-identical; otherwise
     # they may differ only by float rounding.
     atol = 0.0 if n == size else 2e-3
-    stored = [inputs.resize_image(p, size).numpy() for p in images]
+    stored = [preprocess.resize_image(p, size).numpy() for p in images]
     ds = inputs.input_fn(str(tmp_path), split="train", batch_size=8, image_size=size,
                          training=True, seed=0, policy="none")
     labels_seen = {i: set() for i in range(len(images))}
@@ -106,7 +106,7 @@ def test_shortcut_guard_has_teeth(noise_jpeg_records, monkeypatch):
     # Without the whole-block crop and with libjpeg's fancy chroma upsampling, the
     # same model reads the label from the partial-block grid almost perfectly
     # (measured: 1.00; fancy upsampling alone, with the crop: 0.55-0.58).
-    monkeypatch.setattr(inputs, "JPEG_BLOCK", 1)
-    monkeypatch.setattr(inputs, "JPEG_FANCY_UPSCALING", True)
+    monkeypatch.setattr(preprocess, "JPEG_BLOCK", 1)
+    monkeypatch.setattr(preprocess, "JPEG_FANCY_UPSCALING", True)
     accuracy = _val_accuracy(noise_jpeg_records, steps=400)
     assert accuracy > 0.6, accuracy

@@ -61,11 +61,12 @@ def time_dataset(ds, *, batches, warmup):
 def decode_only_dataset(records, split, image_size, batch_size):
     """parse + decode + resize + batch: the floor under every other row."""
     import tensorflow as tf
-    from upright.pipeline import inputs, recordio, schema
+    from upright.pipeline import preprocess, recordio, schema
     files = recordio.shard_paths(records, split)
 
     def load(serialized):
-        image = inputs.preprocess_image(schema.parse_example(serialized)["encoded"], image_size)
+        encoded = schema.parse_example(serialized)["encoded"]
+        image = preprocess.preprocess_image(encoded, image_size)
         return image, tf.zeros([], tf.int32)
 
     return (tf.data.TFRecordDataset(files).repeat()
