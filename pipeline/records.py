@@ -77,6 +77,7 @@ import sys
 import threading
 
 from upright.pipeline import fileio, imageio, neardup, recordio, schema
+from upright.pipeline.records_read import MakeRecordsError, ReadOptions, read_one, spool_result
 
 LOCK_FILE = ".make_records.lock"
 SCRATCH_FILE = ".make_records.scratch"
@@ -84,38 +85,6 @@ STAGING_DIR = ".make_records.new"  # the next output, complete before it replace
 SHARD_BYTES = 100 * 1000 * 1000   # shards hold [SHARD_BYTES, 2 * SHARD_BYTES) bytes
 RUNNERS = ("local", "beam")
 _SHARD_RE = re.compile(r"^(train|val)\.tfrecord-\d{5}-of-\d{5}$")
-
-
-class MakeRecordsError(ValueError):
-    """make_records refused: bad arguments or a result that cannot be trusted.
-
-    `details`: extra lines (e.g. the skipped files) for the tool to print first.
-    `refused`: True when the arguments were fine but the data cannot be trusted
-    or OUT is in use (the tool exits 1), False for bad arguments or folders (2).
-    """
-
-    def __init__(self, message, details=(), refused=False):
-        super().__init__(message)
-        self.details = list(details)
-        self.refused = refused
-
-
-@dataclasses.dataclass(frozen=True)
-class ReadOptions:
-    """Per-image settings passed to the worker processes (see imageio.read_upright)."""
-    max_side: int = imageio.DEFAULT_MAX_SIDE
-    jpeg_quality: int = imageio.DEFAULT_JPEG_QUALITY
-    max_pixels: int = imageio.DEFAULT_MAX_PIXELS
-
-
-@dataclasses.dataclass
-class _Result:
-    """What a worker sends back for one file (the image bytes go separately)."""
-    rel: bytes                 # path relative to SRC
-    status: str                # "ok" | "skipped" | "ignored"
-    reason: str = ""
-    sha256: str = ""
-    image: imageio.StoredImage = None
 
 
 def make_records(*, src: str, out: str, val_fraction: float = 0.2,
@@ -206,7 +175,7 @@ def make_records(*, src: str, out: str, val_fraction: float = 0.2,
             scratch_fd = fileio.create_file(scratch_path, replace=True, readable=True)
             with os.fdopen(scratch_fd, "w+b") as scratch:
                 if runner == "beam":
-                    from upright.pipeline import records_beam
+                    from upright.pipeline import records_beam  # imports no records
                     results, spans = records_beam.read_all(
                         src_b, walk.files, options, scratch, out_b=out_b,
                         beam_options=beam_options, progress=progress)
@@ -450,46 +419,6 @@ def _walk_folder(src_b, rel_dir, ancestors, visited, walk):
 
 
 # ---------------------------------------------------------------- reading
-
-
-def read_one(rel: bytes, *, src_b: bytes, options: ReadOptions) -> _Result:
-    """Reads one file (runs in a worker process); never raises for bad files."""
-    path = os.path.join(src_b, rel)
-    ext = os.path.splitext(rel)[1].decode("utf-8", "replace").lower()
-    known = ext in imageio.IMAGE_EXTENSIONS or ext in imageio.UNSUPPORTED_EXTENSIONS
-    try:
-        if not known and not _looks_like_image(path):
-            return _Result(rel, "ignored", f"not an image file ({ext or 'no extension'})")
-        data = imageio.read_bytes(path)
-        stored = imageio.read_upright(path, data=data, max_side=options.max_side,
-                                      jpeg_quality=options.jpeg_quality,
-                                      max_pixels=options.max_pixels)
-    except imageio.SkipImage as e:
-        return _Result(rel, "skipped", str(e))
-    except Exception as e:  # a reader bug must not kill the whole run: report it
-        return _Result(rel, "skipped", f"unreadable: {type(e).__name__}: {e}"[:200])
-    return _Result(rel, "ok", sha256=imageio.sha256_hex(data), image=stored)
-
-
-def _looks_like_image(path) -> bool:
-    """Header check for files whose extension is not an image extension."""
-    import warnings
-    from PIL import Image
-    try:
-        # Opened without blocking and only if regular (the name may have been
-        # swapped for a FIFO since the walk); Pillow reads the header from it.
-        with os.fdopen(fileio.open_regular(path), "rb") as f:
-            if not f.read(1):
-                return False
-            f.seek(0)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                with Image.open(f):
-                    return True
-    except Image.DecompressionBombError:
-        return True    # an image: read_upright reports it as a bomb
-    except Exception:
-        return False
 
 
 def _read_all(src_b, files, options, scratch, *, workers, progress, lock_fd=None):
@@ -747,21 +676,6 @@ def merge_groups(groups, keys) -> list:
             i.append(first_with_key.setdefault(key, index))
             j.append(index)
     return neardup.groups_of(neardup.components(len(keys), i, j))
-
-
-def spool_result(result, scratch, spans: dict):
-    """Moves a read result's stored bytes to the scratch file; returns the result.
-
-    Keeps memory flat: only (offset, length) stays in `spans[result.rel]`, and
-    the result's image keeps its metadata with `encoded=b""`. Shared by the
-    local and the Beam runner.
-    """
-    if result.status == "ok":
-        data = result.image.encoded
-        spans[result.rel] = (scratch.tell(), len(data))
-        scratch.write(data)
-        result.image = dataclasses.replace(result.image, encoded=b"")
-    return result
 
 
 def _unit_hash(salt: bytes, sha256_hex: str) -> float:
