@@ -86,26 +86,15 @@ def inspect_records(records_dir: str) -> dict:
 
 
 def _read_shard(path):
-    """Yields (index, serialized) of a shard; a bad file raises RecordsError.
-
-    TFRecordDataset checks each record's length and CRCs, so a truncated or
-    corrupted shard ends in DataLossError at the damaged record, never a hang.
-    """
-    import tensorflow as tf
-    index = 0
-    iterator = iter(tf.data.TFRecordDataset(path))
-    while True:
-        try:
-            serialized = next(iterator)
-        except StopIteration:
-            return
-        except tf.errors.OpError as e:
-            message = (e.message or str(e)).strip().splitlines()[0]
-            raise recordio.RecordsError(
-                f"{path}: damaged after {index} good record(s) (truncated or corrupted "
-                f"shard): {message}; run make_records again") from None
-        yield index, serialized.numpy()
-        index += 1
+    """Yields (index, serialized) of a shard; a bad file raises RecordsError."""
+    try:
+        yield from recordio.read_shard(path)
+    except recordio.DamagedShard as damaged:
+        e = damaged.error
+        message = (e.message or str(e)).strip().splitlines()[0]
+        raise recordio.RecordsError(
+            f"{path}: damaged after {damaged.index} good record(s) (truncated or corrupted "
+            f"shard): {message}; run make_records again") from None
 
 
 def _check_record(path, index, serialized, tf) -> schema.Record:
