@@ -231,18 +231,16 @@ def find_damaged_record(paths):
       (path, index of the first record that does not read, TensorFlow's message).
     """
     for path in paths:
-        index = 0
-        iterator = iter(tf.data.TFRecordDataset(path))
-        while True:
-            try:
-                next(iterator)
-            except StopIteration:
-                break
-            except tf.errors.DataLossError as e:
-                text = re.sub(r"\{\{function_node [^}]*\}\}\s*|\s*\[Op:\w+\].*", "",
-                              (e.message or str(e)).strip().splitlines()[0])
-                return path, index, text or "data loss"
-            index += 1
+        try:
+            for _ in recordio.read_shard(path):
+                pass
+        except recordio.DamagedShard as damaged:
+            e = damaged.error
+            if not isinstance(e, tf.errors.DataLossError):
+                raise e
+            text = re.sub(r"\{\{function_node [^}]*\}\}\s*|\s*\[Op:\w+\].*", "",
+                          (e.message or str(e)).strip().splitlines()[0])
+            return path, damaged.index, text or "data loss"
     return None
 
 

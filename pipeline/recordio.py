@@ -266,6 +266,37 @@ def masked_crc32c(data: bytes) -> int:
     return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
+class DamagedShard(Exception):
+    """read_shard stopped at record `index` of `path`: TensorFlow's `error` (an OpError)."""
+
+    def __init__(self, path, index, error):
+        super().__init__(f"{path}: record {index}: {error}")
+        self.path, self.index, self.error = path, index, error
+
+
+def read_shard(path):
+    """Yields (index, serialized bytes) of every record of one shard, in order.
+
+    TFRecordDataset checks each record's length and CRCs, so a truncated or
+    corrupted shard ends in an error at the damaged record, never a hang; the
+    one scan that inspect_records and inputs.naming_damaged_records both use.
+    Raises:
+      DamagedShard: the first record that does not read (`index` good ones before it).
+    """
+    import tensorflow as tf
+    index = 0
+    iterator = iter(tf.data.TFRecordDataset(path))
+    while True:
+        try:
+            serialized = next(iterator)
+        except StopIteration:
+            return
+        except tf.errors.OpError as e:
+            raise DamagedShard(path, index, e) from None
+        yield index, serialized.numpy()
+        index += 1
+
+
 def shard_paths(records_dir: str, split: str, info: dict = None) -> list:
     """Full paths of a split's shards, in order. Loads info.json if not given."""
     info = info if info is not None else load_info(records_dir)

@@ -1,7 +1,9 @@
-"""make_records and inspect_records: a folder of upright images becomes checked, sharded TFRecords.
+"""make_records: a folder of upright images becomes checked, sharded TFRecords.
 
     info = records.make_records(src="photos/", out="records/photos")
-    summary = records.inspect_records("records/photos")
+
+(Checking a written folder record by record, and its contact sheet:
+records_inspect.py.)
 
 make_records, step by step:
   1. Checks SRC and OUT (OUT not inside SRC; a non-empty OUT must be an
@@ -66,7 +68,6 @@ import errno
 import fcntl
 import functools
 import hashlib
-import io
 import multiprocessing
 import os
 import re
@@ -75,9 +76,8 @@ import statistics
 import sys
 import threading
 
-import numpy as np
-
 from upright.pipeline import fileio, imageio, neardup, recordio, schema
+from upright.pipeline.records_read import MakeRecordsError, ReadOptions, read_one, spool_result
 
 LOCK_FILE = ".make_records.lock"
 SCRATCH_FILE = ".make_records.scratch"
@@ -85,38 +85,6 @@ STAGING_DIR = ".make_records.new"  # the next output, complete before it replace
 SHARD_BYTES = 100 * 1000 * 1000   # shards hold [SHARD_BYTES, 2 * SHARD_BYTES) bytes
 RUNNERS = ("local", "beam")
 _SHARD_RE = re.compile(r"^(train|val)\.tfrecord-\d{5}-of-\d{5}$")
-
-
-class MakeRecordsError(ValueError):
-    """make_records refused: bad arguments or a result that cannot be trusted.
-
-    `details`: extra lines (e.g. the skipped files) for the tool to print first.
-    `refused`: True when the arguments were fine but the data cannot be trusted
-    or OUT is in use (the tool exits 1), False for bad arguments or folders (2).
-    """
-
-    def __init__(self, message, details=(), refused=False):
-        super().__init__(message)
-        self.details = list(details)
-        self.refused = refused
-
-
-@dataclasses.dataclass(frozen=True)
-class ReadOptions:
-    """Per-image settings passed to the worker processes (see imageio.read_upright)."""
-    max_side: int = imageio.DEFAULT_MAX_SIDE
-    jpeg_quality: int = imageio.DEFAULT_JPEG_QUALITY
-    max_pixels: int = imageio.DEFAULT_MAX_PIXELS
-
-
-@dataclasses.dataclass
-class _Result:
-    """What a worker sends back for one file (the image bytes go separately)."""
-    rel: bytes                 # path relative to SRC
-    status: str                # "ok" | "skipped" | "ignored"
-    reason: str = ""
-    sha256: str = ""
-    image: imageio.StoredImage = None
 
 
 def make_records(*, src: str, out: str, val_fraction: float = 0.2,
@@ -207,7 +175,7 @@ def make_records(*, src: str, out: str, val_fraction: float = 0.2,
             scratch_fd = fileio.create_file(scratch_path, replace=True, readable=True)
             with os.fdopen(scratch_fd, "w+b") as scratch:
                 if runner == "beam":
-                    from upright.pipeline import records_beam
+                    from upright.pipeline import records_beam  # imports no records
                     results, spans = records_beam.read_all(
                         src_b, walk.files, options, scratch, out_b=out_b,
                         beam_options=beam_options, progress=progress)
@@ -451,46 +419,6 @@ def _walk_folder(src_b, rel_dir, ancestors, visited, walk):
 
 
 # ---------------------------------------------------------------- reading
-
-
-def read_one(rel: bytes, *, src_b: bytes, options: ReadOptions) -> _Result:
-    """Reads one file (runs in a worker process); never raises for bad files."""
-    path = os.path.join(src_b, rel)
-    ext = os.path.splitext(rel)[1].decode("utf-8", "replace").lower()
-    known = ext in imageio.IMAGE_EXTENSIONS or ext in imageio.UNSUPPORTED_EXTENSIONS
-    try:
-        if not known and not _looks_like_image(path):
-            return _Result(rel, "ignored", f"not an image file ({ext or 'no extension'})")
-        data = imageio.read_bytes(path)
-        stored = imageio.read_upright(path, data=data, max_side=options.max_side,
-                                      jpeg_quality=options.jpeg_quality,
-                                      max_pixels=options.max_pixels)
-    except imageio.SkipImage as e:
-        return _Result(rel, "skipped", str(e))
-    except Exception as e:  # a reader bug must not kill the whole run: report it
-        return _Result(rel, "skipped", f"unreadable: {type(e).__name__}: {e}"[:200])
-    return _Result(rel, "ok", sha256=imageio.sha256_hex(data), image=stored)
-
-
-def _looks_like_image(path) -> bool:
-    """Header check for files whose extension is not an image extension."""
-    import warnings
-    from PIL import Image
-    try:
-        # Opened without blocking and only if regular (the name may have been
-        # swapped for a FIFO since the walk); Pillow reads the header from it.
-        with os.fdopen(fileio.open_regular(path), "rb") as f:
-            if not f.read(1):
-                return False
-            f.seek(0)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                with Image.open(f):
-                    return True
-    except Image.DecompressionBombError:
-        return True    # an image: read_upright reports it as a bomb
-    except Exception:
-        return False
 
 
 def _read_all(src_b, files, options, scratch, *, workers, progress, lock_fd=None):
@@ -750,21 +678,6 @@ def merge_groups(groups, keys) -> list:
     return neardup.groups_of(neardup.components(len(keys), i, j))
 
 
-def spool_result(result, scratch, spans: dict):
-    """Moves a read result's stored bytes to the scratch file; returns the result.
-
-    Keeps memory flat: only (offset, length) stays in `spans[result.rel]`, and
-    the result's image keeps its metadata with `encoded=b""`. Shared by the
-    local and the Beam runner.
-    """
-    if result.status == "ok":
-        data = result.image.encoded
-        spans[result.rel] = (scratch.tell(), len(data))
-        scratch.write(data)
-        result.image = dataclasses.replace(result.image, encoded=b"")
-    return result
-
-
 def _unit_hash(salt: bytes, sha256_hex: str) -> float:
     """A stable number in [0, 1) from an image's bytes digest."""
     digest = hashlib.sha256(salt + b":" + sha256_hex.encode("ascii")).digest()
@@ -1016,206 +929,3 @@ def format_summary(info: dict) -> str:
     if len(info["skipped"]) > 20:
         lines.append(f"  ... and {len(info['skipped']) - 20} more (see info.json)")
     return "\n".join(lines)
-
-
-# ---------------------------------------------------------------- inspecting
-
-
-def inspect_records(records_dir: str) -> dict:
-    """Reads every record of every shard and checks it against info.json.
-
-    Checks: info.json (schema version, convention, listed shards exist), each
-    shard reads to its end without a truncated or corrupted record, the number
-    of records per shard and per split, every record has the schema's keys and
-    a known format, every image decodes (with TensorFlow's decoder, as the
-    input pipeline will) to 3 channels at its stated height and width, no
-    sha256 appears twice (within or across splits).
-    Returns:
-      {"splits": {split: {"num_examples", "num_shards", "bytes"}}, "formats":
-       {format: count}, "stored_height"/"stored_width": {min, median, max}}.
-    Raises:
-      recordio.RecordsError: the first problem, naming the shard file.
-    """
-    info = recordio.load_info(records_dir)
-    import tensorflow as tf
-    seen = {}
-    formats = collections.Counter()
-    heights, widths = [], []
-    summary = {"splits": {}}
-    if "val" not in info["splits"]:
-        raise recordio.RecordsError(f"{records_dir!r}: info.json has no split 'val'")
-    for split in info["splits"]:
-        if split not in schema.SPLITS:
-            raise recordio.RecordsError(f"{records_dir!r}: info.json has an unknown split {split!r}")
-        entry = info["splits"][split]
-        shards = entry.get("shards", [])
-        expected = entry.get("shard_examples", [None] * len(shards))
-        if len(expected) != len(shards):
-            raise recordio.RecordsError(
-                f"{records_dir!r}: info.json lists {len(shards)} {split} shards but "
-                f"{len(expected)} shard counts")
-        total, size = 0, 0
-        for name, want in zip(shards, expected):
-            path = os.path.join(records_dir, name)
-            size += os.path.getsize(path)
-            count = 0
-            for index, serialized in _read_shard(path):
-                record = _check_record(path, index, serialized, tf)
-                if record.sha256 in seen:
-                    raise recordio.RecordsError(
-                        f"{path}: record {index} ({record.source_id!r}) has the same "
-                        f"sha256 as {seen[record.sha256]!r}")
-                seen[record.sha256] = record.source_id
-                formats[record.format] += 1
-                heights.append(record.height)
-                widths.append(record.width)
-                count += 1
-            if want is not None and count != want:
-                raise recordio.RecordsError(
-                    f"{path}: holds {count} records, info.json says {want}")
-            total += count
-        if total != entry.get("num_examples"):
-            raise recordio.RecordsError(
-                f"{records_dir!r}: split {split!r} holds {total} records, info.json "
-                f"says {entry.get('num_examples')}")
-        summary["splits"][split] = {"num_examples": total, "num_shards": len(shards),
-                                    "bytes": size}
-    summary["formats"] = dict(sorted(formats.items()))
-    if heights:
-        summary["stored_height"] = {"min": min(heights), "median": statistics.median(heights),
-                                    "max": max(heights)}
-        summary["stored_width"] = {"min": min(widths), "median": statistics.median(widths),
-                                   "max": max(widths)}
-    return summary
-
-
-def _read_shard(path):
-    """Yields (index, serialized) of a shard; a bad file raises RecordsError.
-
-    TFRecordDataset checks each record's length and CRCs, so a truncated or
-    corrupted shard ends in DataLossError at the damaged record, never a hang.
-    """
-    import tensorflow as tf
-    index = 0
-    iterator = iter(tf.data.TFRecordDataset(path))
-    while True:
-        try:
-            serialized = next(iterator)
-        except StopIteration:
-            return
-        except tf.errors.OpError as e:
-            message = (e.message or str(e)).strip().splitlines()[0]
-            raise recordio.RecordsError(
-                f"{path}: damaged after {index} good record(s) (truncated or corrupted "
-                f"shard): {message}; run make_records again") from None
-        yield index, serialized.numpy()
-        index += 1
-
-
-def _check_record(path, index, serialized, tf) -> schema.Record:
-    try:
-        record = schema.decode_example(serialized)
-    except Exception as e:
-        raise recordio.RecordsError(
-            f"{path}: record {index} is not a valid example: {e}") from None
-    where = f"{path}: record {index} ({record.source_id!r})"
-    if record.format not in schema.FORMATS:
-        raise recordio.RecordsError(f"{where}: unknown image/format {record.format!r}")
-    # The header first: TensorFlow's decoder allocates whatever size it declares.
-    declared = _declared_pixels(record.encoded)
-    if declared > RECORD_MAX_PIXELS:
-        raise recordio.RecordsError(
-            f"{where}: image declares {declared / 1e6:.0f} MP > limit "
-            f"{RECORD_MAX_PIXELS / 1e6:.0f} MP; not decoded (make_records never stores it)")
-    try:
-        image = tf.io.decode_image(record.encoded, channels=3, expand_animations=False)
-    except tf.errors.OpError as e:
-        raise recordio.RecordsError(
-            f"{where}: image does not decode: {e.message.splitlines()[0]}") from None
-    height, width = int(image.shape[0]), int(image.shape[1])
-    if (height, width) != (record.height, record.width):
-        raise recordio.RecordsError(
-            f"{where}: image decodes to {height}x{width}, record says "
-            f"{record.height}x{record.width}")
-    return record
-
-
-RECORD_MAX_PIXELS = 128_000_000   # = inputs.MAX_RECORD_PIXELS, without importing TensorFlow
-
-
-def _declared_pixels(encoded: bytes) -> int:
-    """Width x height from the image header (Pillow reads no pixels); 0 if unknown."""
-    import warnings
-    from PIL import Image
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(io.BytesIO(encoded)) as image:
-                return image.size[0] * image.size[1]
-    except Image.DecompressionBombError as e:   # Pillow's own limit, above ours
-        found = re.search(r"\((\d+) pixels\)", str(e))
-        return int(found.group(1)) if found else 2**62
-    except Exception:
-        return 0      # not an image Pillow knows: TensorFlow's decoder says so next
-
-
-def draw_contact_sheet(records_dir: str, path: str, *, num_images: int = 6,
-                       thumb_side: int = 160) -> int:
-    """Draws sample images, each in its four orientations with their labels.
-
-    Row r shows one stored image turned k = 0, 1, 2, 3 quarter turns
-    counter-clockwise (np.rot90, the label-k input), captioned with k and the
-    class name. Samples are spread evenly over train and val.
-    Returns:
-      the number of images drawn.
-    """
-    from PIL import Image, ImageDraw
-    import io
-    info = recordio.load_info(records_dir)
-    records = []
-    present = [split for split in schema.SPLITS if split in info["splits"]]
-    for i, split in enumerate(present):   # spread evenly over the splits present
-        share = (num_images + i) // len(present)
-        records += [(split, r) for r in _sample_records(records_dir, info, split, share)]
-    caption, pad = 18, 6
-    cell = thumb_side + 2 * pad
-    header = 22
-    sheet = Image.new("RGB", (cell * schema.NUM_CLASSES, header + len(records) * (cell + caption)),
-                      (40, 40, 40))
-    draw = ImageDraw.Draw(sheet)
-    draw.text((pad, 4), "label k: turned k quarter turns counter-clockwise from upright",
-              fill=(255, 255, 255))
-    for row, (split, record) in enumerate(records):
-        image = np.asarray(Image.open(io.BytesIO(record.encoded)).convert("RGB"))
-        top = header + row * (cell + caption)
-        for k in range(schema.NUM_CLASSES):
-            turned = Image.fromarray(np.ascontiguousarray(np.rot90(image, k)))
-            turned.thumbnail((thumb_side, thumb_side), Image.Resampling.LANCZOS)
-            left = k * cell
-            sheet.paste(turned, (left + pad + (thumb_side - turned.width) // 2,
-                                 top + pad + (thumb_side - turned.height) // 2))
-            draw.text((left + pad, top + cell),
-                      f"k={k} ({schema.CLASS_NAMES[k]})  {split}", fill=(255, 255, 160))
-    # Pillow picks the format from the name's suffix, which the temporary name keeps.
-    with fileio.replacing(path, suffix=os.path.splitext(path)[1]) as tmp:
-        sheet.save(tmp)
-    return len(records)
-
-
-def _sample_records(records_dir, info, split, count):
-    """`count` records spread evenly over a split, decoded (plain Python)."""
-    import tensorflow as tf
-    n = info["splits"][split]["num_examples"]
-    if count <= 0 or n == 0:
-        return []
-    wanted = sorted({int(i * n / min(count, n)) for i in range(min(count, n))})
-    picked, index = [], 0
-    for path in recordio.shard_paths(records_dir, split, info):
-        for serialized in tf.data.TFRecordDataset(path):
-            if wanted and index == wanted[0]:
-                picked.append(schema.decode_example(serialized.numpy()))
-                wanted.pop(0)
-            index += 1
-        if not wanted:
-            break
-    return picked

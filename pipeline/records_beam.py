@@ -5,7 +5,7 @@
     make_records --src photos/ --runner beam --beam_pipeline_options="--direct_num_workers=2"
 
 What runs where:
-  * on Beam: `records.read_one` for every file -- the SAME function the local
+  * on Beam: `records_read.read_one` for every file -- the SAME function the local
     mode maps over its reader processes (read as a person sees it, EXIF, modes,
     bombs, resize, re-encode, sha256, near-duplicate signature). This is the
     expensive part: it decodes every source image at full resolution.
@@ -32,7 +32,7 @@ import pickle
 import tempfile
 import uuid
 
-from upright.pipeline import fileio, records
+from upright.pipeline import fileio, records_read
 
 _LIST_FILE = "files.txt"
 _RESULTS_PREFIX = "results"
@@ -40,12 +40,12 @@ _RESULTS_PREFIX = "results"
 
 def read_all(src_b: bytes, files: list, options, scratch, *, out_b: bytes,
              beam_options=None, progress: bool = True):
-    """Runs records.read_one over `files` on Beam; same return as records._read_all.
+    """Runs records_read.read_one over `files` on Beam; same return as records._read_all.
 
     Args:
       src_b: SRC as a bytes path.
       files: relative bytes paths (records.find_files().files).
-      options: records.ReadOptions.
+      options: records_read.ReadOptions.
       scratch: open binary file; stored image bytes are appended to it.
       out_b: OUT (unused by the workers; kept for messages).
       beam_options: list of Beam pipeline option strings; [] -> DirectRunner.
@@ -53,14 +53,14 @@ def read_all(src_b: bytes, files: list, options, scratch, *, out_b: bytes,
     Returns:
       (results sorted by path, {rel: (offset, length) in scratch}).
     Raises:
-      records.MakeRecordsError: Beam is not installed, or the pipeline failed.
+      records_read.MakeRecordsError: Beam is not installed, or the pipeline failed.
     """
     del out_b, progress
     try:
         import apache_beam as beam
         from apache_beam.options import pipeline_options
     except ImportError:
-        raise records.MakeRecordsError(
+        raise records_read.MakeRecordsError(
             "--runner=beam needs Apache Beam: pip install 'upright-orientation[beam]' "
             "(or pip install 'apache-beam[tfrecord]>=2.60,<3')") from None
     opts = pipeline_options.PipelineOptions(list(beam_options or []))
@@ -75,7 +75,7 @@ def read_all(src_b: bytes, files: list, options, scratch, *, out_b: bytes,
             # Hex: file names are arbitrary bytes, the text source reads lines.
             f.writelines(rel.hex() + "\n" for rel in files)
         prefix = os.path.join(temp, _RESULTS_PREFIX)
-        task = functools.partial(records.read_one, src_b=src_b, options=options)
+        task = functools.partial(records_read.read_one, src_b=src_b, options=options)
         try:
             with beam.Pipeline(options=opts) as p:
                 _ = (p
@@ -88,18 +88,18 @@ def read_all(src_b: bytes, files: list, options, scratch, *, out_b: bytes,
                      | "Serialize" >> beam.Map(pickle.dumps)
                      | "Write" >> beam.io.WriteToTFRecord(
                          prefix, coder=beam.coders.BytesCoder()))
-        except records.MakeRecordsError:
+        except records_read.MakeRecordsError:
             raise
         except Exception as e:  # runner errors arrive as many types; say which
             message = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            raise records.MakeRecordsError(
+            raise records_read.MakeRecordsError(
                 f"the Beam pipeline failed: {type(e).__name__}: {message}"[:300],
                 refused=True) from e
         results, spans = collect_results(prefix, scratch)
     finally:
         fileio.remove_tree(temp, ignore_errors=True)
     if len(results) != len(files):
-        raise records.MakeRecordsError(
+        raise records_read.MakeRecordsError(
             f"the Beam pipeline returned {len(results)} results for {len(files)} files",
             refused=True)
     return results, spans
@@ -108,13 +108,13 @@ def read_all(src_b: bytes, files: list, options, scratch, *, out_b: bytes,
 def collect_results(prefix: str, scratch):
     """Reads the pickled read_one results back; spills stored images to scratch.
 
-    Same bookkeeping as the local runner (records.spool_result).
+    Same bookkeeping as the local runner (records_read.spool_result).
     """
     import glob
     import tensorflow as tf
     paths = sorted(glob.glob(glob.escape(prefix) + "*"))
     results, spans = [], {}
     for serialized in tf.data.TFRecordDataset(paths):
-        results.append(records.spool_result(pickle.loads(serialized.numpy()), scratch, spans))
+        results.append(records_read.spool_result(pickle.loads(serialized.numpy()), scratch, spans))
     results.sort(key=lambda r: r.rel)
     return results, spans

@@ -16,7 +16,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from upright.pipeline import inputs, recordio, records, schema
+from upright.pipeline import inputs, recordio, records, records_inspect, schema
 from tests import fault_tools, helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -87,9 +87,9 @@ class KillBench:
         if state == "refused":
             assert str(out) in message or "no info.json" in message, message
             with pytest.raises(recordio.RecordsError):
-                records.inspect_records(str(out))
+                records_inspect.inspect_records(str(out))
         else:
-            records.inspect_records(str(out))
+            records_inspect.inspect_records(str(out))
         rc, err = run_driver("make", self.src, out, "--shard-bytes", SHARD_BYTES)
         assert rc == 0, err
         assert fault_tools.snapshot(out) == self.refs["new"]
@@ -340,7 +340,7 @@ def test_real_full_disk_keeps_the_earlier_output(tmp_path, phase):
             assert "tfrecord" in message, message    # TensorFlow's writer hit it
         assert fault_tools.snapshot(out) == before
         assert sorted(os.listdir(out)) == sorted(before)       # no lock file left behind
-        records.inspect_records(str(out))
+        records_inspect.inspect_records(str(out))
     finally:
         subprocess.run(["umount", str(disk)])
 
@@ -393,7 +393,7 @@ def test_hostile_names_and_outside_links_through_make_records(tmp_path):
     assert links == {"link to outside.jpg": str(tmp_path / "outside" / "out.jpg"),
                      "linked pics": str(tmp_path / "outside" / "pics")}
     assert info["counts"]["links_outside_source"] == 2
-    records.inspect_records(str(out))
+    records_inspect.inspect_records(str(out))
 
 
 def _bind_read_only(src, mount_point):

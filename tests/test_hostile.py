@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from upright.pipeline import evaluation, orient, records, serve
+from upright.pipeline import evaluation, orient, records, records_inspect, serve
 from tests import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,7 +71,7 @@ def test_make_records_staging_link_empties_nothing(tmp_path):
     assert info["counts"]["stored"] == 6
     assert helpers.listing(target) == before
     assert not os.path.lexists(out / records.STAGING_DIR)
-    records.inspect_records(str(out))
+    records_inspect.inspect_records(str(out))
 
 
 @pytest.mark.parametrize("name", [records.SCRATCH_FILE, records.LOCK_FILE])
@@ -90,7 +90,7 @@ def test_make_records_scratch_and_lock_links_are_replaced_not_written_through(tm
     # Neither the scratch file nor the lock outlives the run.
     assert not os.path.lexists(out / records.SCRATCH_FILE)
     assert not os.path.lexists(out / records.LOCK_FILE)
-    records.inspect_records(str(out))
+    records_inspect.inspect_records(str(out))
 
 
 def test_a_refused_make_records_leaves_no_lock_but_never_removes_a_live_one(tmp_path):
@@ -272,7 +272,7 @@ def test_shard_names_that_leave_the_records_folder_are_refused(small_records, tm
         info["splits"]["val"]["shards"] = [name]
     edit_info(out, change)
     with pytest.raises(records.recordio.RecordsError, match="shard name .* is not 'val.tfrecord"):
-        records.inspect_records(str(out))
+        records_inspect.inspect_records(str(out))
     with pytest.raises(records.recordio.RecordsError, match="shard name"):
         evaluation.evaluate(helpers.write_model_dir(str(tmp_path / "m"), helpers.corner_model(S),
                                                     S), str(out), split="val", plots=False)
@@ -707,7 +707,7 @@ def test_a_huge_png_inside_a_record_is_refused_before_decoding(tmp_path):
     with pytest.raises(records.recordio.RecordsError, match="declares 400 MP > limit 128 MP"):
         evaluation.evaluate(model, out, split="val", batch_size=4, plots=False)
     with pytest.raises(records.recordio.RecordsError, match="declares 400 MP > limit 128 MP"):
-        records.inspect_records(out)
+        records_inspect.inspect_records(out)
 
 
 def test_a_record_image_that_is_neither_jpeg_nor_png_is_refused_in_the_graph(tmp_path):

@@ -14,7 +14,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from upright.pipeline import imageio, neardup, recordio, records, schema
+from upright.pipeline import imageio, neardup, recordio, records, records_inspect, schema
 from tests import helpers
 
 
@@ -100,7 +100,7 @@ def test_messy_folder_stores_the_good_and_names_every_bad_file(tmp_path):
         assert pixels.shape == (r.height, r.width, 3) and max(r.height, r.width) <= 48
     assert stored["sub dir/photo 2.jpg"].sha256 == imageio.sha256_hex(
         (src / "sub dir" / "photo 2.jpg").read_bytes())
-    assert records.inspect_records(str(out))["splits"]["train"]["num_examples"] == \
+    assert records_inspect.inspect_records(str(out))["splits"]["train"]["num_examples"] == \
         info["counts"]["train"]
     assert not (out / records.SCRATCH_FILE).exists()
 
@@ -227,7 +227,7 @@ def test_val_fraction_one_makes_an_evaluation_only_folder(tmp_path):
     info = run(src, tmp_path / "holdout", val_fraction=1.0)
     assert sorted(info["splits"]) == ["val"]
     assert info["splits"]["val"]["num_examples"] == 6
-    assert records.inspect_records(str(tmp_path / "holdout"))["splits"]["val"]["num_examples"] == 6
+    assert records_inspect.inspect_records(str(tmp_path / "holdout"))["splits"]["val"]["num_examples"] == 6
     assert "val 6 in 1 shard(s)" in records.format_summary(info)
 
 
@@ -297,7 +297,7 @@ def test_a_killed_run_leaves_nothing_a_reader_accepts_and_a_rerun_succeeds(tmp_p
         recordio.load_info(str(out))    # ...the folder is refused
     info = run(src, out)
     assert info["counts"]["stored"] == 20
-    records.inspect_records(str(out))
+    records_inspect.inspect_records(str(out))
 
 
 @pytest.fixture(scope="module")
@@ -315,7 +315,7 @@ def copy_of(good_records, tmp_path):
 
 
 def test_inspect_records_accepts_a_good_folder(good_records):
-    summary = records.inspect_records(str(good_records))
+    summary = records_inspect.inspect_records(str(good_records))
     info = recordio.load_info(str(good_records))
     for split in schema.SPLITS:
         assert summary["splits"][split]["num_examples"] == info["splits"][split]["num_examples"]
@@ -329,7 +329,7 @@ def test_inspect_records_catches_a_corrupted_shard(good_records, tmp_path):
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
     with pytest.raises(recordio.RecordsError, match="train.tfrecord-00000-of-00001.*damaged"):
-        records.inspect_records(str(out))
+        records_inspect.inspect_records(str(out))
 
 
 def test_inspect_records_catches_a_truncated_shard(good_records, tmp_path):
@@ -337,7 +337,7 @@ def test_inspect_records_catches_a_truncated_shard(good_records, tmp_path):
     shard = out / "val.tfrecord-00000-of-00001"
     shard.write_bytes(shard.read_bytes()[:-100])
     with pytest.raises(recordio.RecordsError, match="val.tfrecord-00000-of-00001.*damaged"):
-        records.inspect_records(str(out))
+        records_inspect.inspect_records(str(out))
 
 
 def test_inspect_records_catches_counts_and_sizes_that_disagree(good_records, tmp_path):
@@ -346,7 +346,7 @@ def test_inspect_records_catches_counts_and_sizes_that_disagree(good_records, tm
     info["splits"]["train"]["shard_examples"][0] += 1
     (out / "info.json").write_text(json.dumps(info))
     with pytest.raises(recordio.RecordsError, match="holds .* records, info.json says"):
-        records.inspect_records(str(out))
+        records_inspect.inspect_records(str(out))
     # A record whose stated size is wrong.
     out2 = tmp_path / "sizes"
     img = helpers.distinct_image(0, 10, 12)
@@ -358,12 +358,12 @@ def test_inspect_records_catches_counts_and_sizes_that_disagree(good_records, tm
         s: {"num_examples": 1, "shards": [schema.shard_name(s, 0, 1)], "shard_examples": [1]}
         for s in schema.SPLITS})
     with pytest.raises(recordio.RecordsError, match="decodes to 10x12, record says 11x12"):
-        records.inspect_records(str(out2))
+        records_inspect.inspect_records(str(out2))
 
 
 def test_contact_sheet_shows_four_orientations(good_records, tmp_path):
     path = tmp_path / "sheet.png"
-    assert records.draw_contact_sheet(str(good_records), str(path), num_images=3) == 3
+    assert records_inspect.draw_contact_sheet(str(good_records), str(path), num_images=3) == 3
     sheet = Image.open(path)
     assert sheet.width == 4 * (160 + 12) and sheet.height > 3 * 160
 

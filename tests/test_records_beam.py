@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from tests import helpers
-from upright.pipeline import inputs, recordio, records, schema
+from upright.pipeline import inputs, recordio, records, records_inspect, schema
 
 try:
     import apache_beam  # noqa: F401
@@ -124,7 +124,7 @@ def test_beam_and_local_make_the_same_records(folder, tmp_path):
     info_local["arguments"].pop("workers"), info_beam["arguments"].pop("workers")
     info_local.pop("source"), info_beam.pop("source")
     assert info_local == info_beam
-    assert records.inspect_records(beam)["splits"]["train"]["num_examples"] == \
+    assert records_inspect.inspect_records(beam)["splits"]["train"]["num_examples"] == \
         info_local["counts"]["train"]
 
 

@@ -35,12 +35,12 @@ def main(argv):
     if len(argv) != 2:
         raise app.UsageError("give exactly one records folder: inspect_records OUT")
     records_dir = argv[1]
-    from upright.pipeline import recordio, records
+    from upright.pipeline import recordio, records_inspect
     try:
-        summary = records.inspect_records(records_dir)
+        summary = records_inspect.inspect_records(records_dir)
         if _CONTACT_SHEET.value:
-            drawn = records.draw_contact_sheet(records_dir, _CONTACT_SHEET.value,
-                                               num_images=_CONTACT_SHEET_IMAGES.value)
+            drawn = records_inspect.draw_contact_sheet(records_dir, _CONTACT_SHEET.value,
+                                                       num_images=_CONTACT_SHEET_IMAGES.value)
             summary["contact_sheet"] = {"path": _CONTACT_SHEET.value, "images": drawn}
     except recordio.RecordsError as e:
         print(f"inspect_records: error: {e}", file=sys.stderr)
