@@ -19,6 +19,11 @@ for round in first second; do   # the second install is the one that broke
   # folders with the same name as your package" warning.
   # (pip 23.2 hides that warning, newer pips print it: look for the hook itself.)
   hook=$(find "$tmp/venv/lib" -name "__editable___*finder.py")
+  if grep -q "Package would be ignored" "$tmp/pip.log"; then
+    echo "install_check: setuptools warns that a package folder is missing from pyproject.toml's packages:" >&2
+    grep -A3 "is absent from the" "$tmp/pip.log" >&2 || true
+    exit 1
+  fi
   if [ -n "$hook" ] || grep -q "same name as your package" "$tmp/pip.log"; then
     echo "install_check: the editable install uses setuptools' import hook ($hook), which" \
          "prints the 'Editable installation' warning; keep the src/upright layout" >&2

@@ -129,3 +129,16 @@ def test_orient_tool_with_builtin_name(models_dir, tmp_path):
         proc = run_orient(["--model", name, str(src)], str(tmp_path / "empty"))
         assert proc.returncode == 2 and "Traceback" not in proc.stderr
         assert proc.stderr.strip().splitlines()[-1].startswith(expected), proc.stderr
+
+
+def test_every_builtin_model_folder_is_packaged():
+    """Each built-in model's folder is a package in pyproject.toml with its two
+    files as package data: else a wheel leaves the model out, and setuptools
+    prints its "Package would be ignored" box on every install."""
+    import tomllib
+    with open(os.path.join(os.path.dirname(__file__), os.pardir, "pyproject.toml"), "rb") as f:
+        setuptools_config = tomllib.load(f)["tool"]["setuptools"]
+    for name in builtin.names():
+        package = f"upright.models.{name}"
+        assert package in setuptools_config["packages"]
+        assert sorted(setuptools_config["package-data"][package]) == sorted(builtin.REQUIRED_FILES)
