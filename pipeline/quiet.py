@@ -13,9 +13,11 @@ import sys
 import tempfile
 
 # One line of TensorFlow's native logging: "I0000 00:00:1796.. 15737 port.cc:153] ...",
-# and the notice abseil prints before its logging is initialised.
+# the notice abseil prints before its logging is initialised, and TFLite's own
+# INFO lines ("INFO: Created TensorFlow Lite XNNPACK delegate for CPU.").
 NATIVE_LOG_LINE = re.compile(rb"^(?:[IWEF]\d{4} \d\d:\d\d:\d+\.\d+ +\d+ [^\]]+\] |"
-                             rb"WARNING: All log messages before absl::InitializeLog\(\))")
+                             rb"WARNING: All log messages before absl::InitializeLog\(\)|"
+                             rb"INFO: (?:Created|Initialized) TensorFlow Lite)")
 
 
 @contextlib.contextmanager

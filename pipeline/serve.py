@@ -253,14 +253,17 @@ def tflite_predict(path: str, images: np.ndarray) -> np.ndarray:
 def _tflite_interpreter(path):
     # tf.lite.Interpreter is deprecated in favour of ai_edge_litert; use that when
     # installed, TensorFlow's own otherwise (both read the same flatbuffer).
-    try:
-        from ai_edge_litert import interpreter as litert
-        return litert.Interpreter(model_path=path)
-    except ImportError:
-        import warnings
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return tf.lite.Interpreter(model_path=path)
+    # Creating one prints "INFO: Created TensorFlow Lite XNNPACK delegate for
+    # CPU." from C++: not for users (quiet.native_logs_hidden keeps other lines).
+    with quiet.native_logs_hidden():
+        try:
+            from ai_edge_litert import interpreter as litert
+            return litert.Interpreter(model_path=path)
+        except ImportError:
+            import warnings
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return tf.lite.Interpreter(model_path=path)
 
 
 # ---------------------------------------------------------------------------

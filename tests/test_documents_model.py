@@ -73,6 +73,9 @@ def test_fixes_a_folder_of_turned_pages(tmp_path, pages):
                 src / f"page{i}_turned{k}.png")
     proc = run_orient([str(src), "--fix", "--dst", str(dst)])
     assert proc.returncode == 0, proc.stderr
+    # Quiet by default: no TFLite interpreter or TensorFlow log line reaches the user.
+    assert "TensorFlow Lite" not in proc.stdout + proc.stderr, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == f"upright copies in {dst}"
     for i, page in enumerate(pages):
         # Upright pages need nothing: --fix writes copies of the pages it turns.
         assert not (dst / f"page{i}_turned0.png").exists()
