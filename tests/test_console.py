@@ -147,6 +147,9 @@ def test_chance_warning_says_when_a_model_guesses():
     assert "within chance" in evaluation.chance_warning(0.35, 40, 1.0)
     for edge in (0.05, 20.0):
         assert "end of its range" in evaluation.chance_warning(0.9, 400, edge)
+    # Every val example right: the fit sharpens to the low end, nothing is wrong.
+    assert evaluation.chance_warning(1.0, 716, 0.05) is None
+    assert "end of its range" in evaluation.chance_warning(1.0, 716, 20.0)
 
 
 def test_orient_says_where_copies_went_and_fails_when_nothing_was_read(tmp_path):
