@@ -60,12 +60,14 @@ def stream_seed(seed: int, stage: int, epoch: int = -1) -> int:
 # ----------------------------------------------------------------------------
 # config.json and metrics.json: the run a model_dir holds, and whether it ended.
 
-def check_pinned(model_dir: str, settings: dict) -> None:
+def check_pinned(model_dir: str, settings: dict, defaults: dict | None = None) -> None:
     """ConfigMismatch when model_dir/config.json holds a run whose settings (the
-    flat config) differ from `settings` beyond FREE_SETTINGS; writes nothing."""
+    flat config) differ from `settings` beyond FREE_SETTINGS; writes nothing.
+    A setting the pinned file lacks (added to the config after that run) counts
+    as its value in `defaults`."""
     path = os.path.join(model_dir, "config.json")
     if os.path.exists(path):
-        old = read_json(path)
+        old = {**(defaults or {}), **read_json(path)}
         diff = sorted(k for k in settings
                       if k not in FREE_SETTINGS and old.get(k) != settings[k])
         if diff:
@@ -75,10 +77,10 @@ def check_pinned(model_dir: str, settings: dict) -> None:
                 "use a new --model_dir or the same flags")
 
 
-def pin_config(model_dir: str, settings: dict) -> None:
+def pin_config(model_dir: str, settings: dict, defaults: dict | None = None) -> None:
     """Writes model_dir/config.json, or raises ConfigMismatch (check_pinned)."""
     os.makedirs(model_dir, exist_ok=True)
-    check_pinned(model_dir, settings)
+    check_pinned(model_dir, settings, defaults)
     write_json(os.path.join(model_dir, "config.json"), settings)
 
 

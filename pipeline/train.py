@@ -43,6 +43,7 @@ from upright.pipeline import cluster, configs, fileio, recordio, resume, schema
 from upright.pipeline import model as model_lib
 
 AUGMENT_ON = ("auto", *schema.AUGMENT_PLACEMENTS)
+LR_SCHEDULES = ("constant", "cosine")
 JIT_COMPILE = ("auto", "true", "false")
 
 
@@ -72,6 +73,9 @@ class StageConfig:
         "the whole backbone).")
     train_batchnorm: bool = configs.field(
         True, "BatchNorm layers of the frozen blocks still train.")
+    schedule: str = configs.field(
+        "constant", "learning rate over the stage: constant, or cosine (from lr down to 0 "
+        "at the stage's last step).", choices=LR_SCHEDULES)
 
 
 _f = configs.field
@@ -150,6 +154,10 @@ class TrainConfig:
 # ----------------------------------------------------------------------------
 # Validation: everything that can be checked before any work.
 
+# Settings of a config.json written before a setting existed (resume.check_pinned).
+_DEFAULT_SETTINGS = configs.flatten(TrainConfig())
+
+
 def check_config(config: TrainConfig) -> dict:
     """Checks the config cheaply (no model is built, no data read), and that
     model_dir holds no other run.
@@ -200,7 +208,7 @@ def check_config(config: TrainConfig) -> dict:
     except ValueError as e:
         raise ConfigError(f"augment_policy: {str(e).splitlines()[0]}") from None
     try:   # read only: the run itself pins the config (resume.pin_config)
-        resume.check_pinned(config.model_dir, settings)
+        resume.check_pinned(config.model_dir, settings, _DEFAULT_SETTINGS)
     except resume.ConfigMismatch as e:
         raise ConfigError(str(e)) from None
     return info
@@ -226,6 +234,10 @@ def _check_stages(config):
             raise ConfigError(f"stage{number}_epochs must be >= 0, got {s.epochs}")
         if not s.lr > 0:
             raise ConfigError(f"stage{number}_lr must be > 0, got {s.lr}")
+        if s.schedule == "cosine" and config.reduce_lr_patience:
+            # ReduceLROnPlateau sets the rate; a schedule computes it each step.
+            raise ConfigError(f"stage{number}_schedule=cosine and reduce_lr_patience > 0 "
+                              "both set the learning rate; use one")
         try:
             model_lib.check_freeze_range(s.freeze_below_block, backbone=config.backbone,
                                          top=model_lib.backbone_spec(config.backbone).num_blocks)
@@ -269,7 +281,7 @@ def train_and_evaluate(config: TrainConfig) -> dict:
         config = dataclasses.replace(config, model_dir=cluster.worker_dir(config.model_dir))
     with resume.reporting_write_failures(config.model_dir):
         try:
-            resume.pin_config(config.model_dir, configs.flatten(config))
+            resume.pin_config(config.model_dir, configs.flatten(config), _DEFAULT_SETTINGS)
         except resume.ConfigMismatch as e:
             raise ConfigError(str(e)) from None
     finished = resume.finished_metrics(config.model_dir, export=config.export)
@@ -316,11 +328,25 @@ def _training_model(classifier, config, augment_on):
 
 
 def _compile(model, config, lr, metrics=()):
-    """A fresh Adam at `lr`, the loss, and jit_compile as the config says."""
+    """A fresh Adam at `lr` (a float or a schedule), the loss, and jit_compile
+    as the config says."""
     import keras
     model.compile(optimizer=keras.optimizers.Adam(learning_rate=lr),
                   loss=keras.losses.SparseCategoricalCrossentropy(),
                   metrics=list(metrics) or None, jit_compile=_jit(config.jit_compile))
+
+
+def _learning_rate(stage: StageConfig, steps_per_epoch: int):
+    """The stage's rate for Adam: a float, or a cosine decay over all its steps.
+
+    The schedule reads the optimizer's step count, which the per-epoch backup
+    keeps, so a resumed stage continues on the same curve.
+    """
+    if stage.schedule == "constant":
+        return stage.lr
+    import keras
+    return keras.optimizers.schedules.CosineDecay(
+        stage.lr, decay_steps=max(1, stage.epochs * steps_per_epoch))
 
 
 def _jit(value):
@@ -385,7 +411,7 @@ class _Run:
                                            freeze_below_block=s.freeze_below_block,
                                            train_batchnorm=s.train_batchnorm)
         with self.strategy.scope():
-            _compile(self.train_model, self.config, s.lr,
+            _compile(self.train_model, self.config, _learning_rate(s, self.steps),
                      metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
         backup_dir = resume.stage_paths(self.dir, stage)["backup"]
         start = min(resume.backup_epoch(backup_dir), s.epochs)   # killed before the marker
@@ -398,7 +424,7 @@ class _Run:
         val_data = streams.val_data(self.config, augment_on=self.augment_on, strategy=strategy)
         self.train_model._initial_epoch = None   # left set by a previous stage's restore
         _log(f"stage {stage}: epochs {start + 1}..{s.epochs} of {s.epochs}, "
-             f"{self.steps} steps/epoch, lr {s.lr}, freeze below block "
+             f"{self.steps} steps/epoch, lr {s.lr} ({s.schedule}), freeze below block "
              f"{s.freeze_below_block} ({freezing['frozen_layers']} layers frozen, "
              f"{freezing['trainable_params']} trainable params), augment on {self.augment_on}")
         t0 = time.time()
@@ -416,7 +442,8 @@ class _Run:
                 streams.val_data(self.config, augment_on=self.augment_on, strategy=strategy),
                 steps=self.val_steps, verbose=0, return_dict=True)
         epochs_run = len(history.history.get("loss", []))
-        return {"epochs": s.epochs, "lr": s.lr, "freeze_below_block": s.freeze_below_block,
+        return {"epochs": s.epochs, "lr": s.lr, "schedule": s.schedule,
+                "freeze_below_block": s.freeze_below_block,
                 "train_batchnorm": s.train_batchnorm, **freezing,
                 "val_accuracy": float(logs["accuracy"]), "val_loss": float(logs["loss"]),
                 "resumed_at_epoch": start, "epochs_run_this_process": epochs_run,

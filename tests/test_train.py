@@ -433,8 +433,10 @@ def test_bad_flags_give_one_clear_line(records, tmp_path):
     ("lite0.flags", "efficientnet_lite0", "dense"),
     ("cpu.flags", "efficientnet_lite0", "linear"),
     ("demo.flags", None, None)])
-def test_shipped_flagfiles_parse_and_validate(records, flagfile, backbone, head):
-    result = _tool(f"--flagfile={flagfile}", f"--records={records}", "--dry_run")
+def test_shipped_flagfiles_parse_and_validate(records, flagfile, backbone, head, tmp_path):
+    # --model_dir here: the recipe's own (runs/...) may hold the user's demo run.
+    result = _tool(f"--flagfile={flagfile}", f"--records={records}",
+                   f"--model_dir={tmp_path / 'run'}", "--dry_run")
     assert result.returncode == 0, result.stderr[-2000:]
     if backbone:
         assert f"backbone = '{backbone}'" in result.stdout
@@ -961,6 +963,58 @@ def test_reduce_lr_on_plateau_multiplies_by_the_factor_down_to_min_lr(records, t
         expected.append(current)
     assert seen[0]["lr"] == pytest.approx(expected, rel=1e-6), (val_loss, seen[0]["lr"])
     assert {lr, lr * factor, floor} <= {round(x, 9) for x in expected}, (val_loss, expected)
+
+
+def test_cosine_schedule_decays_each_epoch_and_a_resumed_stage_stays_on_the_curve(
+        records, tmp_path, monkeypatch):
+    """--stage2_schedule=cosine, 4 epochs of 2 steps from 4e-2: the rate each
+    epoch starts with is lr * (1 + cos(pi * e / 4)) / 2 = 4e-2, 3.41e-2, 2e-2,
+    0.59e-2. Killed after epoch 2 (before its backup) and run again, the resumed
+    process starts epoch 2 at 3.41e-2 (the optimizer's step count comes back
+    with the backup), not at 4e-2 as a fresh schedule would."""
+    lr, epochs = 4e-2, 4
+    expected = [lr * (1 + np.cos(np.pi * e / epochs)) / 2 for e in range(epochs)]
+    config = tiny_config(records, str(tmp_path / "run"), stage1_epochs=0, stage2_epochs=epochs,
+                         stage2_lr=lr, stage2_schedule="cosine", augment_policy="none")
+    seen = _spy_on_fit(monkeypatch)
+    train.train_and_evaluate(config)
+    assert seen[0]["lr"] == pytest.approx(expected, rel=1e-5)
+
+    resumed = configs.replace(config, model_dir=str(tmp_path / "resumed"))
+    original = callbacks.History.on_epoch_end
+
+    def crash(self, epoch, logs=None):
+        if epoch == 1:
+            raise KeyboardInterrupt("simulated kill")
+        original(self, epoch, logs)
+
+    monkeypatch.setattr(callbacks.History, "on_epoch_end", crash)
+    seen.clear()
+    with pytest.raises(KeyboardInterrupt):
+        train.train_and_evaluate(resumed)
+    monkeypatch.setattr(callbacks.History, "on_epoch_end", original)
+    seen.clear()
+    again = train.train_and_evaluate(resumed)
+    assert again["stages"]["2"]["resumed_at_epoch"] == 1
+    assert again["stages"]["2"]["schedule"] == "cosine"
+    assert seen[0]["lr"] == pytest.approx(expected[1:], rel=1e-5)
+    with pytest.raises(train.ConfigError, match="stage2_schedule=cosine and reduce_lr"):
+        train.check_config(configs.replace(config, reduce_lr_patience=2,
+                                           model_dir=str(tmp_path / "other")))
+
+
+def test_a_run_pinned_before_a_setting_existed_resumes(records, tmp_path):
+    """config.json of a run from before stage*_schedule existed lacks the key:
+    the same flags (the default schedule) resume it; another schedule is refused."""
+    config = tiny_config(records, str(tmp_path / "run"))
+    settings = configs.flatten(config)
+    old = {k: v for k, v in settings.items() if not k.endswith("_schedule")}
+    os.makedirs(config.model_dir)
+    with open(os.path.join(config.model_dir, "config.json"), "w") as f:
+        json.dump(old, f)
+    train.check_config(config)
+    with pytest.raises(train.ConfigError, match="stage2_schedule: 'constant' -> 'cosine'"):
+        train.check_config(configs.replace(config, stage2_schedule="cosine"))
 
 
 def test_measure_steps_writes_a_consistent_throughput_block(records, tmp_path, monkeypatch):
