@@ -1,9 +1,10 @@
 """Batched, per-image, seeded augmentation: policies, placements, the Keras layer.
 
-Modules: augment.py (this: composition, schedules, spec parser, placements,
-AugmentLayer), augment_ops.py (the leaf ops), image_filters.py (their
-convolutions, medians and warps), per_image_random.py (seeded random numbers),
-augment_schedule.py (the grouped schedule's row regrouping).
+Modules: augment.py (this: composition, spec parser, placements,
+AugmentLayer), augment_ops.py (the leaf ops: traits and one transform each),
+augment_schedule.py (the one scheduler: picks how every op runs),
+image_filters.py (the ops' convolutions, medians and warps),
+per_image_random.py (seeded random numbers).
 
 Every op (see augment_ops.py for the leaves) is a callable
 
@@ -14,13 +15,16 @@ Every op (see augment_ops.py for the leaves) is a callable
 Random parameters are drawn PER IMAGE from that image's seed (with a constant
 per op position folded in), so an image's result never depends on the rest of
 its batch. Composition: Sequential([...]), OneOf([...]) (each image picks its
-own branch), Sometimes(p, op). How a step runs is chosen for speed on a CPU,
-never changing the values beyond float rounding:
-  * a OneOf whose branches are all fusible (pointwise colour/contrast ops,
+own branch), Sometimes(p, op). How a step runs is chosen, from the traits the
+ops declare, by augment_schedule.path alone, for speed on a CPU, never
+changing the values beyond float rounding:
+  * a OneOf whose branches are all pointwise (colour/contrast ops,
     additive noise) runs every branch on every image and selects per image,
     in ONE XLA-compiled kernel (elementwise chains fuse into one pass);
-  * a Sometimes of a fusible op, or of rotate, runs on the whole batch with
-    the op masked off (x + chosen * (op(x) - x); angle 0) for the others;
+  * a Sometimes of a pointwise or maskable op (rotate, frequency_blend) runs
+    on the whole batch with the op masked off (x + chosen * (op(x) - x);
+    angle 0) for the others;
+  * a OneOf of sparse ops (dropout, pepper, salt) writes all hits at once;
   * any other OneOf computes a branch only for the images that chose it:
     rows are grouped by choice with one gather, and a Sequential restores the
     batch order once, at its end.
@@ -118,8 +122,8 @@ import tensorflow as tf
 
 from upright.pipeline import augment_ops
 from upright.pipeline import per_image_random as rnd
-from upright.pipeline import augment_schedule
 from upright.pipeline.augment_ops import Identity, Op
+from upright.pipeline.augment_schedule import in_xla_context as _in_xla_context
 
 DEFAULT_SPEC = (
     "sometimes(0.5, jpeg(60,80)); "
@@ -134,12 +138,9 @@ DEFAULT_SPEC = (
 
 
 # ---------------------------------------------------------------- composition
-
-# XLA-compiled kernels of fused OneOf / Sometimes steps, shared by every policy
-# object with the same spec and seed path (parse_policy is called by the input
-# function and the trainer alike): each compiles once per process and shape.
-_XLA_CACHE = {}
-
+#
+# Composites hold ops and draw choices; augment_schedule runs them (Op.__call__
+# and Op.call_static hand every op, leaf or composite, to augment_schedule.run).
 
 class _Composite(Op):
     """An op made of ops (self.ops): each child is bound under this op's path,
@@ -158,6 +159,7 @@ class _Composite(Op):
 class Sequential(_Composite):
     """Applies its ops in order."""
     name = "sequential"
+    kind = "sequence"
 
     def __init__(self, ops, _bind=True):
         super().__init__()
@@ -167,34 +169,6 @@ class Sequential(_Composite):
         if _bind:
             self.bind(self.name)
 
-    def call_unordered(self, images, labels, seeds, index):
-        for op in self.ops:
-            images, labels, seeds, index = augment_schedule.call_unordered(
-                op, images, labels, seeds, index)
-        return images, labels, seeds, index
-
-    @augment_ops.plain
-    def __call__(self, images, labels, seeds):
-        images = tf.convert_to_tensor(images, tf.float32)
-        if not any(hasattr(op, "call_unordered") for op in self.ops):
-            for op in self.ops:
-                images, labels = op(images, labels, seeds)
-            return images, labels
-        # Rows may be regrouped by every OneOf inside; put them back once.
-        index = tf.range(tf.shape(images)[0])
-        images, labels, _, index = self.call_unordered(images, labels, seeds, index)
-        return augment_schedule.restore_order(images, labels, index)
-
-    @augment_ops.plain
-    def call_static(self, images, labels, seeds):
-        images = tf.convert_to_tensor(images, tf.float32)
-        xla = _in_xla_context()
-        for i, op in enumerate(self.ops):
-            if xla and i:
-                images = _materialize(images)
-            images, labels = op.call_static(images, labels, seeds)
-        return images, labels
-
     def spec(self):
         return "; ".join(op.spec() if not isinstance(op, Sequential) else f"({op.spec()})"
                          for op in self.ops) or "none"
@@ -203,12 +177,14 @@ class Sequential(_Composite):
 class OneOf(_Composite):
     """Each image picks one of `ops` (probabilities `weights`, default uniform).
 
-    If every branch is fusible (pointwise ops, additive noise), all branches
-    run on every image and a per-image select picks the result, in one XLA
-    kernel. Otherwise rows are grouped by choice and each branch runs on its
-    own images only (run_grouped); the order is restored at the end.
+    If every branch is pointwise (colour/contrast ops, additive noise), all
+    branches run on every image and a per-image select picks the result, in
+    one XLA kernel; sparse branches write all their hits at once; otherwise
+    rows are grouped by choice and each branch runs on its own images only
+    (augment_schedule.run_grouped); the order is restored at the end.
     """
     name = "one_of"
+    kind = "choice"
 
     def __init__(self, ops, weights=None):
         super().__init__()
@@ -234,87 +210,6 @@ class OneOf(_Composite):
             return tf.zeros_like(u, tf.int32)
         return tf.reduce_sum(tf.cast(u[:, None] >= tf.constant(edges)[None, :], tf.int32), 1)
 
-    def _pointwise(self):
-        return all(getattr(op, "fusible", False) for op in self.ops)
-
-    def _dense(self, images, labels, seeds):
-        """All (pointwise) branches on every image, then a per-image select,
-        in one XLA kernel: the elementwise chains fuse into one pass, which on
-        a CPU beats regrouping the batch for cheap branches."""
-        key = ("dense", self.spec(), self.salt)
-        if key not in _XLA_CACHE:
-            ops = self.ops
-
-            @tf.function(jit_compile=True, reduce_retracing=True, autograph=False)
-            def dense(images, seeds, choice):
-                labels = tf.zeros(tf.shape(images)[:1], tf.int32)
-
-                def run(op):
-                    return getattr(op, "dense", op)(images, labels, seeds)[0]
-
-                out = run(ops[-1])
-                for i in range(len(ops) - 2, -1, -1):
-                    pick = tf.reshape(tf.equal(choice, i), [-1, 1, 1, 1])
-                    out = tf.where(pick, run(ops[i]), out)
-                return out
-
-            _XLA_CACHE[key] = dense
-        return _XLA_CACHE[key](images, seeds, self.choose(seeds)), labels
-
-    def _sparse(self, images):
-        return all(hasattr(op, "hits") and op.sparse_ok(images) for op in self.ops)
-
-    def _scatter(self, images, labels, seeds):
-        """Sparse branches (dropout/pepper/salt): every branch lists the hits of
-        its own images, and one scatter writes them all (no regrouping)."""
-        choice = self.choose(seeds)
-        hit_lists = [op.hits(images, seeds, tf.equal(choice, i)) for i, op in enumerate(self.ops)]
-        return augment_schedule.scatter_hits(images, hit_lists), labels
-
-    def call_unordered(self, images, labels, seeds, index):
-        images = tf.convert_to_tensor(images, tf.float32)
-        if self._pointwise():
-            return (*self._dense(images, labels, seeds), seeds, index)
-        if self._sparse(images):
-            return (*self._scatter(images, labels, seeds), seeds, index)
-        return augment_schedule.run_grouped(self.ops, self.choose(seeds), images, labels, seeds,
-                                            index)
-
-    @augment_ops.plain
-    def __call__(self, images, labels, seeds):
-        images = tf.convert_to_tensor(images, tf.float32)
-        if self._pointwise():
-            return self._dense(images, labels, seeds)
-        if self._sparse(images):
-            return self._scatter(images, labels, seeds)
-        return augment_schedule.apply_partitioned(self.ops, self.choose(seeds), images, labels,
-                                                  seeds)
-
-    @augment_ops.plain
-    def call_static(self, images, labels, seeds):
-        """The static schedule: every branch on the whole batch, then a
-        per-image select by the same choice (no regrouping, no gathers)."""
-        images = tf.convert_to_tensor(images, tf.float32)
-        if self._pointwise():
-            return self._dense(images, labels, seeds)
-        choice = self.choose(seeds)
-        if self._sparse(images):
-            # Branch images are disjoint: each writes its hits over the others.
-            for i, op in enumerate(self.ops):
-                hit, value = op.hit_pixels(images, seeds, tf.equal(choice, i))
-                images = tf.where(hit, value, images)
-            return images, labels
-        out_x = out_y = None
-        for i in range(len(self.ops) - 1, -1, -1):
-            x, y = self.ops[i].call_static(images, labels, seeds)
-            if out_x is None:
-                out_x, out_y = x, y
-            else:
-                pick = tf.equal(choice, i)
-                out_x = tf.where(tf.reshape(pick, [-1, 1, 1, 1]), x, out_x)
-                out_y = tf.where(pick, y, out_y)
-        return out_x, out_y
-
     def spec(self):
         # A nested Sequential or OneOf has no syntax of its own inside '|':
         # sometimes(1, ...) groups it (always applied).
@@ -323,8 +218,11 @@ class OneOf(_Composite):
 
 
 class Sometimes(OneOf):
-    """Applies `op` to a fraction p of the images (chosen per image)."""
+    """Applies `op` to a fraction p of the images (chosen per image): a OneOf
+    of op and Identity. Of a maskable or pointwise op it runs on the whole
+    batch with the op masked off for the others (augment_schedule "masked")."""
     name = "sometimes"
+    kind = "optional"
 
     def __init__(self, p, op):
         p = float(p)
@@ -332,50 +230,6 @@ class Sometimes(OneOf):
             raise ValueError(f"sometimes: p={p} not in [0, 1]")
         super().__init__([op, Identity()], [p, 1.0 - p] if p < 1.0 else [1.0, 0.0])
         self.p = p
-
-    def _masked(self, images, labels, seeds):
-        """op on the chosen images, identity on the others, over the whole
-        batch: the op's own masked form (Rotate), or for a fusible op
-        x + chosen * (op(x) - x) in one XLA kernel (exact for the others)."""
-        op = self.ops[0]
-        chosen = tf.equal(self.choose(seeds), 0)
-        if hasattr(op, "call_masked"):
-            return op.call_masked(images, labels, seeds, chosen)
-        key = ("masked", self.spec(), self.salt)
-        if key not in _XLA_CACHE:
-
-            @tf.function(jit_compile=True, reduce_retracing=True, autograph=False)
-            def masked(images, seeds, chosen):
-                # call_static: a noise op's __call__ groups rows (no XLA).
-                out = op.call_static(images, tf.zeros(tf.shape(images)[:1], tf.int32), seeds)[0]
-                weight = tf.reshape(tf.cast(chosen, tf.float32), [-1, 1, 1, 1])
-                return images + weight * (out - images)
-
-            _XLA_CACHE[key] = masked
-        return _XLA_CACHE[key](images, seeds, chosen), labels
-
-    def _whole_batch(self):
-        op = self.ops[0]
-        return hasattr(op, "call_masked") or getattr(op, "fusible", False)
-
-    def call_unordered(self, images, labels, seeds, index):
-        if self._whole_batch():
-            images = tf.convert_to_tensor(images, tf.float32)
-            return (*self._masked(images, labels, seeds), seeds, index)
-        return super().call_unordered(images, labels, seeds, index)
-
-    @augment_ops.plain
-    def __call__(self, images, labels, seeds):
-        if self._whole_batch():
-            return self._masked(tf.convert_to_tensor(images, tf.float32), labels, seeds)
-        return super().__call__(images, labels, seeds)
-
-    @augment_ops.plain
-    def call_static(self, images, labels, seeds):
-        images = tf.convert_to_tensor(images, tf.float32)
-        if self._whole_batch():
-            return self._masked(images, labels, seeds)
-        return super().call_static(images, labels, seeds)
 
     def spec(self):
         return f"sometimes({self.p:g}, {self.ops[0].spec()})"
@@ -669,30 +523,3 @@ class AugmentLayer(keras.layers.Layer):
     def get_config(self):
         return {**super().get_config(), "policy_spec": self.policy_spec,
                 "schedule": self.schedule}
-
-
-def _materialize(images):
-    """images, bit for bit, as a buffer XLA must write out before the next step.
-
-    Every step of the static schedule reads its input several times (one read
-    per branch, plus selects), and XLA fuses a cheap-looking producer into
-    each consumer: on its CPU backend the default policy's steps, chained,
-    cost ~50x their sum (hue_saturation then noise: 44 ms vs 9 + 6 per batch
-    of 32 at 128 px; the whole device part ~9 s vs ~0.2-0.4 s with this).
-    An XlaOptimizationBarrier did not stop it; a dot does, since XLA does not
-    fuse elementwise producers into it. Integer (the bits of the floats times
-    an int32 identity) so that it stays exact where float matmuls round
-    (TF32 on recent GPUs).
-    """
-    bits = tf.bitcast(images, tf.int32)
-    bits = tf.einsum("bhwc,cd->bhwd", bits, tf.eye(images.shape[-1], dtype=tf.int32))
-    return tf.bitcast(bits, tf.float32)
-
-
-def _in_xla_context() -> bool:
-    """Whether the graph being traced is for XLA: a tf.function with
-    jit_compile=True (Keras' compiled train step) or one nested in it.
-    TensorFlow's own ops ask the same question of control_flow_util."""
-    from tensorflow.python.ops import control_flow_util
-    return (not tf.executing_eagerly() and
-            control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))

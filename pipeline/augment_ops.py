@@ -14,6 +14,11 @@ and lets the host (tf.data) and device (Keras layer) placements agree exactly.
 Random numbers come from per_image_random.py: per-image scalars from
 `uniforms`, per-pixel noise from the counter-based `pixel_bits`.
 
+A leaf op declares its traits (Op below) and implements ONE transform;
+augment_schedule.py is the one scheduler that reads those traits and picks how
+an op runs (its own transform, masked, dense in a fused kernel, grouped by
+choice, hits as a list or as masks): no op carries its own schedules.
+
 Ranges are in OUTPUT pixels (the training resolution, e.g. S=128); see
 `augment.py` for the mapping from the source article's full-resolution ranges.
 """
@@ -26,9 +31,7 @@ from upright.pipeline import augment_schedule as schedule
 from upright.pipeline import image_filters as filters
 from upright.pipeline import per_image_random as rnd
 
-# Our ops have no tensor-dependent Python control flow; keeping AutoGraph out
-# of them makes tracing a policy (tf.data map, tf.function, Keras) much faster.
-plain = tf.autograph.experimental.do_not_convert
+plain = schedule.plain  # no AutoGraph in our ops (faster traces)
 
 
 def per_image(values):
@@ -39,21 +42,47 @@ def per_image(values):
 # ---------------------------------------------------------------- base class
 
 class Op:
-    """Base of all ops. Subclasses set `name` and implement `transform`.
+    """Base of all ops. A leaf sets `name`, its traits, and implements
 
-    `host` marks ops with no accelerator kernel (JPEG) or that read the
-    labels (mirror; the model-side part never sees them); `split_policy`
-    keeps them in the tf.data part. `reads_labels` marks ops whose output
-    depends on the labels: callers that pass no labels refuse them
-    (augment.refuse_label_readers).
+        transform(images, seeds, u, **form) -> images
+
+    (seeds already folded with the op's salt, u float32 [B, num_params] its
+    per-image uniforms or None; the scheduler clips the result if `clips`).
+    `form` holds only what the traits ask for: `chosen` (maskable), `variant`
+    (variants), `labels` (reads_labels), `static_args` (static schedule).
+
+    Traits, read by augment_schedule.path (the one place that picks the path):
+      pointwise     elementwise (or per-pixel noise): cheap to run on every
+                    image, fused, in one XLA kernel (a dense OneOf, a masked
+                    Sometimes);
+      maskable      transform takes `chosen` (bool [B]) and is exactly the
+                    identity where it is False: a Sometimes runs it on the
+                    whole batch;
+      sparse        changes few pixels: `candidates` and `value` give its hits
+                    (a list or dense masks) where `sparse_ok(images)`;
+                    transform is its per-pixel form elsewhere;
+      variants      n > 1: transform takes `variant` in range(n), and
+                    `variant(u)` (int32 [B]) says which one each image gets;
+      host          no accelerator kernel (JPEG) or reads the labels:
+                    `split_policy` keeps it in the tf.data part;
+      reads_labels  transform takes the labels: callers that pass none
+                    refuse it (augment.refuse_label_readers);
+      static_args   keyword arguments of transform in the static schedule
+                    (for XLA: the blurs' tap sums, medians without buckets);
+      identity      Identity only: skipped by a grouped OneOf.
     """
     name = "op"
+    kind = "leaf"  # composites (augment.py): "sequence", "choice", "optional"
+    pointwise = False
+    maskable = False
+    sparse = False
+    variants = 1
     host = False
     reads_labels = False
-    num_params = 0  # per-image scalars drawn by the base class
-    fusible = False  # cheap to run on every image in one XLA kernel
+    static_args = {}
+    identity = False
+    num_params = 0  # per-image uniforms drawn for transform
     clips = True    # False where outputs of [0, 255] inputs stay in [0, 255]
-    identity = False  # True for Identity only: a grouped OneOf skips its rows
 
     def __init__(self):
         self.salt = rnd.salt_of(self.name)
@@ -64,17 +93,18 @@ class Op:
 
     @plain
     def __call__(self, images, labels, seeds):
-        return _call_with(self, images, labels, seeds)
+        """The grouped (host) schedule: (images, labels) in batch order."""
+        return schedule.run(self, images, labels, seeds)
 
-    def transform(self, images, seeds, u):
-        raise NotImplementedError
-
+    @plain
     def call_static(self, images, labels, seeds):
         """The same values as __call__, with static shapes only (no grouping
-        of rows by a random choice, no data-dependent sizes): what XLA needs to
-        compile a policy inside a model step. Ops whose __call__ is already
-        static keep it; the others override this."""
-        return self(images, labels, seeds)
+        of rows by a random choice, no data-dependent sizes): what XLA needs
+        to compile a policy inside a model step."""
+        return schedule.run(self, images, labels, seeds, static=True)
+
+    def transform(self, images, seeds, u, **form):
+        raise NotImplementedError
 
     def spec(self) -> str:
         return self.name
@@ -116,16 +146,12 @@ class Identity(Op):
     name = "identity"
     identity = True
 
-    @plain
-    def __call__(self, images, labels, seeds):
-        return tf.convert_to_tensor(images, tf.float32), labels
-
 
 # ---------------------------------------------------------------- colour
 
 class Add(RangeOp):
     """x + v, one v per image (all channels), v in [lo, hi] grey levels."""
-    fusible = True  # pointwise: fuses into one pass in a dense XLA OneOf
+    pointwise = True
     name = "add"
     default = (-15.0, 15.0)
 
@@ -135,7 +161,7 @@ class Add(RangeOp):
 
 class Multiply(RangeOp):
     """x * m, one m per image."""
-    fusible = True  # pointwise: fuses into one pass in a dense XLA OneOf
+    pointwise = True
     name = "multiply"
     default = (0.8, 1.2)
 
@@ -146,7 +172,7 @@ class Multiply(RangeOp):
 class HueSaturation(RangeOp):
     """Hue and saturation (HSV) both multiplied by one m per image (imgaug
     MultiplyHueAndSaturation, per_channel=False); hue wraps around."""
-    fusible = True  # pointwise: fuses into one pass in a dense XLA OneOf
+    pointwise = True
     name = "hue_saturation"
     default = (0.8, 1.1)
 
@@ -164,8 +190,14 @@ class HueSaturation(RangeOp):
 
 class _Noise(Op):
     """Additive noise with a per-image scale in [lo, hi]; per channel with
-    probability `per_channel` (else one value per pixel for all channels)."""
-    fusible = True  # per-pixel noise: fuses in a dense XLA OneOf
+    probability `per_channel` (else one value per pixel for all channels).
+
+    Two variants: 0 draws [S, S, 3] (per channel), 1 draws [S, S, 1] (shared).
+    Channel 0 of a 3-channel draw is not the 1-channel draw (element indices
+    differ), so the grouped schedule draws the shared images' third of the
+    numbers only, and the static one draws both and selects."""
+    pointwise = True  # per-pixel noise: fuses in a dense XLA OneOf
+    variants = 2
     num_params = 2
     default = (0.0, 0.0)
 
@@ -180,50 +212,14 @@ class _Noise(Op):
     def spec(self):
         return f"{self.name}({_fmt(self.lo, self.hi, self.per_channel)})"
 
-    def call_unordered(self, images, labels, seeds, index):
-        images = tf.convert_to_tensor(images, tf.float32)
+    def variant(self, u):
+        """0 (per channel) or 1 (shared channels) per image, int32 [B]."""
+        return tf.cast(u[:, 1] >= self.per_channel, tf.int32)
 
-        # Shared-channel images need a third of the random numbers: draw
-        # [S, S, 1] for them and [S, S, 3] only for the per-channel ones.
-        def branch(channels):
-            def add_noise(x, y, s):
-                s = rnd.fold_seeds(s, self.salt)
-                scale = per_image(rnd.lerp(self.lo, self.hi, rnd.uniforms(s, 1)[:, 0]))
-                shape = tf.concat([tf.shape(x)[1:3], [channels]], 0)
-                return tf.clip_by_value(x + self.sample(s, shape, scale), 0.0, 255.0), y
-            return add_noise
-
-        u = rnd.uniforms(rnd.fold_seeds(seeds, self.salt), 2)
-        shared = tf.cast(u[:, 1] >= self.per_channel, tf.int32)
-        return schedule.run_grouped([branch(3), branch(1)], shared, images, labels, seeds, index)
-
-    @plain
-    def __call__(self, images, labels, seeds):
-        index = tf.range(tf.shape(images)[0])
-        images, labels, _, index = self.call_unordered(images, labels, seeds, index)
-        return schedule.restore_order(images, labels, index)
-
-    @plain
-    def dense(self, images, labels, seeds):
-        """The same values, for a fused (XLA) kernel: every image draws
-        [S, S, 3] and shared-channel images keep channel 0's noise."""
-        images = tf.convert_to_tensor(images, tf.float32)
-        u = rnd.uniforms(rnd.fold_seeds(seeds, self.salt), 2)
-        shared = per_image(u[:, 1] >= self.per_channel)
-
-        def noise(channels):
-            s = rnd.fold_seeds(seeds, self.salt)
-            scale = per_image(rnd.lerp(self.lo, self.hi, rnd.uniforms(s, 1)[:, 0]))
-            shape = tf.concat([tf.shape(images)[1:3], [channels]], 0)
-            return self.sample(s, shape, scale)
-
-        # Channel 0 of a 3-channel draw is not the 1-channel draw (element
-        # indices differ), so compute both; XLA fuses them into one pass.
-        out = tf.where(shared, images + noise(1), images + noise(3))
-        return tf.clip_by_value(out, 0.0, 255.0), labels
-
-    def call_static(self, images, labels, seeds):
-        return self.dense(images, labels, seeds)
+    def transform(self, images, seeds, u, variant):
+        scale = per_image(rnd.lerp(self.lo, self.hi, u[:, 0]))
+        shape = tf.concat([tf.shape(images)[1:3], [1 if variant else 3]], 0)
+        return images + self.sample(seeds, shape, scale)
 
 
 class GaussianNoise(_Noise):
@@ -277,6 +273,7 @@ class _Replace(Op):
     so duplicates agree and the scatter is deterministic.
     """
     clips = False
+    sparse = True
     num_params = 1
 
     def __init__(self, p=None):
@@ -289,13 +286,15 @@ class _Replace(Op):
         return f"{self.name}({_fmt(self.p)})"
 
     def sparse_ok(self, images):
-        """Whether the hit-list form applies (known size, small p)."""
+        """Whether the hit form applies (known size, small p)."""
         return images.shape[1] is not None and images.shape[2] is not None and self.p <= 0.05
 
-    def _candidates(self, images, seeds, chosen):
-        """The draws `hits` and `hit_pixels` share: (h, w, max_hits, count float32
-        [B] hits per image (0 where `chosen` is False), keys [B] of the folded
-        seeds, pos int32 [B, max_hits] candidate positions in [0, h w))."""
+    def candidates(self, images, seeds, chosen=None):
+        """The hit form's draws: (h, w, max_hits, count float32 [B] hits per
+        image (0 where `chosen` is False), keys [B] of the folded seeds, pos
+        int32 [B, max_hits] candidate positions in [0, h w)). `seeds` are
+        the caller's (unfolded) seeds; a hit's value is value(uniform of
+        hash_bits(key, position)), so duplicates agree."""
         seeds = rnd.fold_seeds(seeds, self.salt)
         u = rnd.uniforms(seeds, self.num_params)
         h, w = images.shape[1], images.shape[2]
@@ -308,57 +307,12 @@ class _Replace(Op):
             count *= tf.cast(chosen, tf.float32)
         keys = rnd.image_keys(seeds)
         bits = rnd.hash_bits(keys[:, None],
-                         tf.constant(np.arange(max_hits, dtype=np.uint32) + np.uint32(1 << 31)))
+                             tf.constant(np.arange(max_hits, dtype=np.uint32) + np.uint32(1 << 31)))
         # Position: a 24-bit uniform scaled to [0, h w).
         pos = tf.cast(tf.floor(rnd.bits_to_uniform(bits) * (h * w)), tf.int32)
         return h, w, max_hits, count, keys, tf.minimum(pos, h * w - 1)
 
-    def hits(self, images, seeds, chosen=None):
-        """The replaced pixels: (index int32 [K, 3] of (image, row, col),
-        value float32 [K]). `seeds` are the caller's (unfolded) seeds; images
-        where `chosen` (bool [B]) is False get no hits."""
-        h, w, max_hits, count, keys, pos = self._candidates(images, seeds, chosen)
-        keep = tf.range(max_hits, dtype=tf.float32)[None, :] < count[:, None]
-        where = tf.where(keep)                                    # [K, 2] (image, j)
-        image = tf.cast(where[:, 0], tf.int32)
-        pos = tf.gather_nd(pos, where)
-        # The value comes from the position's own hash: equal for duplicates.
-        value = self.value(rnd.bits_to_uniform(rnd.hash_bits(tf.gather(keys, image),
-                                                     tf.bitcast(pos, tf.uint32))))
-        return tf.stack([image, pos // w, pos % w], 1), value
-
-    @plain
-    def __call__(self, images, labels, seeds):
-        images = tf.convert_to_tensor(images, tf.float32)
-        if not self.sparse_ok(images):
-            return self.transform_dense(images, rnd.fold_seeds(seeds, self.salt)), labels
-        return schedule.scatter_hits(images, [self.hits(images, seeds)]), labels
-
-    def hit_pixels(self, images, seeds, chosen=None):
-        """The hits of `hits` as dense per-pixel arrays, static shapes only:
-        (hit bool [B, H, W, 1], value float32 [B, H, W, 1]). The same draws:
-        every image keeps all max_hits candidate positions and counts only the
-        first `count` (a scatter-add, instead of tf.where's dynamic list), and
-        a hit's value is a function of its position, so it can be computed
-        for every pixel and selected where hit."""
-        h, w, max_hits, count, keys, pos = self._candidates(images, seeds, chosen)
-        keep = tf.cast(tf.range(max_hits, dtype=tf.float32)[None, :] < count[:, None], tf.float32)
-        b = tf.shape(images)[0]
-        flat = tf.reshape(tf.range(b)[:, None] * (h * w) + pos, [-1, 1])
-        hit = tf.scatter_nd(flat, tf.reshape(keep, [-1]), [b * h * w]) > 0.0
-        counters = tf.constant(np.arange(h * w, dtype=np.uint32))
-        value = self.value(rnd.bits_to_uniform(rnd.hash_bits(keys[:, None], counters[None, :])))
-        return tf.reshape(hit, [-1, h, w, 1]), tf.reshape(value, [-1, h, w, 1])
-
-    @plain
-    def call_static(self, images, labels, seeds):
-        images = tf.convert_to_tensor(images, tf.float32)
-        if not self.sparse_ok(images):
-            return self.transform_dense(images, rnd.fold_seeds(seeds, self.salt)), labels
-        hit, value = self.hit_pixels(images, seeds)
-        return tf.where(hit, value, images), labels
-
-    def transform_dense(self, images, seeds):
+    def transform(self, images, seeds, u):
         """One uniform per pixel: for unknown sizes and large p."""
         shape = tf.concat([tf.shape(images)[1:3], [1]], 0)
         v = rnd.pixel_uniform(seeds, shape)
@@ -408,6 +362,8 @@ class FrequencyBlend(Op):
     mask a in [0, 1] is per-image 1/f^-exponent noise made on a 16x16 grid by
     FFT, normalised to [0, 1] and resized bilinearly to S x S."""
     name = "frequency_blend"
+    maskable = True
+    clips = False  # _blend clips
     num_params = 3
     grid = 16
 
@@ -436,23 +392,14 @@ class FrequencyBlend(Op):
         field = (field - lo) / tf.maximum(hi - lo, 1e-6)
         return tf.image.resize(field[..., None], size, method="bilinear")
 
-    def transform(self, images, seeds, u):
+    def transform(self, images, seeds, u, chosen=None):
         m = per_image(rnd.lerp(*self.mul, u[:, 0]))
         c = per_image(rnd.lerp(*self.con, u[:, 1]))
         a = self.mask(seeds, rnd.lerp(*self.exponent, u[:, 2]), tf.shape(images)[1:3])
-        return _blend(images, a, m, c)
-
-    @plain
-    def call_masked(self, images, labels, seeds, chosen):
-        """The op on the images where chosen (bool [B]), identity elsewhere:
-        masks for the whole batch (small FFTs), then one fused XLA pass."""
-        images = tf.convert_to_tensor(images, tf.float32)
-        seeds = rnd.fold_seeds(seeds, self.salt)
-        u = rnd.uniforms(seeds, self.num_params)
-        m = per_image(rnd.lerp(*self.mul, u[:, 0]))
-        c = per_image(rnd.lerp(*self.con, u[:, 1]))
-        a = self.mask(seeds, rnd.lerp(*self.exponent, u[:, 2]), tf.shape(images)[1:3])
-        return _blend_masked(images, a, m, c, per_image(tf.cast(chosen, tf.float32))), labels
+        if chosen is None:
+            return _blend(images, a, m, c)
+        # Masked: masks for the whole batch (small FFTs), then one fused XLA pass.
+        return _blend_masked(images, a, m, c, per_image(tf.cast(chosen, tf.float32)))
 
 
 def _blend(images, a, m, c):
@@ -473,20 +420,19 @@ class GaussianBlur(RangeOp):
     """Gaussian blur, sigma in [lo, hi] output pixels per image (separable)."""
     name = "gaussian_blur"
     default = (0.5, 1.0)
+    static_args = {"convolve": filters.convolve_separable_taps}
 
     def transform(self, images, seeds, u, convolve=filters.convolve_separable):
         size = 2 * max(1, math.ceil(3 * self.hi)) + 1
         return convolve(images, filters.gaussian_kernels(tf.maximum(self.draw(u), 1e-3), size))
 
-    @plain
-    def call_static(self, images, labels, seeds):
-        return _call_with(self, images, labels, seeds, convolve=filters.convolve_separable_taps)
 
 
 class AverageBlur(Op):
     """Box blur, odd size k in [lo, hi] per image (separable)."""
     name = "average_blur"
     num_params = 1
+    static_args = {"convolve": filters.convolve_separable_taps}
 
     def __init__(self, lo=3, hi=None):
         super().__init__()
@@ -505,9 +451,6 @@ class AverageBlur(Op):
         k = self.lo + 2 * rnd.randint(0, (self.hi - self.lo) // 2, u[:, 0])
         return convolve(images, filters.box_kernels(k, self.hi))
 
-    @plain
-    def call_static(self, images, labels, seeds):
-        return _call_with(self, images, labels, seeds, convolve=filters.convolve_separable_taps)
 
 
 class MotionBlur(Op):
@@ -515,6 +458,7 @@ class MotionBlur(Op):
     in [0, 360) per image (2-D per-image kernel, one depthwise convolution)."""
     name = "motion_blur"
     num_params = 2
+    static_args = {"convolve": filters.convolve_taps}
 
     def __init__(self, lo=3, hi=5):
         super().__init__()
@@ -530,19 +474,6 @@ class MotionBlur(Op):
         k = rnd.randint(self.lo, self.hi, u[:, 0])
         return convolve(images, filters.motion_kernels(k, 360.0 * u[:, 1], size))
 
-    @plain
-    def call_static(self, images, labels, seeds):
-        return _call_with(self, images, labels, seeds, convolve=filters.convolve_taps)
-
-
-def _call_with(op, images, labels, seeds, **transform_args):
-    """Op.__call__: fold the seeds, draw the per-image parameters, transform,
-    clip; `transform_args` go to transform (the blurs' static forms)."""
-    images = tf.convert_to_tensor(images, tf.float32)
-    seeds = rnd.fold_seeds(seeds, op.salt)
-    u = rnd.uniforms(seeds, op.num_params) if op.num_params else None
-    out = op.transform(images, seeds, u, **transform_args)
-    return (tf.clip_by_value(out, 0.0, 255.0) if op.clips else out), labels
 
 
 class MedianBlur(Op):
@@ -550,6 +481,7 @@ class MedianBlur(Op):
     max-pools; 5, 7: forgetful selection), XLA-compiled (filters.run_xla_bucketed)."""
     clips = False
     name = "median_blur"
+    static_args = {"bucketed": False}
 
     def __init__(self, k=3):
         super().__init__()
@@ -560,13 +492,10 @@ class MedianBlur(Op):
     def spec(self):
         return f"{self.name}({self.k})"
 
-    def transform(self, images, seeds, u):
+    def transform(self, images, seeds, u, bucketed=True):
+        if not bucketed:  # the static schedule: one shape per batch already
+            return filters.MEDIAN_XLA[self.k](images)
         return filters.run_xla_bucketed(filters.MEDIAN_XLA[self.k], images)
-
-    @plain
-    def call_static(self, images, labels, seeds):
-        # One shape per batch already: no padding to buckets.
-        return filters.MEDIAN_XLA[self.k](tf.convert_to_tensor(images, tf.float32)), labels
 
 
 # ---------------------------------------------------------------- JPEG (host)
@@ -611,7 +540,7 @@ class Jpeg(Op):
 
 class Gamma(RangeOp):
     """255 * (x / 255) ** g, one g per image."""
-    fusible = True  # pointwise: fuses into one pass in a dense XLA OneOf
+    pointwise = True
     clips = False
     name = "gamma"
     default = (0.7, 1.3)
@@ -623,7 +552,7 @@ class Gamma(RangeOp):
 
 class ChannelGamma(Op):
     """Gamma with its own g per image and channel (imgaug per_channel=True)."""
-    fusible = True  # pointwise: fuses into one pass in a dense XLA OneOf
+    pointwise = True
     clips = False
     name = "channel_gamma"
     num_params = 3
@@ -643,7 +572,7 @@ class ChannelGamma(Op):
 class SigmoidContrast(Op):
     """255 / (1 + exp(gain (cutoff - x/255))), gain and cutoff per image
     (imgaug SigmoidContrast; its default cutoff range 0.3..0.6)."""
-    fusible = True  # pointwise: fuses into one pass in a dense XLA OneOf
+    pointwise = True
     clips = False
     name = "sigmoid_contrast"
     num_params = 2
@@ -664,7 +593,7 @@ class SigmoidContrast(Op):
 
 class LogContrast(RangeOp):
     """255 * gain * log2(1 + x / 255), one gain per image."""
-    fusible = True  # pointwise: fuses into one pass in a dense XLA OneOf
+    pointwise = True
     name = "log_contrast"
     default = (0.6, 1.0)
 
@@ -675,7 +604,7 @@ class LogContrast(RangeOp):
 class LinearContrast(RangeOp):
     """127.5 + a (x - 127.5), one a per image (imgaug LinearContrast /
     ContrastNormalization)."""
-    fusible = True  # pointwise: fuses into one pass in a dense XLA OneOf
+    pointwise = True
     name = "linear_contrast"
     default = (0.6, 1.4)
 
@@ -692,18 +621,14 @@ class Rotate(RangeOp):
     (an exact identity) for the images not chosen: one static-shape XLA
     kernel instead of regrouping the batch."""
     name = "rotate"
+    maskable = True
     default = (-2.0, 2.0)
 
-    def transform(self, images, seeds, u):
-        return filters.rotate_bilinear(images, self.draw(u))
-
-    @plain
-    def call_masked(self, images, labels, seeds, chosen):
-        """The op on the images where chosen (bool [B]), identity elsewhere."""
-        images = tf.convert_to_tensor(images, tf.float32)
-        u = rnd.uniforms(rnd.fold_seeds(seeds, self.salt), self.num_params)
-        angle = self.draw(u) * tf.cast(chosen, tf.float32)
-        return tf.clip_by_value(filters.rotate_bilinear(images, angle), 0.0, 255.0), labels
+    def transform(self, images, seeds, u, chosen=None):
+        angle = self.draw(u)
+        if chosen is not None:
+            angle *= tf.cast(chosen, tf.float32)  # angle 0: exactly the image
+        return filters.rotate_bilinear(images, angle)
 
 
 class Zoom(RangeOp):
@@ -752,6 +677,7 @@ class Mirror(Op):
     host = True
     reads_labels = True
     clips = False
+    num_params = 1
 
     def __init__(self, p=0.5):
         super().__init__()
@@ -762,13 +688,10 @@ class Mirror(Op):
     def spec(self):
         return f"{self.name}({_fmt(self.p)})"
 
-    @plain
-    def __call__(self, images, labels, seeds):
-        images = tf.convert_to_tensor(images, tf.float32)
-        u = rnd.uniforms(rnd.fold_seeds(seeds, self.salt), 1)[:, 0]
+    def transform(self, images, seeds, u, labels):
         odd = per_image(tf.equal(tf.math.floormod(labels, 2), 1))
         mirrored = tf.where(odd, tf.reverse(images, [1]), tf.reverse(images, [2]))
-        return tf.where(per_image(u < self.p), mirrored, images), labels
+        return tf.where(per_image(u[:, 0] < self.p), mirrored, images)
 
 
 # ---------------------------------------------------------------- registry
