@@ -21,8 +21,8 @@ make_records, step by step:
      forkserver once TensorFlow is imported, which must not be forked)
      with `imageio.read_upright`; each stored image is spilled to a scratch
      file in OUT so memory stays flat whatever the folder size. (With
-     runner="beam", Beam workers read and keep the stored images in the
-     temp location instead: records_beam.py.)
+     runner="beam", Beam workers read and keep the stored images in a
+     work folder instead, and write the shards: records_beam.py.)
   4. Exact duplicates (same sha256 of the file bytes) are stored once: the
      copy whose path sorts first is kept, the others are reported.
      Near-duplicates (the same picture re-encoded or resized, by
@@ -219,7 +219,13 @@ def _make_on_beam(src_b, files, options, beam_options, finish):
     No scratch file: no stored image's bytes reach this process."""
     from upright.pipeline import records_beam  # imports no records
     with records_beam.job(beam_options) as job:
-        results, spans = records_beam.read_all(job, src_b, files, options)
+        try:
+            results, spans = records_beam.read_all(job, src_b, files, options)
+        except OSError as e:   # the work folder (full, gone): OUT not touched yet
+            raise MakeRecordsError(
+                f"cannot use the Beam work folder {fileio.show(job.temp)}: "
+                f"{_describe_os_error(e)}; the previous output (if any) is untouched",
+                refused=True) from None
         return finish(results, spans, functools.partial(records_beam.write_splits, job,
                                                         spans=spans))
 
