@@ -50,15 +50,16 @@ def make_folder(src: str, n: int, seed: int = 0):
 
 
 def watch_scratch(path: str, peak: list, stop: threading.Event):
-    """peak[0]: the scratch file's largest size; peak[1]: the Beam temp folders' (files
-    the workers write the read results into, under the system temp folder)."""
-    pattern = os.path.join(tempfile.gettempdir(), "make_records_beam_*", "*")
+    """peak[0]: the scratch file's largest size; peak[1]: the Beam temp folders' (the
+    workers' store files, shard plans and metadata, under the system temp folder)."""
+    pattern = os.path.join(tempfile.gettempdir(), "make_records_beam_*", "**")
     while not stop.wait(0.2):
         try:
             peak[0] = max(peak[0], os.path.getsize(path))
         except OSError:
             pass
-        peak[1] = max(peak[1], sum(_size(p) for p in glob.glob(pattern)))
+        peak[1] = max(peak[1], sum(_size(p) for p in glob.glob(pattern, recursive=True)
+                                   if os.path.isfile(p)))
 
 
 def _size(path):

@@ -49,28 +49,53 @@ def write_split(out_dir: str, split: str, examples, num_shards: int) -> dict:
       the split's entry for info.json: num_examples, shards, shard_examples,
       shard_bytes.
     """
-    import tensorflow as tf
+    n = len(examples)
+    sizes = [write_shard(out_dir, schema.shard_name(split, index, num_shards),
+                         examples[lo:hi])
+             for index, (lo, hi) in enumerate(shard_bounds(n, num_shards))]
+    return split_entry(split, n, sizes)
+
+
+def split_entry(split: str, n: int, sizes: list) -> dict:
+    """A split's info.json entry: n examples in len(sizes) shards cut by
+    `shard_bounds`, shard i of sizes[i] bytes."""
+    bounds = shard_bounds(n, len(sizes))
+    return {"num_examples": n,
+            "shards": [schema.shard_name(split, i, len(sizes)) for i in range(len(sizes))],
+            "shard_examples": [hi - lo for lo, hi in bounds], "shard_bytes": list(sizes)}
+
+
+def shard_bounds(n: int, num_shards: int) -> list:
+    """[(lo, hi)] per shard: example i of n goes to shard i * num_shards // n.
+
+    The one place that decides which examples a shard holds: make_records'
+    local writer and its Beam workers both cut a split here."""
     if num_shards < 1:
         raise ValueError(f"num_shards must be >= 1, got {num_shards}")
-    n = len(examples)
-    names, counts, sizes = [], [], []
-    for index in range(num_shards):
-        lo, hi = index * n // num_shards, (index + 1) * n // num_shards
-        name = schema.shard_name(split, index, num_shards)
-        tmp = os.path.join(out_dir, name + TMP_SUFFIX)
-        # TensorFlow's writer opens by name and follows links: it gets a new
-        # file of ours (a leftover or a planted link there is unlinked first).
-        os.close(fileio.create_file(tmp, replace=True))
-        with tf.io.TFRecordWriter(tmp) as writer:
-            for serialized in examples[lo:hi]:
-                writer.write(serialized)
-        fileio.fsync_file(tmp)
-        sizes.append(os.path.getsize(tmp))
-        os.replace(tmp, os.path.join(out_dir, name))
-        names.append(name)
-        counts.append(hi - lo)
-    return {"num_examples": n, "shards": names, "shard_examples": counts,
-            "shard_bytes": sizes}
+    return [(index * n // num_shards, (index + 1) * n // num_shards)
+            for index in range(num_shards)]
+
+
+def write_shard(out_dir: str, name: str, examples, *, tmp_name: str = None) -> int:
+    """Writes one shard file `name` (serialized examples, an iterable) atomically.
+
+    Written under `tmp_name` (default name + TMP_SUFFIX), fsynced, then renamed:
+    the name only ever holds a complete shard. Beam workers pass a tmp_name of
+    their own, so that two attempts at one shard (a retry, a speculative copy)
+    never write into one file. Returns the shard's size in bytes.
+    """
+    import tensorflow as tf
+    tmp = os.path.join(out_dir, tmp_name or name + TMP_SUFFIX)
+    # TensorFlow's writer opens by name and follows links: it gets a new
+    # file of ours (a leftover or a planted link there is unlinked first).
+    os.close(fileio.create_file(tmp, replace=True))
+    with tf.io.TFRecordWriter(tmp) as writer:
+        for serialized in examples:
+            writer.write(serialized)
+    fileio.fsync_file(tmp)
+    size = os.path.getsize(tmp)
+    os.replace(tmp, os.path.join(out_dir, name))
+    return size
 
 
 def write_info(out_dir: str, splits: dict, **provenance) -> dict:

@@ -20,7 +20,9 @@ make_records, step by step:
   3. Reads every candidate file in `workers` processes (forked, or from a
      forkserver once TensorFlow is imported, which must not be forked)
      with `imageio.read_upright`; each stored image is spilled to a scratch
-     file in OUT so memory stays flat whatever the folder size.
+     file in OUT so memory stays flat whatever the folder size. (With
+     runner="beam", Beam workers read and keep the stored images in a
+     work folder instead, and write the shards: records_beam.py.)
   4. Exact duplicates (same sha256 of the file bytes) are stored once: the
      copy whose path sorts first is kept, the others are reported.
      Near-duplicates (the same picture re-encoded or resized, by
@@ -77,7 +79,8 @@ import sys
 import threading
 
 from upright.pipeline import fileio, imageio, neardup, recordio, schema
-from upright.pipeline.records_read import MakeRecordsError, ReadOptions, read_one, spool_result
+from upright.pipeline.records_read import (MakeRecordsError, ReadOptions, encode_stored,
+                                           read_one, spool_result)
 
 LOCK_FILE = ".make_records.lock"
 SCRATCH_FILE = ".make_records.scratch"
@@ -118,8 +121,9 @@ def make_records(*, src: str, out: str, val_fraction: float = 0.2,
         each). Write at least as many as there will be input pipelines
         (training workers): each pipeline reads whole shard files.
       runner: "local" (processes on this machine) or "beam": the same per-file
-        function, `read_one`, runs on Apache Beam (see records_beam.py); the
-        planning and the shards are then written here exactly as in local mode.
+        function, `read_one`, runs on Apache Beam workers, which also write the
+        shards (see records_beam.py); only the plan runs here, on metadata, by
+        the same code as in local mode, so the records are byte-identical.
       beam_options: Beam pipeline options for runner="beam", e.g.
         ["--runner=DirectRunner", "--direct_num_workers=2"].
       group_by: None, or a regular expression searched (re.search) in each
@@ -169,38 +173,78 @@ def make_records(*, src: str, out: str, val_fraction: float = 0.2,
                                    f"({_describe_empty(walk)})", refused=True)
         options = ReadOptions(max_side=max_side, jpeg_quality=jpeg_quality,
                               max_pixels=max_pixels)
-        scratch_path = os.path.join(out_b, os.fsencode(SCRATCH_FILE))
-        try:
-            # A new file of ours: a link planted at the name is removed, not followed.
-            scratch_fd = fileio.create_file(scratch_path, replace=True, readable=True)
-            with os.fdopen(scratch_fd, "w+b") as scratch:
-                if runner == "beam":
-                    from upright.pipeline import records_beam  # imports no records
-                    results, spans = records_beam.read_all(
-                        src_b, walk.files, options, scratch, out_b=out_b,
-                        beam_options=beam_options, progress=progress)
-                else:
-                    results, spans = _read_all(src_b, walk.files, options, scratch,
-                                               workers=workers, progress=progress,
-                                               lock_fd=lock)
-                plan = _plan(results, walk, val_fraction=val_fraction,
-                             max_skipped_fraction=max_skipped_fraction, src_b=src_b,
-                             group_pattern=group_pattern,
-                             near_limit=near_duplicate_threshold)
-                _check_num_shards(plan, num_shards)
-                return _write(out_b, plan, spans, scratch, src_b=src_b, arguments=arguments,
-                              num_shards=num_shards)
-        except OSError as e:
-            # The scratch file (disk full, quota, file size limit): nothing of
-            # OUT's previous output has been touched yet.
-            raise MakeRecordsError(
-                f"cannot write into {fileio.show(out_b)}: {_describe_os_error(e)}; the previous "
-                "output there (if any) is untouched; free space and run again",
-                refused=True) from None
-        finally:
-            fileio.remove_file(scratch_path)
+        finish = functools.partial(
+            _plan_and_write, out_b=out_b, walk=walk, src_b=src_b, arguments=arguments,
+            num_shards=num_shards, val_fraction=val_fraction,
+            max_skipped_fraction=max_skipped_fraction, group_pattern=group_pattern,
+            near_limit=near_duplicate_threshold)
+        if runner == "beam":
+            return _make_on_beam(src_b, walk.files, options, beam_options, finish)
+        return _make_locally(src_b, out_b, walk.files, options, finish, workers=workers,
+                             progress=progress, lock_fd=lock)
     finally:
         _unlock(lock, out_b)
+
+
+def _make_locally(src_b, out_b, files, options, finish, *, workers, progress, lock_fd):
+    """Reads in local processes through the scratch file in OUT; then `finish`."""
+    scratch_path = os.path.join(out_b, os.fsencode(SCRATCH_FILE))
+    try:
+        # A new file of ours: a link planted at the name is removed, not followed.
+        scratch_fd = fileio.create_file(scratch_path, replace=True, readable=True)
+        with os.fdopen(scratch_fd, "w+b") as scratch:
+            results, spans = _read_all(src_b, files, options, scratch, workers=workers,
+                                       progress=progress, lock_fd=lock_fd)
+
+            def write_splits(staging, splits, num_shards):
+                return {split: recordio.write_split(
+                            staging, split, _LazyExamples(items, spans, scratch),
+                            num_shards[split])
+                        for split, items in splits.items()}
+            return finish(results, spans, write_splits)
+    except OSError as e:
+        # The scratch file (disk full, quota, file size limit): nothing of
+        # OUT's previous output has been touched yet.
+        raise MakeRecordsError(
+            f"cannot write into {fileio.show(out_b)}: {_describe_os_error(e)}; the previous "
+            "output there (if any) is untouched; free space and run again",
+            refused=True) from None
+    finally:
+        fileio.remove_file(scratch_path)
+
+
+def _make_on_beam(src_b, files, options, beam_options, finish):
+    """Reads and writes the shards on Beam workers (records_beam.py); the plan
+    runs here on their metadata, by the same `finish` as the local runner.
+    No scratch file: no stored image's bytes reach this process."""
+    from upright.pipeline import records_beam  # imports no records
+    with records_beam.job(beam_options) as job:
+        try:
+            results, spans = records_beam.read_all(job, src_b, files, options)
+        except OSError as e:   # the work folder (full, gone): OUT not touched yet
+            raise MakeRecordsError(
+                f"cannot use the Beam work folder {fileio.show(job.temp)}: "
+                f"{_describe_os_error(e)}; the previous output (if any) is untouched",
+                refused=True) from None
+        return finish(results, spans, functools.partial(records_beam.write_splits, job,
+                                                        spans=spans))
+
+
+def _plan_and_write(results, spans, write_splits, *, out_b, walk, src_b, arguments,
+                    num_shards, **plan_options):
+    """Plans (step 4-6) and writes (step 7) the read results; both runners.
+
+    Args:
+      results: [records_read._Result] sorted by path, stored bytes elsewhere.
+      spans: {rel: (where, length)}: where the stored bytes of an "ok" result
+        are (the runner's business) and their length in bytes.
+      write_splits: (staging folder, {split: [_Result]}, {split: num_shards})
+        -> {split: info.json entry}; writes the shards into the staging folder.
+    """
+    plan = _plan(results, walk, src_b=src_b, **plan_options)
+    _check_num_shards(plan, num_shards)
+    return _write(out_b, plan, spans, write_splits, src_b=src_b, arguments=arguments,
+                  num_shards=num_shards)
 
 
 # ---------------------------------------------------------------- arguments
@@ -705,11 +749,7 @@ class _LazyExamples:
     def _example(self, r):
         offset, length = self._spans[r.rel]
         self._scratch.seek(offset)
-        encoded = self._scratch.read(length)
-        return schema.encode_example(schema.Record(
-            encoded=encoded, format=r.image.format, height=r.image.height,
-            width=r.image.width, source_id=r.rel.decode("utf-8", "surrogateescape"),
-            sha256=r.sha256))
+        return encode_stored(r, self._scratch.read(length))
 
 
 def num_shards_for(total_bytes: int) -> int:
@@ -727,28 +767,25 @@ def _check_num_shards(plan, num_shards):
                 f"{len(plan.splits[split])} images; lower --num_shards", refused=True)
 
 
-def _write(out_b, plan, spans, scratch, *, src_b, arguments, num_shards=0) -> dict:
+def _write(out_b, plan, spans, write_splits, *, src_b, arguments, num_shards=0) -> dict:
     """Writes the new output beside the previous one, then swaps it in.
 
     All new shards and info.json are first written complete into OUT/STAGING_DIR
     while the previous output stays untouched and readable: running out of space
     (or any other write error) there leaves it intact. Only then `_commit`
     swaps, by removals and renames alone, which need no free space.
+    `write_splits` writes the shards (see _plan_and_write): here, or on Beam.
     """
     import tensorflow as tf
     staging_b = os.path.join(out_b, os.fsencode(STAGING_DIR))
     try:
         fileio.remove_tree(staging_b)     # left behind by a killed run (or a planted link)
         os.mkdir(staging_b)
-        staging = os.fsdecode(staging_b)
-        entries = {}
-        for split in plan.splits:
-            items = plan.splits[split]
-            total = sum(spans[r.rel][1] + 200 for r in items)   # + proto/record overhead
-            entries[split] = recordio.write_split(
-                staging, split, _LazyExamples(items, spans, scratch),
-                num_shards or num_shards_for(total))
-        info = recordio.write_info(staging, entries,
+        shards = {split: num_shards or num_shards_for(
+                      sum(spans[r.rel][1] + 200 for r in items))   # + proto/record overhead
+                  for split, items in plan.splits.items()}
+        entries = write_splits(os.fsdecode(staging_b), plan.splits, shards)
+        info = recordio.write_info(os.fsdecode(staging_b), entries,
                                    **_provenance(plan, spans, src_b=src_b, arguments=arguments))
     except (OSError, tf.errors.OpError) as e:
         fileio.remove_tree(staging_b, ignore_errors=True)
@@ -756,6 +793,9 @@ def _write(out_b, plan, spans, scratch, *, src_b, arguments, num_shards=0) -> di
             f"cannot write the records into {fileio.show(out_b)}: {_describe_os_error(e)}; "
             "the previous output there (if any) is untouched; free space and run again",
             refused=True) from None
+    except BaseException:   # e.g. a failed Beam pipeline: no half-written staging left
+        fileio.remove_tree(staging_b, ignore_errors=True)
+        raise
     try:
         _commit(out_b, staging_b, entries)
     except OSError as e:

@@ -1,14 +1,16 @@
 """Reading one source file for make_records: the per-image work both runners share.
 
 records.make_records maps `read_one` over its reader processes (local runner)
-or over Beam workers (records_beam.py), and `spool_result` moves each result's
-stored bytes to the scratch file the same way for both. Kept apart from
-records.py so that records_beam.py needs nothing from it (no import cycle).
+or over Beam workers (records_beam.py); `spool_result` moves each result's
+stored bytes to the local runner's scratch file, and `encode_stored` turns a
+result and its stored bytes into the serialized example both runners write.
+Kept apart from records.py so that records_beam.py needs nothing from it (no
+import cycle).
 """
 import dataclasses
 import os
 
-from upright.pipeline import fileio, imageio
+from upright.pipeline import fileio, imageio, schema
 
 
 class MakeRecordsError(ValueError):
@@ -99,3 +101,17 @@ def spool_result(result, scratch, spans: dict):
         scratch.write(data)
         result.image = dataclasses.replace(result.image, encoded=b"")
     return result
+
+
+def encode_stored(result, encoded: bytes) -> bytes:
+    """The serialized tf.train.Example of one stored image (both runners' shards).
+
+    Args:
+      result: an "ok" _Result; its image's metadata is used, not its `encoded`
+        (emptied once the bytes went to the scratch file or the Beam store).
+      encoded: the stored JPEG bytes.
+    """
+    return schema.encode_example(schema.Record(
+        encoded=encoded, format=result.image.format, height=result.image.height,
+        width=result.image.width, source_id=result.rel.decode("utf-8", "surrogateescape"),
+        sha256=result.sha256))

@@ -59,8 +59,10 @@ _NUM_SHARDS = flags.DEFINE_integer(
     lower_bound=0)
 _RUNNER = flags.DEFINE_enum(
     "runner", "local", ["local", "beam"], "local: reader processes on this machine. "
-    "beam: the same per-image work on Apache Beam (pip install 'upright-orientation[beam]'); "
-    "choose the Beam runner with --beam_pipeline_options.")
+    "beam: Apache Beam workers read the images and write the shards, this machine plans on "
+    "their metadata (pip install 'upright-orientation[beam]'); same records as local. The "
+    "workers must see --src, --out and the work folder at the same paths (BUILD.md, "
+    "section 8); choose the Beam runner with --beam_pipeline_options.")
 _GROUP_BY = flags.DEFINE_string(
     "group_by", None, "Regular expression searched in each path relative to --src; images "
     "whose paths give the same key (the first capture group, or the whole match) land in "
@@ -77,7 +79,10 @@ _NEAR_DUPLICATE_THRESHOLD = flags.DEFINE_float(
 _BEAM_OPTIONS = flags.DEFINE_string(
     "beam_pipeline_options", "", "With --runner=beam: Beam pipeline options, space-separated, "
     "e.g. \"--runner=FlinkRunner --flink_master=host:8081 --environment_type=LOOPBACK\". "
-    "Default: DirectRunner on this machine.")
+    "Default: DirectRunner on this machine. make_records' own option among them: "
+    "--make_records_temp=<folder the workers share> for the stored images between the "
+    "two passes (default: under --temp_location when it is a path, else the system temp "
+    "folder).")
 
 
 def default_out(src: str) -> str:
