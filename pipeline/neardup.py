@@ -31,10 +31,10 @@ import numpy as np
 
 from upright.pipeline import imageio
 
-KD_DIMS = 5            # coordinates in the k-d tree (measured at 300k: 5 beats 3, 4, 6, 8)
 _BLOCK = 4             # 4x4-pixel block means: 48 coordinates
-_ANCHORS = 1 << 13     # anchors per k-d tree query: bounds the pairs held at once
-_CHUNK = 1 << 13       # rows (or anchors) per chunk of float work: bounded memory
+_ANCHORS = 1 << 13     # most anchors per k-d tree query
+_PAIRS = 1 << 21       # tree pairs aimed at per query: bounds the memory held at once
+_CHUNK = 1 << 13       # rows per chunk of float work: bounded memory
 # Float margins: every bound below holds in exact arithmetic; the margins keep
 # rounding from ever dropping a true pair (extra candidates are harmless).
 _MARGIN = 1e-3
@@ -59,6 +59,20 @@ def radii(std: np.ndarray, limit: float) -> np.ndarray:
     return (limit / imageio.NEAR_ABS) * np.maximum(imageio.NEAR_ABS, imageio.NEAR_REL * std)
 
 
+def _width(std: float, limit: float) -> float:
+    """The radius at `std` plus the float margin: the reach of a band's search."""
+    return float(radii(np.array([std]), limit)[0]) * (1 + _MARGIN) + _MARGIN
+
+
+def _pool_matrix() -> np.ndarray:
+    """float32 [768, 48]: 1 where a signature value lies in a 4x4 block of its channel."""
+    side, cells = imageio.SIGNATURE_SIDE, imageio.SIGNATURE_SIDE // _BLOCK
+    row, col, channel = np.indices((side, side, 3)).reshape(3, -1)
+    pool = np.zeros((side * side * 3, cells * cells * 3), np.float32)
+    pool[np.arange(len(row)), ((row // _BLOCK) * cells + col // _BLOCK) * 3 + channel] = 1
+    return pool
+
+
 def features(x: np.ndarray):
     """(std float64 [n], coordinates float32 [n, 48]) of signatures x [n, 768] uint8.
 
@@ -66,35 +80,58 @@ def features(x: np.ndarray):
     onto their principal axes (largest variance first); any two images'
     coordinate distance is <= their RMS signature distance.
     """
-    n, cells = len(x), imageio.SIGNATURE_SIDE // _BLOCK
+    n, pool = len(x), _pool_matrix()
     std = np.empty(n)
-    q = np.empty((n, cells * cells * 3), np.float32)
+    q = np.empty((n, pool.shape[1]), np.float32)
     for lo in range(0, n, _CHUNK):
         part = x[lo:lo + _CHUNK]
         std[lo:lo + _CHUNK] = part.std(axis=1)    # the same float64 std as imageio
-        blocks = part.reshape(-1, cells, _BLOCK, cells, _BLOCK, 3).mean(axis=(2, 4))
-        q[lo:lo + _CHUNK] = blocks.reshape(len(part), -1) / np.sqrt(q.shape[1])
+        # Block sums are integers below 2^24: exact in float32, and one BLAS call.
+        q[lo:lo + _CHUNK] = part.astype(np.float32) @ pool
+    q *= 1 / (_BLOCK * _BLOCK * np.sqrt(q.shape[1]))
     if n > 1:
+        # The axes need only be orthonormal, not exact: float32 BLAS suffices.
         q -= q.mean(axis=0)
-        scatter = sum(part.T.astype(np.float64) @ part for part in np.split(
-            q, range(_CHUNK, n, _CHUNK)))     # q^T q by chunks: no float64 copy of q
-        _, axes = np.linalg.eigh(scatter)
-        for lo in range(0, n, _CHUNK):        # rotated in place, largest variance first
-            q[lo:lo + _CHUNK] = q[lo:lo + _CHUNK] @ axes[:, ::-1].astype(np.float32)
+        _, axes = np.linalg.eigh((q.T @ q).astype(np.float64))
+        axes = np.ascontiguousarray(axes[:, ::-1], np.float32)   # largest variance first
+        for lo in range(0, n, _CHUNK):        # rotated in place
+            q[lo:lo + _CHUNK] = q[lo:lo + _CHUNK] @ axes
     return std, q
 
 
 def band_edges(max_std: float, limit: float) -> np.ndarray:
-    """Std band edges e_0 = 0 < e_1 < ...: e_{k+1} = e_k + r(e_k), past max_std.
+    """Std band edges e_0 = 0 < e_1 < ...: e_{k+1} = e_k + width(e_k), past max_std.
 
-    Band k+1 is at least as wide as the largest radius in band k, so a near
-    partner of an image in band k lies in band k or k+1. Bands are at least
-    1/256 of the range wide: a tiny limit must not make millions of them.
+    width = the radius plus the float margin (_width). Band k+1 is at least as
+    wide as the largest radius in band k, so a near partner of an image in
+    band k lies in band k or k+1. Bands are at least 1/256 of the range wide:
+    a tiny limit must not make millions of them.
     """
     edges, least = [0.0], (max_std + 1.0) / 256
     while edges[-1] <= max_std:
-        edges.append(edges[-1] + max(least, float(radii(np.array([edges[-1]]), limit)[0])))
+        edges.append(edges[-1] + max(least, _width(edges[-1], limit)))
     return np.array(edges)
+
+
+class _Layout:
+    """The images in search order: by std band, then by the first coordinate.
+
+    order: int64 [n], position -> original index; std, radius: float64 [n] and
+    coords: float32 [n, 48] in that order; starts: int64 [bands + 1], band k
+    holds positions starts[k]:starts[k + 1]; edges: the bands' std edges.
+    Sorting by the first coordinate within a band lets each query take only
+    the partners within reach along it, and keeps its reads close together.
+    """
+
+    def __init__(self, x, limit):
+        std, coords = features(x)
+        self.edges = band_edges(float(std.max()), limit)
+        band = np.searchsorted(self.edges, std, side="right") - 1
+        self.order = np.lexsort((coords[:, 0], band))
+        self.std, self.coords = std[self.order], coords[self.order]
+        del coords
+        self.radius = radii(self.std, limit)
+        self.starts = np.searchsorted(band[self.order], np.arange(len(self.edges)))
 
 
 def near_pairs(signatures, *, limit: float = imageio.NEAR_ABS):
@@ -108,68 +145,78 @@ def near_pairs(signatures, *, limit: float = imageio.NEAR_ABS):
       (i, j): int64 arrays, sorted by (i, j), no repeats.
     """
     x = as_array(signatures)
-    found = list(_scan(x, limit))
-    if not found:
+    if limit <= 0 or len(x) < 2:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    i, j = np.concatenate([f[0] for f in found]), np.concatenate([f[1] for f in found])
+    layout = _Layout(x, limit)
+    found = [(layout.order[a], layout.order[b]) for a, b in _scan(x, layout, limit)]
+    i = np.concatenate([f[0] for f in found] + [np.zeros(0, np.int64)])
+    j = np.concatenate([f[1] for f in found] + [np.zeros(0, np.int64)])
     code = np.unique(np.minimum(i, j) * len(x) + np.maximum(i, j))
     return code // len(x), code % len(x)
 
 
-def _scan(x, limit, labels=None):
-    """Yields (i, j) arrays of near pairs, std band by std band.
+def _scan(x, layout, limit, labels=None):
+    """Yields (a, b) arrays of near pairs as layout positions, query by query.
 
-    With `labels` (int64 [n], component labels, updated in place) candidates
+    With `labels` (int64 [n] over positions, updated in place) candidates
     already in one component skip the checks and found pairs join their
     components at once: a dense cluster of m images then costs m^2 label
     comparisons but about m exact checks. Without, every near pair is yielded.
     """
-    if limit <= 0 or len(x) < 2:
-        return
-    std, coords = features(x)
-    radius = radii(std, limit)
-    for a, b in _candidates(std, coords, limit):
-        if labels is not None:
-            keep = labels[a] != labels[b]
-            a, b = a[keep], b[keep]
-        a, b = _check(x, std, coords, radius, a, b, limit)
-        if labels is not None:
-            _union(labels, a, b)
-        yield a, b
+    for k in range(len(layout.edges) - 1):
+        for a, b in _band_candidates(layout, k, _width(layout.edges[k + 1], limit)):
+            if labels is not None:
+                keep = labels[a] != labels[b]
+                a, b = a[keep], b[keep]
+            a, b = _check(x, layout, a, b, limit)
+            if labels is not None:
+                _union(labels, a, b)
+            yield a, b
 
 
-def _candidates(std, coords, limit):
-    """Yields candidate pairs (i, j): every near pair once, as (i, j) or (j, i).
+def _tree_dims(top: float, width: float) -> int:
+    """Coordinates in the k-d tree of a band with std up to `top`, radius `width`.
 
-    Band k of the std (edges e_k, see band_edges) meets itself and the later
-    images within its largest radius w (a near partner's std differs by at
-    most the pair's threshold); among those, a k-d tree on the first KD_DIMS
-    coordinates finds the pairs within Euclidean distance w, a lower bound of
-    their RMS signature distance.
+    The coordinates' spread grows with the std: in low-contrast bands (std
+    under 3 radii) each axis prunes little, and more axes pay (measured at 1M:
+    12 beat 5 and 8 there by 3-9x; 8 beat 5, 6, 10, 12 elsewhere).
+    """
+    return 12 if top < 3 * width else 8
+
+
+def _band_candidates(layout, k, width):
+    """Yields candidate pairs (a < b, positions) of band k: every near pair of
+    an image in band k with one in band k or k + 1, once.
+
+    A near pair's stds differ by at most its threshold <= `width` (the band's
+    largest radius), so partners lie in band k or k + 1 (band_edges), and its
+    coordinates lie within Euclidean distance `width`: a k-d tree on the first
+    _tree_dims of them, over the partners within `width` along the first,
+    returns them. Anchors go in runs sized to keep about _PAIRS pairs per query.
     """
     from scipy import spatial
-    edges = band_edges(float(std.max()), limit)
-    order = np.argsort(std, kind="stable")
-    ends = np.searchsorted(std[order], edges, side="left")
-    for k in range(len(edges) - 1):
-        if ends[k] == ends[k + 1]:
-            continue
-        width = float(radii(np.array([edges[k + 1]]), limit)[0]) * (1 + _MARGIN) + _MARGIN
-        reach = np.searchsorted(std[order], edges[k + 1] + width, side="right")
-        partners = order[ends[k]:reach]
-        tree = spatial.cKDTree(coords[partners, :KD_DIMS])
-        for lo in range(ends[k], ends[k + 1], _ANCHORS):
-            anchors = order[lo:min(lo + _ANCHORS, ends[k + 1])]
-            found = spatial.cKDTree(coords[anchors, :KD_DIMS]).sparse_distance_matrix(
-                tree, width, output_type="ndarray")
-            a, b = anchors[found["i"]], partners[found["j"]]
-            # Pairs inside the band come twice: keep them once.
-            keep = (std[b] >= edges[k + 1]) | (a < b)
-            yield a[keep], b[keep]
+    lo, band_end, next_end = layout.starts[k], layout.starts[k + 1], layout.starts[k + 2] \
+        if k + 2 < len(layout.starts) else layout.starts[-1]
+    dims = _tree_dims(layout.edges[k + 1], width)
+    first, size = layout.coords[:, 0], _ANCHORS
+    while lo < band_end:
+        hi = min(lo + size, band_end)
+        low, high = first[lo] - width, first[hi - 1] + width
+        own = np.arange(lo, lo + np.searchsorted(first[lo:band_end], high, side="right"))
+        later = first[band_end:next_end]
+        partners = np.concatenate([own, band_end + np.arange(
+            np.searchsorted(later, low, side="left"), np.searchsorted(later, high, side="right"))])
+        found = spatial.cKDTree(layout.coords[lo:hi, :dims]).sparse_distance_matrix(
+            spatial.cKDTree(layout.coords[partners, :dims]), width, output_type="ndarray")
+        a, b = lo + found["i"], partners[found["j"]]
+        yield a[a < b], b[a < b]       # pairs within the run come twice (and self-pairs)
+        size = int(np.clip(size * _PAIRS / max(len(found), 1), 16, _ANCHORS))
+        lo = hi
 
 
-def _check(x, std, coords, radius, a, b, limit):
+def _check(x, layout, a, b, limit):
     """The near pairs among candidates (a, b): the bounds, then the exact test."""
+    std, coords, radius = layout.std, layout.coords, layout.radius
     threshold = np.minimum(radius[a], radius[b])
     ok = np.abs(std[a] - std[b]) <= threshold + _MARGIN
     # 16 coordinates (one 64-byte cache line per image) drop most candidates
@@ -180,14 +227,15 @@ def _check(x, std, coords, radius, a, b, limit):
     a, b, threshold = a[ok], b[ok], threshold[ok]
     near = np.empty(len(a), bool)
     for lo in range(0, len(a), _CHUNK):
-        d = x[a[lo:lo + _CHUNK]].astype(np.int32) - x[b[lo:lo + _CHUNK]]
+        rows_a, rows_b = x[layout.order[a[lo:lo + _CHUNK]]], x[layout.order[b[lo:lo + _CHUNK]]]
+        d = rows_a.astype(np.int32) - rows_b
         # Integer sum of squares, one division, one sqrt: imageio's float64 value.
         dist = np.sqrt((d * d).sum(1) / float(x.shape[1]))
         near[lo:lo + _CHUNK] = dist <= threshold[lo:lo + _CHUNK]
         # A tie within rounding: imageio's own function decides.
         for t in np.flatnonzero(np.abs(dist - threshold[lo:lo + _CHUNK]) < 1e-9):
             near[lo + t] = imageio.are_near_duplicates(
-                x[a[lo + t]].tobytes(), x[b[lo + t]].tobytes(), limit=limit)
+                rows_a[t].tobytes(), rows_b[t].tobytes(), limit=limit)
     return a[near], b[near]
 
 
@@ -252,7 +300,15 @@ def group_near_duplicates(signatures, *, limit: float = imageio.NEAR_ABS) -> lis
       ordered by first member.
     """
     x = as_array(signatures)
-    labels = np.arange(len(x), dtype=np.int64)
-    for _ in _scan(x, limit, labels):
+    if limit <= 0 or len(x) < 2:
+        return groups_of(np.arange(len(x)))
+    layout = _Layout(x, limit)
+    labels = np.arange(len(x), dtype=np.int64)      # over layout positions
+    for _ in _scan(x, layout, limit, labels):
         pass
-    return groups_of(labels)
+    # Label each image by its component's smallest original index.
+    smallest = np.full(len(x), len(x), np.int64)
+    np.minimum.at(smallest, labels, layout.order)
+    original = np.empty(len(x), np.int64)
+    original[layout.order] = smallest[labels]
+    return groups_of(original)
