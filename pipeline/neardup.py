@@ -27,6 +27,8 @@ near-duplicates costs m^2 label comparisons but about m exact checks.
 
 Local and Beam runs call the same functions.
 """
+import itertools
+
 import numpy as np
 
 from upright.pipeline import imageio
@@ -158,60 +160,92 @@ def near_pairs(signatures, *, limit: float = imageio.NEAR_ABS):
 def _scan(x, layout, limit, labels=None):
     """Yields (a, b) arrays of near pairs as layout positions, query by query.
 
-    With `labels` (int64 [n] over positions, updated in place) candidates
-    already in one component skip the checks and found pairs join their
-    components at once: a dense cluster of m images then costs m^2 label
-    comparisons but about m exact checks. Without, every near pair is yielded.
+    With `labels` (int64 [n] over positions, updated in place) the pairs join
+    their components as they are found (_join), and pairs already inside one
+    component may be skipped; without, every near pair is yielded.
     """
     for k in range(len(layout.edges) - 1):
-        for a, b in _band_candidates(layout, k, _width(layout.edges[k + 1], limit)):
-            if labels is not None:
-                keep = labels[a] != labels[b]
-                a, b = a[keep], b[keep]
-            a, b = _check(x, layout, a, b, limit)
-            if labels is not None:
-                _union(labels, a, b)
-            yield a, b
+        for a, b in _band_candidates(layout, k, limit):
+            if labels is None:
+                yield _check(x, layout, a, b, limit)
+            else:
+                yield from _join(x, layout, a, b, limit, labels)
 
 
-def _tree_dims(top: float, width: float) -> int:
-    """Coordinates in the k-d tree of a band with std up to `top`, radius `width`.
+def _join(x, layout, a, b, limit, labels):
+    """Checks candidates (a, b) in rounds, joining each round's near pairs
+    before the next: candidates then inside one component are dropped
+    unchecked. Round g takes the pairs at most 8^g positions apart: images
+    sorted by the first coordinate sit next to their closest partners, so in a
+    dense cluster of m images (m^2 candidates) the first rounds join it with
+    about m exact checks, and the later ones only compare labels."""
+    gap, reach = b - a, 1
+    while len(a):
+        keep = labels[a] != labels[b]
+        a, b, gap = a[keep], b[keep], gap[keep]
+        now = gap <= reach
+        near = _check(x, layout, a[now], b[now], limit)
+        _union(labels, *near)
+        yield near
+        a, b, gap, reach = a[~now], b[~now], gap[~now], 8 * reach
 
-    The coordinates' spread grows with the std: in low-contrast bands (std
-    under 3 radii) each axis prunes little, and more axes pay (measured at 1M:
-    12 beat 5 and 8 there by 3-9x; 8 beat 5, 6, 10, 12 elsewhere).
+
+def _dense(top: float, width: float) -> bool:
+    """Whether a band with std up to `top` and radius `width` is low-contrast.
+
+    The coordinates' spread grows with the std: under 3 radii, each axis
+    prunes little, so the tree takes more axes (12, not 8: 3-9x fewer
+    candidates at 1M) and one radius per query (a dual-tree query beats one
+    query per anchor when each has hundreds of candidates).
     """
-    return 12 if top < 3 * width else 8
+    return top < 3 * width
 
 
-def _band_candidates(layout, k, width):
+def _band_candidates(layout, k, limit):
     """Yields candidate pairs (a < b, positions) of band k: every near pair of
     an image in band k with one in band k or k + 1, once.
 
-    A near pair's stds differ by at most its threshold <= `width` (the band's
-    largest radius), so partners lie in band k or k + 1 (band_edges), and its
-    coordinates lie within Euclidean distance `width`: a k-d tree on the first
-    _tree_dims of them, over the partners within `width` along the first,
-    returns them. Anchors go in runs sized to keep about _PAIRS pairs per query.
+    A near pair's stds differ by at most its threshold, at most the band's
+    largest radius plus the margin (`width`), so partners lie in band k or
+    k + 1 (band_edges); its coordinates lie within Euclidean distance
+    min(r_a, r_b) <= r_a: a k-d tree over the first few coordinates of the
+    partners within `width` along the first returns them. Anchors go in runs
+    sized to keep about _PAIRS pairs per query.
     """
-    from scipy import spatial
-    lo, band_end, next_end = layout.starts[k], layout.starts[k + 1], layout.starts[k + 2] \
-        if k + 2 < len(layout.starts) else layout.starts[-1]
-    dims = _tree_dims(layout.edges[k + 1], width)
+    width = _width(layout.edges[k + 1], limit)
+    lo, end = layout.starts[k], layout.starts[k + 1]
+    after = layout.starts[min(k + 2, len(layout.starts) - 1)]
     first, size = layout.coords[:, 0], _ANCHORS
-    while lo < band_end:
-        hi = min(lo + size, band_end)
+    while lo < end:
+        hi = min(lo + size, end)
         low, high = first[lo] - width, first[hi - 1] + width
-        own = np.arange(lo, lo + np.searchsorted(first[lo:band_end], high, side="right"))
-        later = first[band_end:next_end]
-        partners = np.concatenate([own, band_end + np.arange(
-            np.searchsorted(later, low, side="left"), np.searchsorted(later, high, side="right"))])
-        found = spatial.cKDTree(layout.coords[lo:hi, :dims]).sparse_distance_matrix(
-            spatial.cKDTree(layout.coords[partners, :dims]), width, output_type="ndarray")
-        a, b = lo + found["i"], partners[found["j"]]
+        later = first[end:after]
+        partners = np.concatenate([
+            np.arange(lo, lo + np.searchsorted(first[lo:end], high, side="right")),
+            end + np.arange(np.searchsorted(later, low, side="left"),
+                            np.searchsorted(later, high, side="right"))])
+        a, b = _tree_pairs(layout, lo, hi, partners, width, _dense(layout.edges[k + 1], width))
         yield a[a < b], b[a < b]       # pairs within the run come twice (and self-pairs)
-        size = int(np.clip(size * _PAIRS / max(len(found), 1), 16, _ANCHORS))
+        size = int(np.clip(size * _PAIRS / max(len(a), 1), 16, _ANCHORS))
         lo = hi
+
+
+def _tree_pairs(layout, lo, hi, partners, width, dense):
+    """(a, b): anchors lo..hi-1 and the partners within their radius on the
+    tree's axes (dense: all within `width`, on 12 axes; else each anchor's
+    own radius, on 8)."""
+    from scipy import spatial
+    dims = 12 if dense else 8
+    tree = spatial.cKDTree(layout.coords[partners, :dims])
+    anchors = layout.coords[lo:hi, :dims]
+    if dense:
+        found = spatial.cKDTree(anchors).sparse_distance_matrix(tree, width, output_type="ndarray")
+        return lo + found["i"], partners[found["j"]]
+    reach = layout.radius[lo:hi] * (1 + _MARGIN) + _MARGIN
+    lists = tree.query_ball_point(anchors, reach, return_sorted=False, workers=2)
+    counts = np.fromiter(map(len, lists), np.int64, len(lists))
+    b = np.fromiter(itertools.chain.from_iterable(lists), np.int64, counts.sum())
+    return np.repeat(np.arange(lo, hi), counts), partners[b]
 
 
 def _check(x, layout, a, b, limit):
