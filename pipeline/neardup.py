@@ -76,20 +76,27 @@ def _pool_matrix() -> np.ndarray:
 
 
 def features(x: np.ndarray):
-    """(std float64 [n], coordinates float32 [n, 48]) of signatures x [n, 768] uint8.
+    """(std float64 [n], coordinates float32 [n, 48], detail float64 [n]) of
+    signatures x [n, 768] uint8.
 
     Coordinates: the 4x4-block means per channel / sqrt(48), centred and rotated
-    onto their principal axes (largest variance first); any two images'
-    coordinate distance is <= their RMS signature distance.
+    onto their principal axes (largest variance first). Detail: the RMS of the
+    signature minus its block means (the part the coordinates miss; its
+    square is std^2 minus the block means' variance). The two parts are
+    orthogonal, so for any two images |coordinates_a - coordinates_b|^2 +
+    (detail_a - detail_b)^2 <= their RMS signature distance^2.
     """
     n, pool = len(x), _pool_matrix()
-    std = np.empty(n)
+    std, detail = np.empty(n), np.empty(n)
     q = np.empty((n, pool.shape[1]), np.float32)
     for lo in range(0, n, _CHUNK):
         part = x[lo:lo + _CHUNK]
         std[lo:lo + _CHUNK] = part.std(axis=1)    # the same float64 std as imageio
         # Block sums are integers below 2^24: exact in float32, and one BLAS call.
         q[lo:lo + _CHUNK] = part.astype(np.float32) @ pool
+        means = q[lo:lo + _CHUNK] / np.float64(_BLOCK * _BLOCK)
+        spread = ((means - means.mean(1, keepdims=True)) ** 2).mean(1)
+        detail[lo:lo + _CHUNK] = np.sqrt(np.maximum(std[lo:lo + _CHUNK] ** 2 - spread, 0))
     q *= 1 / (_BLOCK * _BLOCK * np.sqrt(q.shape[1]))
     if n > 1:
         # The axes need only be orthonormal, not exact: float32 BLAS suffices.
@@ -98,7 +105,7 @@ def features(x: np.ndarray):
         axes = np.ascontiguousarray(axes[:, ::-1], np.float32)   # largest variance first
         for lo in range(0, n, _CHUNK):        # rotated in place
             q[lo:lo + _CHUNK] = q[lo:lo + _CHUNK] @ axes
-    return std, q
+    return std, q, detail
 
 
 def band_edges(max_std: float, limit: float) -> np.ndarray:
@@ -118,20 +125,21 @@ def band_edges(max_std: float, limit: float) -> np.ndarray:
 class _Layout:
     """The images in search order: by std band, then by the first coordinate.
 
-    order: int64 [n], position -> original index; std, radius: float64 [n] and
-    coords: float32 [n, 48] in that order; starts: int64 [bands + 1], band k
+    order: int64 [n], position -> original index; std, radius, detail: float64
+    [n] and coords: float32 [n, 48] in that order (see features); starts: int64 [bands + 1], band k
     holds positions starts[k]:starts[k + 1]; edges: the bands' std edges.
     Sorting by the first coordinate within a band lets each query take only
     the partners within reach along it, and keeps its reads close together.
     """
 
     def __init__(self, x, limit):
-        std, coords = features(x)
+        std, coords, detail = features(x)
         self.edges = band_edges(float(std.max()), limit)
         band = np.searchsorted(self.edges, std, side="right") - 1
         self.order = np.lexsort((coords[:, 0], band))
         self.std, self.coords = std[self.order], coords[self.order]
-        del coords
+        self.detail = detail[self.order]
+        del coords, detail
         self.radius = radii(self.std, limit)
         self.starts = np.searchsorted(band[self.order], np.arange(len(self.edges)))
 
@@ -226,7 +234,7 @@ def _band_candidates(layout, k, limit):
                             np.searchsorted(later, high, side="right"))])
         a, b = _tree_pairs(layout, lo, hi, partners, width, _dense(layout.edges[k + 1], width))
         yield a[a < b], b[a < b]       # pairs within the run come twice (and self-pairs)
-        size = int(np.clip(size * _PAIRS / max(len(a), 1), 16, _ANCHORS))
+        size = max(1, min(_ANCHORS, int(size * _PAIRS / max(len(a), 1))))
         lo = hi
 
 
@@ -254,10 +262,11 @@ def _check(x, layout, a, b, limit):
     threshold = np.minimum(radius[a], radius[b])
     ok = np.abs(std[a] - std[b]) <= threshold + _MARGIN
     # 16 coordinates (one 64-byte cache line per image) drop most candidates
-    # before all 48 are read.
-    for dims in (16, coords.shape[1]):
-        a, b, threshold = a[ok], b[ok], threshold[ok]
-        ok = _within(coords, dims, a, b, threshold)
+    # before all 48 and the detail are read.
+    a, b, threshold = a[ok], b[ok], threshold[ok]
+    ok = _within(coords, 16, a, b, threshold)
+    a, b, threshold = a[ok], b[ok], threshold[ok]
+    ok = _within(coords, coords.shape[1], a, b, threshold, layout.detail)
     a, b, threshold = a[ok], b[ok], threshold[ok]
     near = np.empty(len(a), bool)
     for lo in range(0, len(a), _CHUNK):
@@ -273,13 +282,17 @@ def _check(x, layout, a, b, limit):
     return a[near], b[near]
 
 
-def _within(coords, dims, a, b, threshold):
-    """bool [m]: the first `dims` coordinates of a[k], b[k] lie within threshold[k]."""
+def _within(coords, dims, a, b, threshold, detail=None):
+    """bool [m]: the first `dims` coordinates of a[k], b[k] (and their detail,
+    if given) lie within Euclidean distance threshold[k]."""
     ok = np.empty(len(a), bool)
     for lo in range(0, len(a), 8 * _CHUNK):
         part = slice(lo, lo + 8 * _CHUNK)
         d = coords[a[part], :dims] - coords[b[part], :dims]
-        ok[part] = np.einsum("ij,ij->i", d, d) <= (threshold[part] + _MARGIN) ** 2
+        square = np.einsum("ij,ij->i", d, d, dtype=np.float64)
+        if detail is not None:
+            square += (detail[a[part]] - detail[b[part]]) ** 2
+        ok[part] = square <= (threshold[part] + _MARGIN) ** 2
     return ok
 
 
