@@ -7,23 +7,30 @@ Finds exactly the pairs `imageio.are_near_duplicates` accepts, without
 comparing all pairs. Why it is exact: for signatures a, b (768 uint8 values)
 let d = RMS(a - b). Then
   * |std_a - std_b| <= d (centring is a projection), and
-  * for the 48 block means of 4x4 pixels per channel, scaled by 1/sqrt(48),
-    rotated by any orthonormal matrix (here their principal axes), the
-    Euclidean distance is <= d (averaging is a projection too), so each of
-    these coordinates differs by at most d as well.
+  * the 48 block means of 4x4 pixels per channel, scaled by 1/sqrt(48) and
+    rotated by any orthonormal matrix (here their principal axes), and the
+    "detail" (RMS of the signature minus its block means) split the
+    signature into orthogonal parts, so |coords_a - coords_b|^2 +
+    (detail_a - detail_b)^2 <= d^2: any subset of these coordinates lies
+    within Euclidean distance d as well (`features`).
 A pair is near when d <= T(a, b) = min(r_a, r_b), r = the image's own radius
-(`radii`). So a near pair's stds differ by at most T and its coordinates lie
-within Euclidean distance T: bands on the std (band k is [e_k, e_k + r(e_k)),
-so a partner of band k lies in band k or k + 1) and, per band, a k-d tree on
-the first KD_DIMS coordinates with the band's largest radius see every near
-pair. Candidates then pass the std and 48-coordinate bounds and finally the
-exact 768-value check, and one union-find joins the groups.
+(`radii`). So a near pair's stds differ by at most T, and its coordinates
+lie within Euclidean distance T <= r_a of each other. Images are laid out
+by std band (band k is [e_k, e_k + r(e_k)) plus a float margin, so a partner
+of band k lies in band k or k + 1), then by the first coordinate; each run
+of anchors queries a k-d tree over the partners within reach along that
+coordinate: on 8 coordinates with each anchor's own radius, or, in
+low-contrast bands, on 12 with the band's largest. Candidates then pass the
+std bound, the 16- and 48-coordinate bounds (with the detail) and finally
+the exact 768-value check, and one union-find joins the groups.
 
 Cost: about n log n plus the candidates, which depend on the data: pictures
 whose variance sits in a few coarse coordinates (photos, scans) give few; a
 set of unstructured noise-like signatures at one contrast would approach all
 pairs (no exact method avoids that in high dimension). A cluster of m mutual
-near-duplicates costs m^2 label comparisons but about m exact checks.
+near-duplicates costs m^2 label comparisons (and near_pairs returns its m^2
+pairs) but about m exact checks (`_join`). Measured: benchmarks/README.md,
+"Near-duplicate grouping".
 
 Local and Beam runs call the same functions.
 """
