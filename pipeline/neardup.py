@@ -42,7 +42,10 @@ from upright.pipeline import imageio
 
 _BLOCK = 4             # 4x4-pixel block means: 48 coordinates
 _ANCHORS = 1 << 13     # most anchors per k-d tree query
-_PAIRS = 1 << 21       # tree pairs aimed at per query: bounds the memory held at once
+# A band's first run: small, because a dense band has thousands of pairs per
+# anchor (8192 of them made 16M pairs, 1 GB, at 1M); runs then grow 4x at most.
+_FIRST_RUN = 1 << 9
+_PAIRS = 1 << 20       # tree pairs aimed at per query: bounds the memory held at once
 _CHUNK = 1 << 13       # rows per chunk of float work: bounded memory
 # Float margins: every bound below holds in exact arithmetic; the margins keep
 # rounding from ever dropping a true pair (extra candidates are harmless).
@@ -172,14 +175,15 @@ def near_pairs(signatures, *, limit: float = imageio.NEAR_ABS):
     return code // len(x), code % len(x)
 
 
-def _scan(x, layout, limit, labels=None):
+def _scan(x, layout, limit, labels=None, bands=None):
     """Yields (a, b) arrays of near pairs as layout positions, query by query.
 
     With `labels` (int64 [n] over positions, updated in place) the pairs join
     their components as they are found (_join), and pairs already inside one
     component may be skipped; without, every near pair is yielded.
+    bands: the band numbers to search (default all).
     """
-    for k in range(len(layout.edges) - 1):
+    for k in range(len(layout.edges) - 1) if bands is None else bands:
         for a, b in _band_candidates(layout, k, limit):
             if labels is None:
                 yield _check(x, layout, a, b, limit)
@@ -225,12 +229,12 @@ def _band_candidates(layout, k, limit):
     k + 1 (band_edges); its coordinates lie within Euclidean distance
     min(r_a, r_b) <= r_a: a k-d tree over the first few coordinates of the
     partners within `width` along the first returns them. Anchors go in runs
-    sized to keep about _PAIRS pairs per query.
+    sized to keep about _PAIRS pairs per query (from _FIRST_RUN anchors).
     """
     width = _width(layout.edges[k + 1], limit)
     lo, end = layout.starts[k], layout.starts[k + 1]
     after = layout.starts[min(k + 2, len(layout.starts) - 1)]
-    first, size = layout.coords[:, 0], _ANCHORS
+    first, size = layout.coords[:, 0], _FIRST_RUN
     while lo < end:
         hi = min(lo + size, end)
         low, high = first[lo] - width, first[hi - 1] + width
@@ -241,7 +245,7 @@ def _band_candidates(layout, k, limit):
                             np.searchsorted(later, high, side="right"))])
         a, b = _tree_pairs(layout, lo, hi, partners, width, _dense(layout.edges[k + 1], width))
         yield a[a < b], b[a < b]       # pairs within the run come twice (and self-pairs)
-        size = max(1, min(_ANCHORS, int(size * _PAIRS / max(len(a), 1))))
+        size = max(1, min(_ANCHORS, 4 * size, int(size * _PAIRS / max(len(a), 1))))
         lo = hi
 
 
@@ -359,12 +363,40 @@ def group_near_duplicates(signatures, *, limit: float = imageio.NEAR_ABS) -> lis
     if limit <= 0 or len(x) < 2:
         return groups_of(np.arange(len(x)))
     layout = _Layout(x, limit)
-    labels = np.arange(len(x), dtype=np.int64)      # over layout positions
-    for _ in _scan(x, layout, limit, labels):
-        pass
+    labels = _band_labels(x, layout, limit)
     # Label each image by its component's smallest original index.
     smallest = np.full(len(x), len(x), np.int64)
     np.minimum.at(smallest, labels, layout.order)
     original = np.empty(len(x), np.int64)
     original[layout.order] = smallest[labels]
     return groups_of(original)
+
+
+def _band_labels(x, layout, limit, threads: int = 2) -> np.ndarray:
+    """Component labels (int64 [n], over layout positions) of all near pairs.
+
+    The bands are independent: `threads` threads take them largest first,
+    each joining its pairs in its own labels (the k-d queries and most numpy
+    work release the GIL, so both cores work), and the labels are merged.
+    """
+    import concurrent.futures
+    import threading
+    sizes = np.diff(layout.starts)
+    todo, lock = iter(np.argsort(-sizes, kind="stable").tolist()), threading.Lock()
+
+    def work():
+        labels = np.arange(len(x), dtype=np.int64)
+        while True:
+            with lock:
+                k = next(todo, None)
+            if k is None:
+                return labels
+            for _ in _scan(x, layout, limit, labels, bands=[k]):
+                pass
+
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        parts = [pool.submit(work) for _ in range(threads)]
+        parts = [part.result() for part in parts]
+    for other in parts[1:]:       # node p joins its root in the other labels
+        _union(parts[0], np.arange(len(x)), other)
+    return parts[0]

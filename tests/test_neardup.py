@@ -177,4 +177,5 @@ def test_property_small_queries_same_as_all_pairs(seed, n):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(neardup, "_ANCHORS", 8)
         patch.setattr(neardup, "_PAIRS", 5)
+        patch.setattr(neardup, "_FIRST_RUN", 2)
         assert_same_as_all_pairs(x)
