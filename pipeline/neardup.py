@@ -96,17 +96,23 @@ def features(x: np.ndarray):
     orthogonal, so for any two images |coordinates_a - coordinates_b|^2 +
     (detail_a - detail_b)^2 <= their RMS signature distance^2.
     """
+    import concurrent.futures
     n, pool = len(x), _pool_matrix()
     std, detail = np.empty(n), np.empty(n)
     q = np.empty((n, pool.shape[1]), np.float32)
-    for lo in range(0, n, _CHUNK):
-        part = x[lo:lo + _CHUNK]
-        std[lo:lo + _CHUNK] = part.std(axis=1)    # the same float64 std as imageio
+
+    def chunk(lo):
+        part, rows = x[lo:lo + _CHUNK], slice(lo, lo + _CHUNK)
+        std[rows] = part.std(axis=1)    # the same float64 std as imageio
         # Block sums are integers below 2^24: exact in float32, and one BLAS call.
-        q[lo:lo + _CHUNK] = part.astype(np.float32) @ pool
-        means = q[lo:lo + _CHUNK] / np.float64(_BLOCK * _BLOCK)
+        q[rows] = part.astype(np.float32) @ pool
+        means = q[rows] / np.float64(_BLOCK * _BLOCK)
         spread = ((means - means.mean(1, keepdims=True)) ** 2).mean(1)
-        detail[lo:lo + _CHUNK] = np.sqrt(np.maximum(std[lo:lo + _CHUNK] ** 2 - spread, 0))
+        detail[rows] = np.sqrt(np.maximum(std[rows] ** 2 - spread, 0))
+
+    # Chunks write disjoint rows; numpy and BLAS release the GIL: both cores.
+    with concurrent.futures.ThreadPoolExecutor(2) as threads:
+        list(threads.map(chunk, range(0, n, _CHUNK)))
     q *= 1 / (_BLOCK * _BLOCK * np.sqrt(q.shape[1]))
     if n > 1:
         # The axes need only be orthonormal, not exact: float32 BLAS suffices.
