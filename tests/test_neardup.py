@@ -179,3 +179,19 @@ def test_property_small_queries_same_as_all_pairs(seed, n):
         patch.setattr(neardup, "_PAIRS", 5)
         patch.setattr(neardup, "_FIRST_RUN", 2)
         assert_same_as_all_pairs(x)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_contrast_scaled_copies_whose_stds_differ_by_up_to_the_threshold(seed):
+    """A copy with its contrast scaled by 1 + e about the mean differs by
+    e * std, all of it in the std: the pairs whose stds lie furthest apart
+    (up to the threshold, several std bands) that are still near."""
+    rng = np.random.default_rng(100 + seed)
+    base = pictures(rng, 30, rng.uniform(3, 60, (30, 1)))
+    base = np.clip(base, 20, 235)
+    mean = base.mean(1, keepdims=True)
+    scales = [1.0, 1.1, 1.15, 1.18, 1.2, 1.22, 0.85, 0.82, 1 + 4 / (base.std(1, keepdims=True))]
+    x = np.concatenate([np.rint(mean + s * (base - mean)) for s in scales])
+    x = np.clip(x, 0, 255).astype(np.uint8)
+    pairs, _ = assert_same_as_all_pairs(x[rng.permutation(len(x))])
+    assert len(pairs) > 100
