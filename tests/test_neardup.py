@@ -136,3 +136,62 @@ def test_components_labels_are_the_smallest_member():
     n = 1000
     labels = neardup.components(n, np.arange(n - 1)[::-1], np.arange(1, n)[::-1])
     assert (labels == 0).all()
+
+
+def test_all_identical_and_tiny_inputs():
+    x = np.full((60, 768), 77, np.uint8)
+    pairs, groups = assert_same_as_all_pairs(x)
+    assert len(pairs) == 60 * 59 // 2 and groups == [list(range(60))]
+    for n in (0, 1):
+        i, j = neardup.near_pairs(np.zeros((n, 768), np.uint8))
+        assert i.dtype == j.dtype == np.int64 and len(i) == len(j) == 0
+        assert neardup.group_near_duplicates(np.zeros((n, 768), np.uint8)) == [[0]][:n]
+
+
+def test_the_bounds_never_exceed_the_distance():
+    """The search's exactness rests on two bounds for every pair:
+    |std_a - std_b| <= d and |coords_a - coords_b|^2 + (detail_a - detail_b)^2
+    <= d^2 (d: the RMS signature distance). Checked on pictures, noise,
+    flat and saturated signatures."""
+    rng = np.random.default_rng(11)
+    x = np.concatenate([copies(rng, pictures(rng, 100, rng.uniform(0, 80, (100, 1))), 3),
+                        rng.integers(0, 256, (100, 768)).astype(np.uint8),
+                        np.repeat(np.arange(0, 256, 5, dtype=np.uint8)[:, None], 768, 1)])
+    std, coords, detail = neardup.features(x)
+    a, b = rng.integers(0, len(x), (2, 5000))
+    d = np.sqrt(((x[a].astype(np.int64) - x[b]) ** 2).mean(1))
+    bound = np.sqrt(((coords[a].astype(np.float64) - coords[b]) ** 2).sum(1)
+                    + (detail[a] - detail[b]) ** 2)
+    assert (np.abs(std[a] - std[b]) <= d + 1e-9).all()
+    assert (bound <= d + 1e-4).all() and (bound > 0.5 * d).mean() > 0.5
+
+
+@settings(max_examples=15, deadline=None, derandomize=True)
+@given(st.integers(0, 2**32 - 1), st.integers(2, 80))
+def test_property_small_queries_same_as_all_pairs(seed, n):
+    """Tiny query runs (many runs per band, partners cut along the first
+    coordinate, runs resized after every query) on dense and sparse data."""
+    rng = np.random.default_rng(seed)
+    bases = pictures(rng, rng.integers(1, 4), rng.uniform(0, 70, (1, 1)))
+    x = copies(rng, bases[rng.integers(0, len(bases), n)], rng.uniform(0, 4, (n, 1)))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(neardup, "_ANCHORS", 8)
+        patch.setattr(neardup, "_PAIRS", 5)
+        patch.setattr(neardup, "_FIRST_RUN", 2)
+        assert_same_as_all_pairs(x)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_contrast_scaled_copies_whose_stds_differ_by_up_to_the_threshold(seed):
+    """A copy with its contrast scaled by 1 + e about the mean differs by
+    e * std, all of it in the std: the pairs whose stds lie furthest apart
+    (up to the threshold, several std bands) that are still near."""
+    rng = np.random.default_rng(100 + seed)
+    base = pictures(rng, 30, rng.uniform(3, 60, (30, 1)))
+    base = np.clip(base, 20, 235)
+    mean = base.mean(1, keepdims=True)
+    scales = [1.0, 1.1, 1.15, 1.18, 1.2, 1.22, 0.85, 0.82, 1 + 4 / (base.std(1, keepdims=True))]
+    x = np.concatenate([np.rint(mean + s * (base - mean)) for s in scales])
+    x = np.clip(x, 0, 255).astype(np.uint8)
+    pairs, _ = assert_same_as_all_pairs(x[rng.permutation(len(x))])
+    assert len(pairs) > 100
