@@ -359,6 +359,12 @@ class _Run:
         return summary
 
     def _fit_stage(self, stage):
+        """Fits `stage` from its last backed-up epoch (0 without one) and scores it
+        on the val split; -> the summary its done marker keeps.
+
+        Raises TrainingDiverged at a NaN/inf loss (callbacks.StopOnNaN), saying
+        what was kept (resume.kept), so the user knows what a rerun starts from.
+        """
         s = self.config.stage(stage)
         import keras
         from upright.pipeline import callbacks as cb
