@@ -1,18 +1,20 @@
 """The trainer's Keras callbacks: NaN stop, random state, best model, history,
 throughput and the atomic per-epoch backup.
 
-Each is a plain class; pipeline/train.py puts them in the order a stage needs
-(StopOnNaN first: nothing saves a NaN epoch; AtomicBackup last: an epoch's
-backup is written after everything else saw the epoch).
+Each is a plain class; for_stage puts them, with Keras' own EarlyStopping,
+ReduceLROnPlateau and TensorBoard, in the order a stage needs (StopOnNaN
+first: nothing saves a NaN epoch; AtomicBackup last: an epoch's backup is
+written after everything else saw the epoch).
 """
 import csv
+import importlib.util
 import os
 import time
 
 import keras
 import numpy as np
 
-from upright.pipeline import fileio, resume
+from upright.pipeline import cluster, fileio, resume
 
 
 class NaNLoss(Exception):
@@ -186,3 +188,41 @@ class AtomicBackup(keras.callbacks.BackupAndRestore):
 
     def on_train_end(self, logs=None):
         pass
+
+
+def for_stage(config, stage: int, *, train_model, classifier, strategy, model_dir: str,
+              backup_dir: str, timer: Throughput) -> list:
+    """The callbacks of one stage's fit(), in the order they must see an epoch end.
+
+    StopOnNaN first (nothing saves a NaN epoch), AtomicBackup last (an epoch's
+    backup is written after everything above saw it). SaveBest keeps the
+    best `classifier` (no AugmentLayer) while `train_model` is what fit() trains.
+    TensorBoard logs only when the tensorboard package is installed.
+    """
+    callbacks = [
+        StopOnNaN(stage),     # first: nothing saves a NaN epoch
+        ResetRandomState(config.seed, stage),
+        # Multi-worker: average BatchNorm statistics so workers do not drift.
+        cluster.average_non_trainable_callback(train_model, strategy),
+        SaveBest(classifier, os.path.join(model_dir, "checkpoints"), stage),
+        History(os.path.join(model_dir, "history.csv"), stage),
+        timer,
+    ]
+    if importlib.util.find_spec("tensorboard") is not None:
+        callbacks.append(keras.callbacks.TensorBoard(
+            os.path.join(model_dir, "logs", f"stage{stage}"), write_graph=False,
+            profile_batch=0))
+    elif stage == 1:
+        print("[train] TensorBoard logs off: the tensorboard package is not installed "
+              "(pip install tensorboard)", flush=True)
+    if config.early_stopping_patience:
+        callbacks.append(keras.callbacks.EarlyStopping(
+            monitor="val_accuracy", mode="max", patience=config.early_stopping_patience,
+            restore_best_weights=True))
+    if config.reduce_lr_patience:
+        callbacks.append(keras.callbacks.ReduceLROnPlateau(
+            monitor="val_loss", factor=config.reduce_lr_factor,
+            patience=config.reduce_lr_patience, min_lr=config.min_lr))
+    # Last: the backup of an epoch is written after everything above saw it.
+    callbacks.append(AtomicBackup(backup_dir, stage))
+    return callbacks

@@ -145,6 +145,15 @@ def backup_epoch(backup_dir) -> int:
     return state["epoch"] if state else 0
 
 
+def kept(model_dir: str, backup_dir: str) -> str:
+    """What a stage stopped mid-way (NaN loss) leaves to resume or use, in words:
+    its last backed-up epoch and the best checkpoint, those that exist."""
+    best = os.path.join(model_dir, "checkpoints", "best.keras")
+    parts = [f"the last good epoch in {backup_dir}" if backup_epoch(backup_dir) else "",
+             f"the best model so far in {best}" if os.path.exists(best) else ""]
+    return " and ".join(p for p in parts if p) or "no epoch finished before it"
+
+
 # ----------------------------------------------------------------------------
 # Files of model_dir, each landing whole (fileio) or not at all.
 

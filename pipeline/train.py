@@ -4,43 +4,40 @@
     metrics = train.train_and_evaluate(train.TrainConfig(
         records="records/photos", model_dir="runs/b1"))
 
-Two stages, as in the source article:
+This module holds the config (TrainConfig, StageConfig; flat flag names in
+pipeline/configs.py), its one check (check_config: cheap, before any work)
+and the two stages' fit:
   stage 1: backbone frozen below block `stage1.freeze_below_block` (article:
            blocks 1-4 frozen = 5), BatchNorm of the frozen blocks training or
            not (`stage1.train_batchnorm`), Adam at `stage1.lr` (1e-3), 15 epochs;
   stage 2: everything trainable (`stage2.freeze_below_block` = 0) at
            `stage2.lr` (1e-4).
 The model is recompiled between stages (a fresh Adam); weights carry over. A
-stage with 0 epochs is skipped. Settings have flat names as flags and in
-config.json (`stage1_lr`; pipeline/configs.py): configs.replace(config,
-stage1_lr=0.5) changes one.
+stage with 0 epochs is skipped. The rest lives beside it: trainer_models.py
+(the models built from the config), callbacks.py (a stage's callbacks),
+streams.py (the data fit() reads), resume.py (a killed run continues from its
+last epoch; write failures end in resume.OutputError), outputs.py (the end of
+a run: model.keras, model_info.json, exports, metrics) and throughput.py
+(--measure_steps).
 
-Nothing lost: a run killed at any moment and restarted with the same config
-continues from the last completed epoch of the stage it was in (resume.py says
-how: per-epoch backups, stage markers, config pinning, a resumable stream).
-
-NaN: a NaN or infinite training loss stops the run at once with
-TrainingDiverged; the last good epoch's backup and the best checkpoint stay.
-
-Full disk: every file of model_dir is written under a temporary name and
-renamed, so a failed write (no space, file size limit, read-only) leaves the
-earlier best checkpoint, backup and stage files as they were; the run stops
-with resume.OutputError (one line) and the same command resumes once there is room.
-A damaged shard met while training or validating stops the run with
-recordio.RecordsError naming the shard file and the record
-(streams.naming_damaged_records), within the read of that record.
-
-A model_dir after a run (see BUILD.md section 6):
-    config.json, model.keras (best epoch by val accuracy, float32, no
-    AugmentLayer), model_info.json, metrics.json, history.csv, logs/ (TensorBoard),
-    checkpoints/best.keras + best.json, stages/, export/ and model.tflite (serve).
+A NaN or infinite training loss stops the run at once with TrainingDiverged;
+the last good epoch's backup and the best checkpoint stay. A damaged shard
+stops it with recordio.RecordsError naming the shard and the record.
+A model_dir after a run (BUILD.md section 6): config.json, model.keras (best
+epoch by val accuracy, float32, no AugmentLayer), model_info.json, metrics.json,
+history.csv, logs/ (TensorBoard), checkpoints/best.keras + best.json, stages/,
+export/ and model.tflite (serve).
 """
 import dataclasses
 import os
 import time
 
-from upright.pipeline import cluster, configs, fileio, recordio, resume, schema
+from upright.pipeline import (cluster, configs, fileio, outputs, recordio, resume, schema,
+                              throughput, trainer_models)
 from upright.pipeline import model as model_lib
+
+# The trainer's speed measurement, under the name callers use (benchmarks/README.md).
+measure_throughput = throughput.measure_throughput
 
 AUGMENT_ON = ("auto", *schema.AUGMENT_PLACEMENTS)
 LR_SCHEDULES = ("constant", "cosine")
@@ -293,47 +290,19 @@ def train_and_evaluate(config: TrainConfig) -> dict:
             else "mixed_float16")
     try:
         with strategy.scope():
-            classifier = _build_classifier(config, config.weights)
-            train_model = _training_model(classifier, config, augment_on)
+            classifier = trainer_models.build_classifier(config, config.weights)
+            train_model = trainer_models.training_model(classifier, config, augment_on)
         with resume.reporting_write_failures(config.model_dir):
             run = _Run(config, info, strategy, classifier, train_model, augment_on)
             stages = {}
             for stage in (1, 2):
                 stages[str(stage)] = run.stage(stage)
-            metrics = run.finish(stages)
+            metrics = outputs.finish(config, config.model_dir, stages)
             metrics["seconds_total_this_process"] = round(time.time() - started, 1)
             resume.write_json(os.path.join(config.model_dir, "metrics.json"), metrics)
     finally:
         keras.config.set_dtype_policy(previous_policy)
     return metrics
-
-
-def _build_classifier(config, weights):
-    return model_lib.build_model(backbone=config.backbone, image_size=config.image_size,
-                                 weights=weights, head=config.head, dropout=config.dropout,
-                                 bn_momentum=config.bn_momentum)
-
-
-def _training_model(classifier, config, augment_on):
-    """The model fit() trains: the classifier, behind the AugmentLayer on device."""
-    if augment_on != "device":
-        return classifier
-    import keras
-    from upright.pipeline import augment
-    s = config.image_size
-    inputs = {"images": keras.Input((s, s, 3), dtype="float32", name="images"),
-              "seeds": keras.Input((2,), dtype="int32", name="seeds")}
-    images = augment.AugmentLayer(config.augment_policy, name="augment")(inputs)
-    return keras.Model(inputs, classifier(images), name="train_model")
-
-
-def _compile(model, config, lr, metrics=()):
-    """A fresh Adam at `lr` (a float or a schedule), the loss, and jit_compile
-    as the config says."""
-    import keras
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate=lr),
-                  loss=keras.losses.SparseCategoricalCrossentropy(),
-                  metrics=list(metrics) or None, jit_compile=_jit(config.jit_compile))
 
 
 def _learning_rate(stage: StageConfig, steps_per_epoch: int):
@@ -347,16 +316,6 @@ def _learning_rate(stage: StageConfig, steps_per_epoch: int):
     import keras
     return keras.optimizers.schedules.CosineDecay(
         stage.lr, decay_steps=max(1, stage.epochs * steps_per_epoch))
-
-
-def _jit(value):
-    """compile()'s jit_compile: "auto" is Keras' auto (XLA when a GPU/TPU is
-    visible and no distribution strategy; off on a CPU-only machine), true and
-    false force it. With augment_on=device the AugmentLayer compiles too (its
-    static schedule), so XLA covers the augmentation and the backbone in one
-    step.
-    """
-    return {"auto": "auto", "true": True, "false": False}[str(value).lower()]
 
 
 class _Run:
@@ -382,9 +341,6 @@ class _Run:
             fileio.make_dirs(self.dir, sub)   # a link planted here is refused
         self.done_stage = None   # the last finished stage, whose weights the next starts from
 
-    def _path(self, *parts):
-        return os.path.join(self.dir, *parts)
-
     def stage(self, stage: int) -> dict:
         """Runs stage 1 or 2 unless finished; returns its summary."""
         if self.config.stage(stage).epochs == 0:
@@ -403,6 +359,12 @@ class _Run:
         return summary
 
     def _fit_stage(self, stage):
+        """Fits `stage` from its last backed-up epoch (0 without one) and scores it
+        on the val split; -> the summary its done marker keeps.
+
+        Raises TrainingDiverged at a NaN/inf loss (callbacks.StopOnNaN), saying
+        what was kept (resume.kept), so the user knows what a rerun starts from.
+        """
         s = self.config.stage(stage)
         import keras
         from upright.pipeline import callbacks as cb
@@ -411,12 +373,15 @@ class _Run:
                                            freeze_below_block=s.freeze_below_block,
                                            train_batchnorm=s.train_batchnorm)
         with self.strategy.scope():
-            _compile(self.train_model, self.config, _learning_rate(s, self.steps),
-                     metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
+            trainer_models.compile_model(
+                self.train_model, self.config, _learning_rate(s, self.steps),
+                metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
         backup_dir = resume.stage_paths(self.dir, stage)["backup"]
         start = min(resume.backup_epoch(backup_dir), s.epochs)   # killed before the marker
         timer = cb.Throughput(self.config.batch_size)
-        callbacks = self._callbacks(stage, backup_dir, timer)
+        callbacks = cb.for_stage(self.config, stage, train_model=self.train_model,
+                                 classifier=self.classifier, strategy=self.strategy,
+                                 model_dir=self.dir, backup_dir=backup_dir, timer=timer)
         strategy = self.strategy if self.distributed else None
         train_data = streams.train_data(self.config, stage=stage, start_epoch=start,
                                         steps=self.steps, augment_on=self.augment_on,
@@ -436,7 +401,8 @@ class _Run:
                     validation_steps=self.val_steps, shuffle=False,
                     callbacks=callbacks, verbose=self.config.verbose)
         except cb.NaNLoss as e:
-            raise self._diverged(e, stage, backup_dir) from None
+            raise TrainingDiverged(f"{e}; stopped. Kept: {resume.kept(self.dir, backup_dir)}. "
+                                   f"Lower --stage{stage}_lr or check the data") from None
         with streams.naming_damaged_records(self.config.records):
             logs = self.train_model.evaluate(
                 streams.val_data(self.config, augment_on=self.augment_on, strategy=strategy),
@@ -450,155 +416,6 @@ class _Run:
                 "stopped_early": start + epochs_run < s.epochs,
                 "train_images_per_s": timer.images_per_s(),
                 "seconds_this_process": round(time.time() - t0, 1)}
-
-    def _callbacks(self, stage, backup_dir, timer) -> list:
-        """The stage's callbacks, in the order they must see an epoch end."""
-        import keras
-        from upright.pipeline import callbacks as cb
-        config = self.config
-        callbacks = [
-            cb.StopOnNaN(stage),     # first: nothing saves a NaN epoch
-            cb.ResetRandomState(config.seed, stage),
-            # Multi-worker: average BatchNorm statistics so workers do not drift.
-            cluster.average_non_trainable_callback(self.train_model, self.strategy),
-            cb.SaveBest(self.classifier, self._path("checkpoints"), stage),
-            cb.History(self._path("history.csv"), stage),
-            timer,
-        ]
-        if _have_tensorboard():
-            callbacks.append(keras.callbacks.TensorBoard(
-                self._path("logs", f"stage{stage}"), write_graph=False, profile_batch=0))
-        elif stage == 1:
-            _log("TensorBoard logs off: the tensorboard package is not installed "
-                 "(pip install tensorboard)")
-        if config.early_stopping_patience:
-            callbacks.append(keras.callbacks.EarlyStopping(
-                monitor="val_accuracy", mode="max", patience=config.early_stopping_patience,
-                restore_best_weights=True))
-        if config.reduce_lr_patience:
-            callbacks.append(keras.callbacks.ReduceLROnPlateau(
-                monitor="val_loss", factor=config.reduce_lr_factor,
-                patience=config.reduce_lr_patience, min_lr=config.min_lr))
-        # Last: the backup of an epoch is written after everything above saw it.
-        callbacks.append(cb.AtomicBackup(backup_dir, stage))
-        return callbacks
-
-    def _diverged(self, error, stage, backup_dir) -> TrainingDiverged:
-        best = self._path("checkpoints", "best.keras")
-        kept = [f"the last good epoch in {backup_dir}" if resume.backup_epoch(backup_dir) else "",
-                f"the best model so far in {best}" if os.path.exists(best) else ""]
-        kept = " and ".join(k for k in kept if k) or "no epoch finished before it"
-        return TrainingDiverged(f"{error}; stopped. Kept: {kept}. Lower --stage{stage}_lr "
-                                "or check the data")
-
-    # -- the end --------------------------------------------------------------
-    def finish(self, stages: dict) -> dict:
-        """Writes model.keras (best epoch), model_info.json, exports; -> metrics."""
-        import keras
-        from upright.pipeline import evaluation
-        config = self.config
-        best_info = resume.read_json(self._path("checkpoints", "best.json"))
-        final = keras.saving.load_model(self._path("checkpoints", "best.keras"), compile=False)
-        final = _as_float32(final, config)
-        model_path = self._path("model.keras")
-        resume.save_keras(final, model_path)
-        model_info = {"image_size": config.image_size, "resize": config.resize,
-                      "backbone": config.backbone, "head": config.head,
-                      "convention": schema.convention(),
-                      "input": "float32 [B, S, S, 3] in [0, 255]",
-                      "output": "float32 softmax [B, 4] over convention.class_names",
-                      "best": best_info}
-        scores = evaluation.score_classifier(final, config.records,
-                                             batch_size=config.batch_size,
-                                             image_size=config.image_size, resize=config.resize)
-        model_info["temperature"] = scores["temperature"]
-        resume.write_json(self._path("model_info.json"), model_info)
-        sizes = {"keras_bytes": os.path.getsize(model_path)}
-        if config.export:
-            sizes.update(_export(final, self.dir, config, scores["temperature"]))
-        rates = [s["train_images_per_s"] for s in stages.values() if s.get("train_images_per_s")]
-        metrics = {
-            "stages": stages,
-            "best": best_info,
-            "final": scores,
-            "model": {"backbone": config.backbone, "head": config.head,
-                      "image_size": config.image_size, "params": int(final.count_params()),
-                      **sizes},
-            "train_images_per_s": rates[-1] if rates else None,
-        }
-        if config.measure_steps:
-            metrics["throughput"] = measure_throughput(config, steps=config.measure_steps)
-        return metrics
-
-
-def _export(model, model_dir, config, temperature: float = 1.0) -> dict:
-    from upright.pipeline import serve
-    export_dir = serve.export_saved_model(model, os.path.join(model_dir, serve.EXPORT_DIR),
-                                          image_size=config.image_size, resize=config.resize,
-                                          temperature=temperature)
-    tflite_bytes = serve.export_tflite(model, os.path.join(model_dir, serve.TFLITE_FILE),
-                                       image_size=config.image_size)
-    return {"saved_model_bytes": serve.file_size(export_dir), "tflite_bytes": int(tflite_bytes)}
-
-
-def _as_float32(model, config):
-    """A float32 copy of a mixed-precision model (export and TFLite want float32)."""
-    if not config.mixed_precision:
-        return model
-    import keras
-    previous = keras.config.dtype_policy()
-    keras.config.set_dtype_policy("float32")
-    try:
-        copy = _build_classifier(config, None)
-    finally:
-        keras.config.set_dtype_policy(previous)
-    copy.set_weights(model.get_weights())
-    return copy
-
-
-def measure_throughput(config: TrainConfig, *, steps: int = 10, warmup: int = 3,
-                       stage: int = 2) -> dict:
-    """Training speed with the real input stream vs. a cached batch.
-
-    Builds a throwaway model of the same architecture (random weights: speed does
-    not depend on them), then times `steps` training steps (after `warmup`) fed
-    (a) from one batch held in memory: the compute-only step time t_c, and
-    (b) from the real input_fn stream: the step time t_r.
-    input_wait_fraction = max(0, 1 - t_c / t_r): the share of a step spent
-    waiting for input. The model is frozen as in `stage` (2: everything trains,
-    the slower stage). Uses the config's augment_on.
-    """
-    augment_on = cluster.resolve_augment_on(config.augment_on)
-    classifier = _build_classifier(config, None)
-    model = _training_model(classifier, config, augment_on)
-    settings = config.stage(stage)
-    model_lib.set_trainable(classifier, freeze_below_block=settings.freeze_below_block,
-                            train_batchnorm=settings.train_batchnorm)
-    _compile(model, config, settings.lr)
-    from upright.pipeline import streams
-    stream = streams.train_stream(config, stage=stage, augment_on=augment_on)
-    cached = stream.take(1).cache().repeat()
-
-    def time_steps(ds):
-        it = iter(ds)
-        for _ in range(warmup):
-            model.train_on_batch(*next(it))
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            model.train_on_batch(*next(it))
-        return (time.perf_counter() - t0) / steps
-
-    t_cached = time_steps(cached)
-    t_real = time_steps(stream)
-    return {"stage": stage, "steps": steps, "batch_size": config.batch_size,
-            "images_per_s": round(config.batch_size / t_real, 2),
-            "compute_only_images_per_s": round(config.batch_size / t_cached, 2),
-            "input_wait_fraction": round(max(0.0, 1.0 - t_cached / t_real), 3)}
-
-
-def _have_tensorboard() -> bool:
-    import importlib.util
-    return importlib.util.find_spec("tensorboard") is not None
 
 
 def _log(message):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from tests import helpers
-from upright.pipeline import callbacks, configs, resume, streams, train
+from upright.pipeline import callbacks, configs, resume, streams, train, trainer_models
 from upright.pipeline import model as model_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -304,11 +304,11 @@ def _device_step(records, tmp_path, monkeypatch, mixed):
                         or traces[-1][1])
     keras.config.set_dtype_policy("mixed_float16" if mixed else "float32")
     try:
-        classifier = train._build_classifier(config, None)
-        model = train._training_model(classifier, config, "device")
+        classifier = trainer_models.build_classifier(config, None)
+        model = trainer_models.training_model(classifier, config, "device")
         model.compile(optimizer=keras.optimizers.Adam(1e-3),
                       loss=keras.losses.SparseCategoricalCrossentropy(),
-                      jit_compile=train._jit(config.jit_compile))
+                      jit_compile=trainer_models.jit(config.jit_compile))
         batch = next(iter(streams.train_stream(config, stage=1, augment_on="device")))
         loss = float(model.train_on_batch(*batch))
     finally:
