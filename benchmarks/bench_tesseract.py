@@ -131,6 +131,30 @@ def run_model(paths, model, jobs, batch_size, max_side):
     return probs.argmax(1), probs.max(1), seconds
 
 
+def run_model_stored(paths, model, jobs, batch_size, max_side):
+    """run_model the way orient read files before open_for_model, for comparison:
+    imageio.read_upright's 512-side stored copy, then predictor.preprocess, one
+    thread, one interpreter."""
+    import tensorflow as tf
+    tf.config.threading.set_intra_op_parallelism_threads(jobs)
+    tf.config.threading.set_inter_op_parallelism_threads(jobs)
+    from upright.pipeline import imageio, serve
+    predictor = serve.load_model(model)
+
+    def read(path):
+        stored = imageio.read_upright(path, max_side=max_side)
+        return predictor.preprocess(stored.encoded)
+
+    predictor.predict_images(read(paths[0])[None])   # warm-up, not timed
+    start = time.perf_counter()
+    probs = [predictor.predict_images(np.stack([read(p) for p in paths[i:i + batch_size]]),
+                                      batch_size=batch_size)
+             for i in range(0, len(paths), batch_size)]
+    seconds = time.perf_counter() - start
+    probs = np.concatenate(probs)
+    return probs.argmax(1), probs.max(1), seconds
+
+
 def score(labels, answers, seconds, answered=None) -> dict:
     """Metrics of one system; answers: k or -1 for no answer."""
     labels, answers = np.asarray(labels), np.asarray(answers)
@@ -184,6 +208,9 @@ def main(argv=None):
                         help="as make_records/orient store images")
     parser.add_argument("--format", choices=sorted(FORMATS), default="png",
                         help="how the turned pages are stored for both systems")
+    parser.add_argument("--also_stored_copy", action="store_true",
+                        help="also time the model through the stored copy orient "
+                             "used to make (read_upright + preprocess, one thread)")
     parser.add_argument("--tesseract", default="tesseract")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
@@ -202,7 +229,12 @@ def main(argv=None):
         load["model_before"] = os.getloadavg()
         k, confidence, model_s = run_model(paths, args.model, args.jobs, args.batch_size,
                                            args.max_side)
-        load["model_after"] = load["tesseract_before"] = os.getloadavg()
+        load["model_after"] = os.getloadavg()
+        if args.also_stored_copy:
+            k_old, confidence_old, old_s = run_model_stored(paths, args.model, args.jobs,
+                                                            args.batch_size, args.max_side)
+            load["stored_copy_after"] = os.getloadavg()
+        load["tesseract_before"] = os.getloadavg()
         tess, tess_s = run_tesseract(paths, args.jobs, args.tesseract)
         load["tesseract_after"] = os.getloadavg()
     model_off = score(labels, k, model_s, answered=np.ones(len(k), bool))
@@ -210,6 +242,11 @@ def main(argv=None):
     results = {
         f"model (threshold off)": model_off,
         f"model (>= {args.min_confidence})": model_at,
+        **({"model via stored copy (off)": score(labels, k_old, old_s,
+                                                  answered=np.ones(len(k_old), bool)),
+            f"stored copy (>= {args.min_confidence})": score(
+                labels, np.where(confidence_old >= args.min_confidence, k_old, -1), old_s)}
+           if args.also_stored_copy else {}),
         "tesseract --psm 0": score(labels, [-1 if a is None else a for a in tess], tess_s),
     }
     summary = {"pages": len(pages), "images": len(items), "jobs": args.jobs,
