@@ -23,6 +23,10 @@ Reported per system, side by side:
                     confidence >= --min_confidence; the model's accuracy with
                     the threshold off is the "accuracy" line);
   answered_accuracy correct / answered;
+  cpu_ms_per_image  CPU time per image: the model's process (all its threads),
+                    or the tesseract processes; on cores shared with other
+                    jobs the wall-clock pages/s depend on their load, this much
+                    less;
   pages_per_s       4N / wall seconds, with --jobs cores (the model: --jobs
                     decoding threads and one-thread TFLite interpreters, its
                     TensorFlow threads limited to --jobs too), file reading,
@@ -39,6 +43,7 @@ import io
 import json
 import os
 import re
+import resource
 import subprocess
 import sys
 import tempfile
@@ -100,17 +105,23 @@ def tesseract_answer(path, tesseract="tesseract", timeout=120):
     return (int(match.group(1)) // 90) % 4
 
 
+def children_cpu_seconds():
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_tesseract(paths, jobs, tesseract):
-    """Answers (k or None) for every file; -> (answers, seconds)."""
-    start = time.perf_counter()
+    """Answers (k or None) for every file; -> (answers, seconds, CPU seconds of
+    the tesseract processes)."""
+    start, cpu = time.perf_counter(), children_cpu_seconds()
     with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
         answers = list(pool.map(lambda p: tesseract_answer(p, tesseract), paths))
-    return answers, time.perf_counter() - start
+    return answers, time.perf_counter() - start, children_cpu_seconds() - cpu
 
 
 def run_model(paths, model, jobs, batch_size, max_side):
     """(argmax k, confidence) for every file, through orient.orient_images;
-    -> (answers, confidences, seconds)."""
+    -> (answers, confidences, seconds, CPU seconds of this process)."""
     import tensorflow as tf
     tf.config.threading.set_intra_op_parallelism_threads(jobs)
     tf.config.threading.set_inter_op_parallelism_threads(jobs)
@@ -119,16 +130,16 @@ def run_model(paths, model, jobs, batch_size, max_side):
     # One warm-up batch (graph tracing, interpreter allocation): not timed.
     orient.orient_images(paths[:batch_size], predictor=predictor, batch_size=batch_size,
                          max_side=max_side)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     rows = orient.orient_images(paths, predictor=predictor, batch_size=batch_size,
                                 max_side=max_side)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     failed = [r for r in rows if r["error"]]
     if failed:
         sys.exit(f"bench_tesseract: the model could not read {failed[0]['path']}: "
                  f"{failed[0]['error']}")
     probs = np.array([[r["probabilities"][name] for name in schema.CLASS_NAMES] for r in rows])
-    return probs.argmax(1), probs.max(1), seconds
+    return probs.argmax(1), probs.max(1), seconds, cpu
 
 
 def run_model_stored(paths, model, jobs, batch_size, max_side):
@@ -146,16 +157,16 @@ def run_model_stored(paths, model, jobs, batch_size, max_side):
         return predictor.preprocess(stored.encoded)
 
     predictor.predict_images(read(paths[0])[None])   # warm-up, not timed
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     probs = [predictor.predict_images(np.stack([read(p) for p in paths[i:i + batch_size]]),
                                       batch_size=batch_size)
              for i in range(0, len(paths), batch_size)]
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     probs = np.concatenate(probs)
-    return probs.argmax(1), probs.max(1), seconds
+    return probs.argmax(1), probs.max(1), seconds, cpu
 
 
-def score(labels, answers, seconds, answered=None) -> dict:
+def score(labels, answers, seconds, answered=None, cpu_seconds=None) -> dict:
     """Metrics of one system; answers: k or -1 for no answer."""
     labels, answers = np.asarray(labels), np.asarray(answers)
     answered = answers >= 0 if answered is None else np.asarray(answered)
@@ -172,6 +183,8 @@ def score(labels, answers, seconds, answered=None) -> dict:
         "answered_accuracy": (float(np.mean(correct[answered])) if answered.any() else None),
         "pages_per_s": float(labels.size / seconds) if seconds > 0 else None,
         "seconds": round(float(seconds), 2),
+        "cpu_ms_per_image": (round(1000 * cpu_seconds / labels.size, 1)
+                             if cpu_seconds is not None else None),
         "upright_answered_180": f"{int(confusion[0, 2])}/{n0}",
         "upside_down_answered_0": f"{int(confusion[2, 0])}/{n180}",
         "confusion_true_by_answer": confusion.tolist(),
@@ -184,6 +197,7 @@ def format_table(results) -> str:
             ("answered", "answered", "{:.4f}"),
             ("accuracy on answered", "answered_accuracy", "{:.4f}"),
             ("pages/s", "pages_per_s", "{:.2f}"),
+            ("CPU ms per image", "cpu_ms_per_image", "{:.1f}"),
             ("upright answered 180", "upright_answered_180", "{}"),
             ("upside-down answered 0", "upside_down_answered_0", "{}")]
     width = max(len(r[0]) for r in rows)
@@ -227,27 +241,31 @@ def main(argv=None):
     with tempfile.TemporaryDirectory(prefix="bench_tesseract-") as tmp:
         paths = write_items(items, tmp, args.format)
         load["model_before"] = os.getloadavg()
-        k, confidence, model_s = run_model(paths, args.model, args.jobs, args.batch_size,
+        k, confidence, model_s, model_cpu = run_model(paths, args.model, args.jobs, args.batch_size,
                                            args.max_side)
         load["model_after"] = os.getloadavg()
         if args.also_stored_copy:
-            k_old, confidence_old, old_s = run_model_stored(paths, args.model, args.jobs,
+            k_old, confidence_old, old_s, old_cpu = run_model_stored(paths, args.model, args.jobs,
                                                             args.batch_size, args.max_side)
             load["stored_copy_after"] = os.getloadavg()
         load["tesseract_before"] = os.getloadavg()
-        tess, tess_s = run_tesseract(paths, args.jobs, args.tesseract)
+        tess, tess_s, tess_cpu = run_tesseract(paths, args.jobs, args.tesseract)
         load["tesseract_after"] = os.getloadavg()
-    model_off = score(labels, k, model_s, answered=np.ones(len(k), bool))
-    model_at = score(labels, np.where(confidence >= args.min_confidence, k, -1), model_s)
+    model_off = score(labels, k, model_s, answered=np.ones(len(k), bool), cpu_seconds=model_cpu)
+    model_at = score(labels, np.where(confidence >= args.min_confidence, k, -1), model_s,
+                     cpu_seconds=model_cpu)
     results = {
         f"model (threshold off)": model_off,
         f"model (>= {args.min_confidence})": model_at,
         **({"model via stored copy (off)": score(labels, k_old, old_s,
-                                                  answered=np.ones(len(k_old), bool)),
+                                                  answered=np.ones(len(k_old), bool),
+                                                  cpu_seconds=old_cpu),
             f"stored copy (>= {args.min_confidence})": score(
-                labels, np.where(confidence_old >= args.min_confidence, k_old, -1), old_s)}
+                labels, np.where(confidence_old >= args.min_confidence, k_old, -1), old_s,
+                cpu_seconds=old_cpu)}
            if args.also_stored_copy else {}),
-        "tesseract --psm 0": score(labels, [-1 if a is None else a for a in tess], tess_s),
+        "tesseract --psm 0": score(labels, [-1 if a is None else a for a in tess], tess_s,
+                                   cpu_seconds=tess_cpu),
     }
     summary = {"pages": len(pages), "images": len(items), "jobs": args.jobs,
                "format": args.format, "model": args.model,
@@ -257,8 +275,12 @@ def main(argv=None):
                           + " ".join(sys.argv[1:] if argv is None else argv),
                "results": results}
     print(format_table(results))
+    model_r, tess_r = results["model (threshold off)"], results["tesseract --psm 0"]
+    summary["speed_up_pages_per_s"] = model_r["pages_per_s"] / max(tess_r["pages_per_s"], 1e-9)
+    summary["cpu_ratio"] = tess_r["cpu_ms_per_image"] / max(model_r["cpu_ms_per_image"], 1e-9)
     print(f"{len(pages)} pages x 4 turns = {len(items)} images; {args.jobs} cores each; "
-          f"speed-up {results['model (threshold off)']['pages_per_s'] / max(results['tesseract --psm 0']['pages_per_s'], 1e-9):.1f}x; "
+          f"speed-up {summary['speed_up_pages_per_s']:.1f}x in pages/s, "
+          f"{summary['cpu_ratio']:.1f}x in CPU per image; "
           f"{args.format} files; load average (1 min) "
           + ", ".join(f"{k} {v[0]:.1f}" for k, v in load.items()))
     if args.out:
