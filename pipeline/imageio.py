@@ -119,11 +119,7 @@ def read_upright(path, *, max_side: int = DEFAULT_MAX_SIDE,
     Raises:
       SkipImage: with a short reason.
     """
-    if data is None:
-        data = read_bytes(path)
-    if not data:
-        raise SkipImage("zero bytes")
-    check_jpeg_scans(data)
+    data = source_bytes(path, data)
     with warnings.catch_warnings(record=True) as caught:
         # Pillow warns (to stderr, without the file's name, through any progress
         # bar) about a damaged EXIF block and reads on; each such warning becomes
@@ -134,6 +130,17 @@ def read_upright(path, *, max_side: int = DEFAULT_MAX_SIDE,
             stored = convert_image(image, data, max_side=max_side, jpeg_quality=jpeg_quality)
     notes = warning_notes(caught)
     return dataclasses.replace(stored, notes=stored.notes + notes) if notes else stored
+
+
+def source_bytes(path, data: bytes = None) -> bytes:
+    """The file's bytes (`data` when given), refused with SkipImage when empty or
+    when too many JPEG scans would make decoding too much work."""
+    if data is None:
+        data = read_bytes(path)
+    if not data:
+        raise SkipImage("zero bytes")
+    check_jpeg_scans(data)
+    return data
 
 
 def open_for_model(path, *, image_size: int, max_side: int = DEFAULT_MAX_SIDE,
@@ -154,11 +161,7 @@ def open_for_model(path, *, image_size: int, max_side: int = DEFAULT_MAX_SIDE,
     applies. Skipped: the LANCZOS stored copy, its JPEG encoding and decoding,
     and the near-duplicate signature, none of which the prediction needs.
     """
-    if data is None:
-        data = read_bytes(path)
-    if not data:
-        raise SkipImage("zero bytes")
-    check_jpeg_scans(data)
+    data = source_bytes(path, data)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")   # as in read_upright
         image = open_image(data, path, max_pixels)
