@@ -6,9 +6,12 @@ and (optionally) write upright copies.
                                             fix=True, dst="fixed/"))
 
 What happens to each file (files, or folders walked recursively):
-1. It is read as a person sees it -- EXIF orientation applied -- exactly as
-   make_records reads sources (`imageio.read_upright`), and preprocessed as
-   training preprocessed its records (`preprocess.preprocess_image`). Unreadable,
+1. It is read as a person sees it -- EXIF orientation applied -- as make_records
+   reads sources, and framed and resized as training preprocessed its records
+   (serve.Predictor.read_images): for a squash model straight from the file
+   (`imageio.open_for_model`: JPEGs decoded at reduced DCT scale, no stored
+   copy; `workers` threads), otherwise through make_records' stored copy
+   (`imageio.read_upright`) and `preprocess.preprocess_image`. Unreadable,
    corrupt or unsupported files get status "error" with the reason and are
    skipped; nothing stops the run.
 2. The model gives k (the image as seen is turned k quarter turns counter-
