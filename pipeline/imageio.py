@@ -376,6 +376,17 @@ def decode_rgb(image: Image.Image, orientation) -> Image.Image:
         raise SkipImage(f"corrupt: {_short(e)}") from None
 
 
+def exif_orientation_of(data: bytes):
+    """exif_orientation of encoded bytes (None when unreadable); Pillow's
+    warnings about the file are not printed (the reader made them notes)."""
+    try:
+        with warnings.catch_warnings(record=True), Image.open(io.BytesIO(data)) as image:
+            warnings.simplefilter("always")
+            return exif_orientation(image)
+    except Exception:
+        return None
+
+
 def exif_orientation(image: Image.Image):
     """The EXIF Orientation value 1..8, or None when absent or invalid."""
     try:

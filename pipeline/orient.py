@@ -691,8 +691,10 @@ def _process_batch(batch, predictor, config, jpegtran, manifest, taken, owners):
         try:
             if isinstance(result, BaseException):
                 raise result
-            image, notes = result
-            row["exif_orientation"] = _exif_orientation(data)
+            # The orientation the reader found: reading it again from a PNG
+            # would decode the whole image once more (Pillow looks for eXIf
+            # after the pixel data).
+            image, notes, row["exif_orientation"] = result
             # What the reader found and ignored (a damaged EXIF block): this
             # file's note, never a warning on stderr through the progress bar.
             found = [n for n in notes if n == imageio.CORRUPT_EXIF_NOTE
@@ -768,7 +770,7 @@ def _process_pdf(path, rel, predictor, config, manifest, taken):
                 rows.append(row)
                 try:
                     png, rotation = pdf.render_page(document, index, config.max_side)
-                    image, _ = predictor.read_image(row["path"], png, config.max_side)
+                    image, *_ = predictor.read_image(row["path"], png, config.max_side)
                     ready.append((row, index, rotation, image))
                 except Exception as e:  # one page that does not render: that page only
                     row.update(status="error", action="skip", message=f"page not rendered: "
@@ -870,18 +872,6 @@ def _record(config, manifest, record, dst_path):
     except OSError as e:
         raise OrientError(f"cannot record {fileio.show(dst_path)} in {MANIFEST}: "
                           f"{_first_line(e)}") from None
-
-
-def _exif_orientation(data):
-    from PIL import Image
-    try:
-        # read_upright already turned Pillow's warnings about this file into
-        # its notes; a second read must not print them.
-        with warnings.catch_warnings(record=True), Image.open(io.BytesIO(data)) as image:
-            warnings.simplefilter("always")
-            return imageio.exif_orientation(image)
-    except Exception:
-        return None
 
 
 def _first_line(e):

@@ -275,8 +275,9 @@ class Predictor:
 
     predict_images(float32 [B, S, S, 3] in [0, 255]) -> float32 [B, 4] numpy.
     preprocess(encoded bytes) -> float32 [S, S, 3] (preprocess.preprocess_image).
-    read_images([(path, bytes)], max_side) -> per file (image [S, S, 3], notes) or
-      the exception that file raised: what orient predicts from.
+    read_images([(path, bytes)], max_side) -> per file (image [S, S, 3], notes,
+      EXIF orientation or None) or the exception that file raised: what orient
+      predicts from.
     info: model_info (image_size, resize, convention, ...); source: what was loaded.
     workers: threads that read_images decodes with and, for a TFLite model,
       interpreters that predict_images runs side by side (1: all in the caller).
@@ -313,7 +314,7 @@ class Predictor:
         return _preprocess_fn(self.image_size, self.resize)(tf.constant(encoded)).numpy()
 
     def read_image(self, path, data: bytes, max_side: int) -> tuple:
-        """(float32 [S, S, 3], notes) for one file's bytes; raises SkipImage (or a
+        """(float32 [S, S, 3], notes, EXIF orientation) for one file's bytes; raises SkipImage (or a
         decoder's error) for a file that cannot be read."""
         (result,) = self.read_images([(path, data)], max_side)
         if isinstance(result, BaseException):
@@ -321,8 +322,9 @@ class Predictor:
         return result
 
     def read_images(self, items, max_side: int) -> list:
-        """Per (path, bytes): (float32 [S, S, 3], notes), or the exception that
-        file raised (imageio.SkipImage, or a decoder's error).
+        """Per (path, bytes): (float32 [S, S, 3], notes, the EXIF Orientation
+        value 1..8 or None), or the exception that file raised
+        (imageio.SkipImage, or a decoder's error).
 
         A squash model reads straight from the file (imageio.open_for_model:
         no stored copy), decoding on `workers` threads; other resize methods
@@ -338,14 +340,15 @@ class Predictor:
         def decode(item):
             if isinstance(item, BaseException):
                 return item
-            return _try(lambda: (item.decode(), item.notes))
+            return _try(lambda: (item.decode(), item.notes, item.orientation))
 
         return self.map(decode, opened)
 
     def _read_stored(self, path, data, max_side):
         from upright.pipeline import imageio
         stored = imageio.read_upright(path, data=data, max_side=max_side)
-        return self.preprocess(stored.encoded), stored.notes
+        return (self.preprocess(stored.encoded), stored.notes,
+                imageio.exif_orientation_of(data))
 
     def map(self, fn, items) -> list:
         """[fn(item)] in order, on `workers` threads when there are several."""
