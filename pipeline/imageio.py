@@ -26,6 +26,7 @@ import dataclasses
 import errno
 import hashlib
 import io
+import math
 import os
 import struct
 import warnings
@@ -118,11 +119,7 @@ def read_upright(path, *, max_side: int = DEFAULT_MAX_SIDE,
     Raises:
       SkipImage: with a short reason.
     """
-    if data is None:
-        data = read_bytes(path)
-    if not data:
-        raise SkipImage("zero bytes")
-    check_jpeg_scans(data)
+    data = source_bytes(path, data)
     with warnings.catch_warnings(record=True) as caught:
         # Pillow warns (to stderr, without the file's name, through any progress
         # bar) about a damaged EXIF block and reads on; each such warning becomes
@@ -133,6 +130,93 @@ def read_upright(path, *, max_side: int = DEFAULT_MAX_SIDE,
             stored = convert_image(image, data, max_side=max_side, jpeg_quality=jpeg_quality)
     notes = warning_notes(caught)
     return dataclasses.replace(stored, notes=stored.notes + notes) if notes else stored
+
+
+def source_bytes(path, data: bytes = None) -> bytes:
+    """The file's bytes (`data` when given), refused with SkipImage when empty or
+    when too many JPEG scans would make decoding too much work."""
+    if data is None:
+        data = read_bytes(path)
+    if not data:
+        raise SkipImage("zero bytes")
+    check_jpeg_scans(data)
+    return data
+
+
+def open_for_model(path, *, image_size: int, max_side: int = DEFAULT_MAX_SIDE,
+                   max_pixels: int = DEFAULT_MAX_PIXELS, data: bytes = None) -> "ModelInput":
+    """A model's squashed S x S input straight from the file, without the stored
+    copy: what `read_upright` then preprocess.preprocess_image(resize="squash")
+    see, framed the same way, at a fraction of the work.
+
+    The header is read here (same checks and SkipImage reasons as read_upright;
+    Pillow's warnings become `notes`); `ModelInput.decode()` does the pixel work
+    and may run in another thread (Pillow releases the GIL while decoding and
+    resizing). Framing: the stored copy's size (longest side max_side) cropped
+    to whole 16 x 16 JPEG blocks at the top-left, as preprocess_image crops it,
+    is mapped back onto the source and resized from there to S x S. A JPEG is
+    decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, an area filter)
+    when that still leaves >= S pixels across that region; the resize is
+    Pillow's antialiased bilinear, the filter tf.image.resize(antialias=True)
+    applies. Skipped: the LANCZOS stored copy, its JPEG encoding and decoding,
+    and the near-duplicate signature, none of which the prediction needs.
+    """
+    data = source_bytes(path, data)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")   # as in read_upright
+        image = open_image(data, path, max_pixels)
+        try:
+            orientation = exif_orientation(image)
+            raw_w, raw_h = image.size
+            width, height = (raw_h, raw_w) if orientation in (5, 6, 7, 8) else (raw_w, raw_h)
+            box = _model_box(width, height, max_side)
+            if image.format == "JPEG":
+                # Smallest decode that leaves >= S pixels across the box.
+                need = image_size / min(box)
+                if need < 0.5:
+                    image.draft(None, (max(1, math.ceil(raw_w * need)),
+                                       max(1, math.ceil(raw_h * need))))
+        except BaseException:
+            image.close()
+            raise
+    return ModelInput(image, orientation, (width, height), box, int(image_size),
+                      warning_notes(caught))
+
+
+def _model_box(width: int, height: int, max_side: int) -> tuple:
+    """(w, h) of the source region preprocess_image keeps of read_upright's stored
+    copy: the copy's size, cropped to whole JPEG_BLOCK blocks, in source pixels."""
+    scale = max_side / max(width, height) if max_side and max(width, height) > max_side else 1
+    stored_w, stored_h = max(1, round(width * scale)), max(1, round(height * scale))
+    keep_w = stored_w // JPEG_BLOCK * JPEG_BLOCK if stored_w >= JPEG_BLOCK else stored_w
+    keep_h = stored_h // JPEG_BLOCK * JPEG_BLOCK if stored_h >= JPEG_BLOCK else stored_h
+    return width * keep_w / stored_w, height * keep_h / stored_h
+
+
+# preprocess.JPEG_BLOCK (kept here too: this module never imports TensorFlow).
+JPEG_BLOCK = 16
+
+
+@dataclasses.dataclass
+class ModelInput:
+    """An image opened by `open_for_model`; decode() -> float32 [S, S, 3] in
+    [0, 255] (SkipImage on a decoder error). notes: as StoredImage.notes."""
+    image: Image.Image
+    orientation: object
+    size: tuple      # (width, height) of the source as a person sees it
+    box: tuple       # (w, h) of the region to resize, in those pixels
+    image_size: int
+    notes: tuple
+
+    def decode(self) -> np.ndarray:
+        with self.image:
+            rgb = decode_rgb(self.image, self.orientation)
+            # The decoded image may be a DCT-scaled one: the box in its pixels.
+            box = (0, 0, self.box[0] * rgb.width / self.size[0],
+                   self.box[1] * rgb.height / self.size[1])
+            out = rgb.resize((self.image_size, self.image_size),
+                             Image.Resampling.BILINEAR, box=box)
+        return np.asarray(out, np.float32)
 
 
 # The note of a file whose EXIF block Pillow found damaged (and ignored, as
@@ -257,20 +341,7 @@ def convert_image(image: Image.Image, data: bytes, *, max_side: int,
     source_size = (width, height) if orientation in (5, 6, 7, 8) else (height, width)
     if not unchanged and source_format == "JPEG" and max_side:
         reduce_jpeg_decode(image, max_side)
-    try:
-        image.load()
-        # exif_transpose also drops the orientation tag from the result.
-        upright = ImageOps.exif_transpose(image) if orientation not in (None, 1) else image
-        rgb = to_rgb(upright)
-    except SkipImage:
-        raise
-    except OSError as e:
-        message = _short(e)
-        if "truncated" in message:
-            raise SkipImage(f"truncated: {message}") from None
-        raise SkipImage(f"corrupt: {message}") from None
-    except (ValueError, SyntaxError, EOFError, struct.error, MemoryError) as e:
-        raise SkipImage(f"corrupt: {_short(e)}") from None
+    rgb = decode_rgb(image, orientation)
     if not unchanged:
         rgb = downscale(rgb, max_side)
         if rgb.size != source_size[::-1]:
@@ -284,6 +355,36 @@ def convert_image(image: Image.Image, data: bytes, *, max_side: int,
                        source_height=source_size[0], source_width=source_size[1],
                        source_format=source_format, changed=not unchanged,
                        notes=tuple(notes), signature=sig)
+
+
+def decode_rgb(image: Image.Image, orientation) -> Image.Image:
+    """Decodes an opened image's pixels, applies its EXIF `orientation` and gives
+    8-bit RGB; decoder errors become SkipImage ("truncated: ...", "corrupt: ...")."""
+    try:
+        image.load()
+        # exif_transpose also drops the orientation tag from the result.
+        upright = ImageOps.exif_transpose(image) if orientation not in (None, 1) else image
+        return to_rgb(upright)
+    except SkipImage:
+        raise
+    except OSError as e:
+        message = _short(e)
+        if "truncated" in message:
+            raise SkipImage(f"truncated: {message}") from None
+        raise SkipImage(f"corrupt: {message}") from None
+    except (ValueError, SyntaxError, EOFError, struct.error, MemoryError) as e:
+        raise SkipImage(f"corrupt: {_short(e)}") from None
+
+
+def exif_orientation_of(data: bytes):
+    """exif_orientation of encoded bytes (None when unreadable); Pillow's
+    warnings about the file are not printed (the reader made them notes)."""
+    try:
+        with warnings.catch_warnings(record=True), Image.open(io.BytesIO(data)) as image:
+            warnings.simplefilter("always")
+            return exif_orientation(image)
+    except Exception:
+        return None
 
 
 def exif_orientation(image: Image.Image):

@@ -6,9 +6,12 @@ and (optionally) write upright copies.
                                             fix=True, dst="fixed/"))
 
 What happens to each file (files, or folders walked recursively):
-1. It is read as a person sees it -- EXIF orientation applied -- exactly as
-   make_records reads sources (`imageio.read_upright`), and preprocessed as
-   training preprocessed its records (`preprocess.preprocess_image`). Unreadable,
+1. It is read as a person sees it -- EXIF orientation applied -- as make_records
+   reads sources, and framed and resized as training preprocessed its records
+   (serve.Predictor.read_images): for a squash model straight from the file
+   (`imageio.open_for_model`: JPEGs decoded at reduced DCT scale, no stored
+   copy; `workers` threads), otherwise through make_records' stored copy
+   (`imageio.read_upright`) and `preprocess.preprocess_image`. Unreadable,
    corrupt or unsupported files get status "error" with the reason and are
    skipped; nothing stops the run.
 2. The model gives k (the image as seen is turned k quarter turns counter-
@@ -142,6 +145,9 @@ class OrientConfig:
       (upside-down pages read as upright) loses it: on the held-out document
       pages it took accuracy from 0.91 to 1.00 (benchmarks/README.md,
       "Accuracy on real sets").
+    workers: threads that decode images side by side, and one-thread TFLite
+      interpreters that predict side by side (serve.load_model); 0 = the CPU
+      cores this process may use (at most MAX_WORKERS).
     """
     model_dir: str
     paths: tuple
@@ -160,6 +166,19 @@ class OrientConfig:
     max_pdf_pages: int = 2000
     trust_model: bool = False
     tta: bool = False
+    workers: int = 0
+
+
+# workers=0 uses the cores this process may use, up to this many.
+MAX_WORKERS = 8
+
+
+def default_workers() -> int:
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, MAX_WORKERS))
 
 
 class OrientError(ValueError):
@@ -524,7 +543,8 @@ def run(config: OrientConfig, predictor=None) -> dict:
         from upright.pipeline import serve
         try:
             predictor = serve.load_model(config.model_dir, models_dir=config.models_dir,
-                                         trust_model=config.trust_model)
+                                         trust_model=config.trust_model,
+                                         workers=config.workers or default_workers())
         except serve.ModelDirError as e:
             raise OrientError(str(e)) from None
     jpegtran = jpegtran_path(config) if config.fix else None
@@ -564,7 +584,8 @@ def run(config: OrientConfig, predictor=None) -> dict:
 
 def orient_images(paths, *, model: str = "documents",
                   min_confidence: float = DEFAULT_MIN_CONFIDENCE, batch_size: int = 32,
-                  models_dir: str = None, predictor=None, tta: bool = False) -> list:
+                  models_dir: str = None, predictor=None, tta: bool = False,
+                  max_side: int = imageio.DEFAULT_MAX_SIDE) -> list:
     """Predicts the orientation of image files (and PDF pages); writes nothing.
 
     Args:
@@ -574,6 +595,7 @@ def orient_images(paths, *, model: str = "documents",
       models_dir: override of the built-in models folder (builtin.lookup_dir).
       predictor: an already loaded serve.Predictor (then `model` is not loaded).
       tta: combine each image's four quarter turns (OrientConfig.tta).
+      max_side: OrientConfig.max_side.
     Returns:
       One dict per image (PDF: per page, path "FILE#page=N"), in input order:
         path; angle_ccw (int degrees the image is turned counter-clockwise, or
@@ -587,7 +609,8 @@ def orient_images(paths, *, model: str = "documents",
         paths = [paths]
     config = OrientConfig(model_dir=model, paths=tuple(os.fspath(p) for p in paths),
                           min_confidence=min_confidence, batch_size=batch_size,
-                          progress=False, models_dir=models_dir, tta=tta)
+                          progress=False, models_dir=models_dir, tta=tta,
+                          max_side=max_side)
     out = []
     for row in run(config, predictor=predictor)["rows"]:
         ok = row["status"] != "error" and row["angle_ccw"] is not None
@@ -626,6 +649,8 @@ def check_config(config: OrientConfig) -> None:
                               "its own record of written copies there: remove it and run again")
     if config.report and os.path.splitext(config.report)[1].lower() not in (".csv", ".json"):
         raise OrientError(f"report {config.report!r} must end in .csv or .json")
+    if config.workers < 0:
+        raise OrientError(f"workers must be >= 0, got {config.workers}")
     if not 1 <= config.jpeg_quality <= 100:
         raise OrientError(f"jpeg_quality must be in 1..100, got {config.jpeg_quality}")
 
@@ -638,7 +663,7 @@ def _error_row(path, message) -> dict:
 
 
 def _process_batch(batch, predictor, config, jpegtran, manifest, taken, owners):
-    rows, ready = [], []   # ready: (row, data, preprocessed image)
+    rows, reading, ready = [], [], []   # ready: (row, data, preprocessed image, dst)
     for path, rel in batch:
         row = {field: None for field in REPORT_FIELDS}
         row.update(path=path, status="ok", exif_disagrees=False)
@@ -656,12 +681,23 @@ def _process_batch(batch, predictor, config, jpegtran, manifest, taken, owners):
                     row.update(status="done", action="turn", dst=dst_path,
                                message="already written by an earlier run")
                     continue
-            stored = imageio.read_upright(path, data=data, max_side=config.max_side)
-            image = predictor.preprocess(stored.encoded)
-            row["exif_orientation"] = _exif_orientation(data)
+            reading.append((row, data, dst_path))
+        except imageio.SkipImage as e:
+            row.update(status="error", action="skip", message=str(e))
+    # Decoded side by side on the predictor's threads.
+    read = predictor.read_images([(row["path"], data) for row, data, _ in reading],
+                                 config.max_side)
+    for (row, data, dst_path), result in zip(reading, read):
+        try:
+            if isinstance(result, BaseException):
+                raise result
+            # The orientation the reader found: reading it again from a PNG
+            # would decode the whole image once more (Pillow looks for eXIf
+            # after the pixel data).
+            image, notes, row["exif_orientation"] = result
             # What the reader found and ignored (a damaged EXIF block): this
             # file's note, never a warning on stderr through the progress bar.
-            found = [n for n in stored.notes if n == imageio.CORRUPT_EXIF_NOTE
+            found = [n for n in notes if n == imageio.CORRUPT_EXIF_NOTE
                      or n.startswith("Pillow warning")]
             if found:
                 row["message"] = "; ".join(found)
@@ -734,9 +770,8 @@ def _process_pdf(path, rel, predictor, config, manifest, taken):
                 rows.append(row)
                 try:
                     png, rotation = pdf.render_page(document, index, config.max_side)
-                    stored = imageio.read_upright(row["path"], data=png,
-                                                  max_side=config.max_side)
-                    ready.append((row, index, rotation, predictor.preprocess(stored.encoded)))
+                    image, *_ = predictor.read_image(row["path"], png, config.max_side)
+                    ready.append((row, index, rotation, image))
                 except Exception as e:  # one page that does not render: that page only
                     row.update(status="error", action="skip", message=f"page not rendered: "
                                f"{type(e).__name__}: {_first_line(e)}")
@@ -837,18 +872,6 @@ def _record(config, manifest, record, dst_path):
     except OSError as e:
         raise OrientError(f"cannot record {fileio.show(dst_path)} in {MANIFEST}: "
                           f"{_first_line(e)}") from None
-
-
-def _exif_orientation(data):
-    from PIL import Image
-    try:
-        # read_upright already turned Pillow's warnings about this file into
-        # its notes; a second read must not print them.
-        with warnings.catch_warnings(record=True), Image.open(io.BytesIO(data)) as image:
-            warnings.simplefilter("always")
-            return imageio.exif_orientation(image)
-    except Exception:
-        return None
 
 
 def _first_line(e):

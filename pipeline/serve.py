@@ -250,7 +250,7 @@ def tflite_predict(path: str, images: np.ndarray) -> np.ndarray:
     return probabilities
 
 
-def _tflite_interpreter(path):
+def _tflite_interpreter(path, num_threads=None):
     # tf.lite.Interpreter is deprecated in favour of ai_edge_litert; use that when
     # installed, TensorFlow's own otherwise (both read the same flatbuffer).
     # Creating one prints "INFO: Created TensorFlow Lite XNNPACK delegate for
@@ -258,12 +258,12 @@ def _tflite_interpreter(path):
     with quiet.native_logs_hidden():
         try:
             from ai_edge_litert import interpreter as litert
-            return litert.Interpreter(model_path=path)
+            return litert.Interpreter(model_path=path, num_threads=num_threads)
         except ImportError:
             import warnings
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                return tf.lite.Interpreter(model_path=path)
+                return tf.lite.Interpreter(model_path=path, num_threads=num_threads)
 
 
 # ---------------------------------------------------------------------------
@@ -275,12 +275,20 @@ class Predictor:
 
     predict_images(float32 [B, S, S, 3] in [0, 255]) -> float32 [B, 4] numpy.
     preprocess(encoded bytes) -> float32 [S, S, 3] (preprocess.preprocess_image).
+    read_images([(path, bytes)], max_side) -> per file (image [S, S, 3], notes,
+      EXIF orientation or None) or the exception that file raised: what orient
+      predicts from.
     info: model_info (image_size, resize, convention, ...); source: what was loaded.
+    workers: threads that read_images decodes with and, for a TFLite model,
+      interpreters that predict_images runs side by side (1: all in the caller).
     """
     predict_fn: object
     info: dict
     source: str
     handle: object = None   # the loaded keras.Model or SavedModel (kept alive)
+    workers: int = 1
+    numpy_input: bool = False   # predict_fn takes numpy (TFLite), not tensors
+    _pool: object = dataclasses.field(default=None, repr=False)
 
     @property
     def image_size(self) -> int:
@@ -295,7 +303,8 @@ class Predictor:
         if images.ndim != 4 or images.shape[1:] != (self.image_size, self.image_size, 3):
             raise ValueError(f"images must be [B, {self.image_size}, {self.image_size}, 3], "
                              f"got {images.shape}")
-        out = [np.asarray(self.predict_fn(tf.constant(images[i:i + batch_size])), np.float32)
+        convert = (lambda x: x) if self.numpy_input else tf.constant
+        out = [np.asarray(self.predict_fn(convert(images[i:i + batch_size])), np.float32)
                for i in range(0, len(images), batch_size)]
         if not out:
             return np.zeros([0, schema.NUM_CLASSES], np.float32)
@@ -303,6 +312,62 @@ class Predictor:
 
     def preprocess(self, encoded: bytes) -> np.ndarray:
         return _preprocess_fn(self.image_size, self.resize)(tf.constant(encoded)).numpy()
+
+    def read_image(self, path, data: bytes, max_side: int) -> tuple:
+        """(float32 [S, S, 3], notes, EXIF orientation) for one file's bytes; raises SkipImage (or a
+        decoder's error) for a file that cannot be read."""
+        (result,) = self.read_images([(path, data)], max_side)
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def read_images(self, items, max_side: int) -> list:
+        """Per (path, bytes): (float32 [S, S, 3], notes, the EXIF Orientation
+        value 1..8 or None), or the exception that file raised
+        (imageio.SkipImage, or a decoder's error).
+
+        A squash model reads straight from the file (imageio.open_for_model:
+        no stored copy), decoding on `workers` threads; other resize methods
+        take the stored-copy path, imageio.read_upright then `preprocess`.
+        """
+        from upright.pipeline import imageio
+        if self.resize != "squash":
+            return [_try(lambda p=path, d=data: self._read_stored(p, d, max_side))
+                    for path, data in items]
+        opened = [_try(lambda p=path, d=data: imageio.open_for_model(
+            p, image_size=self.image_size, max_side=max_side, data=d)) for path, data in items]
+
+        def decode(item):
+            if isinstance(item, BaseException):
+                return item
+            return _try(lambda: (item.decode(), item.notes, item.orientation))
+
+        return self.map(decode, opened)
+
+    def _read_stored(self, path, data, max_side):
+        from upright.pipeline import imageio
+        stored = imageio.read_upright(path, data=data, max_side=max_side)
+        return (self.preprocess(stored.encoded), stored.notes,
+                imageio.exif_orientation_of(data))
+
+    def map(self, fn, items) -> list:
+        """[fn(item)] in order, on `workers` threads when there are several."""
+        items = list(items)
+        if self.workers <= 1 or len(items) <= 1:
+            return [fn(item) for item in items]
+        if self._pool is None:
+            import concurrent.futures
+            self._pool = concurrent.futures.ThreadPoolExecutor(
+                self.workers, thread_name_prefix="upright-predict")
+        return list(self._pool.map(fn, items))
+
+
+def _try(fn):
+    """fn(), or the Exception it raised (returned, not raised)."""
+    try:
+        return fn()
+    except Exception as e:
+        return e
 
 
 _PREPROCESS_CACHE = {}
@@ -321,7 +386,7 @@ class ModelDirError(ValueError):
     """A model_dir that cannot be used; str(e) says why in one line."""
 
 
-def load_model_dir(model_dir: str, *, trust_model: bool = False) -> Predictor:
+def load_model_dir(model_dir: str, *, trust_model: bool = False, workers: int = 1) -> Predictor:
     """Loads a trained model for prediction.
 
     Accepts a trainer model_dir (model.keras + model_info.json; falls back to
@@ -334,6 +399,8 @@ def load_model_dir(model_dir: str, *, trust_model: bool = False) -> Predictor:
     A SavedModel is a program: unless trust_model, its op types are scanned
     (`check_saved_model_ops`) before TensorFlow loads it, and its metadata is
     read from its assets/convention.json, never by calling a signature.
+    workers: threads Predictor.read_images decodes with; a TFLite model gets
+    that many one-thread interpreters (Predictor.workers).
 
     Raises:
       ModelDirError: missing files, unreadable model, a foreign convention, or
@@ -342,7 +409,7 @@ def load_model_dir(model_dir: str, *, trust_model: bool = False) -> Predictor:
     if not os.path.isdir(model_dir):
         raise ModelDirError(f"model dir {model_dir!r} does not exist")
     if os.path.exists(os.path.join(model_dir, "saved_model.pb")):
-        return _load_export(model_dir, trust_model)
+        return dataclasses.replace(_load_export(model_dir, trust_model), workers=workers)
     info_path = os.path.join(model_dir, INFO_FILE)
     if not os.path.exists(info_path):
         raise ModelDirError(f"{info_path} is missing: not a trained model_dir "
@@ -352,10 +419,10 @@ def load_model_dir(model_dir: str, *, trust_model: bool = False) -> Predictor:
     if not os.path.exists(keras_path):
         export = os.path.join(model_dir, EXPORT_DIR)
         if os.path.exists(os.path.join(export, "saved_model.pb")):
-            return _load_export(export, trust_model)
+            return dataclasses.replace(_load_export(export, trust_model), workers=workers)
         tflite_path = os.path.join(model_dir, TFLITE_FILE)
         if os.path.isfile(tflite_path):
-            return _load_tflite(tflite_path, info)
+            return _load_tflite(tflite_path, info, workers)
         raise ModelDirError(f"{model_dir} has none of {MODEL_FILE}, {EXPORT_DIR}/, "
                             f"{TFLITE_FILE}")
     model = load_keras_model(keras_path)
@@ -363,10 +430,12 @@ def load_model_dir(model_dir: str, *, trust_model: bool = False) -> Predictor:
     temperature = info.get("temperature", 1.0)
     fn = tf.function(lambda x: scale_probabilities(model(x, training=False), temperature),
                      reduce_retracing=True)
-    return Predictor(predict_fn=fn, info=info, source=keras_path, handle=model)
+    return Predictor(predict_fn=fn, info=info, source=keras_path, handle=model,
+                     workers=workers)
 
 
-def load_model(model: str, *, models_dir: str = None, trust_model: bool = False) -> Predictor:
+def load_model(model: str, *, models_dir: str = None, trust_model: bool = False,
+               workers: int = 1) -> Predictor:
     """load_model_dir for a folder; otherwise `model` names a built-in model
     (builtin.resolve: shipped in the package, or under models_dir /
     $UPRIGHT_MODELS_DIR). Raises ModelDirError (one line) when neither."""
@@ -375,41 +444,61 @@ def load_model(model: str, *, models_dir: str = None, trust_model: bool = False)
         folder = builtin.resolve(model, models_dir=models_dir)
     except builtin.BuiltinModelError as e:
         raise ModelDirError(str(e)) from None
-    return load_model_dir(folder, trust_model=trust_model)
+    return load_model_dir(folder, trust_model=trust_model, workers=workers)
 
 
-def _load_tflite(path, info):
+def _load_tflite(path, info, workers=1):
     """A Predictor running the TFLite file (float32 [B, S, S, 3] -> [B, 4]),
     with model_info's temperature applied in numpy (the file holds the model's
-    own probabilities)."""
-    try:
-        runner = _tflite_interpreter(path).get_signature_runner()
-        (input_name,) = list(runner.get_input_details())
-    except (ValueError, RuntimeError) as e:
-        raise ModelDirError(f"cannot load {path}: {_first_line(e)}") from None
+    own probabilities). workers > 1: that many interpreters of one thread each,
+    each running its share of a batch on the Predictor's threads (TFLite's
+    invoke releases the GIL), instead of one interpreter."""
     temperature = float(info.get("temperature", 1.0))
     if not temperature > 0:
         raise ModelDirError(f"{path}: model_info temperature must be > 0, got {temperature}")
+    workers = max(1, int(workers))
+    runners = [_tflite_runner(path, int(info["image_size"]),
+                              num_threads=1 if workers > 1 else None)
+               for _ in range(workers)]
+    predictor = Predictor(predict_fn=None, info=info, source=path, handle=runners,
+                          workers=workers, numpy_input=True)
+
+    def run(job):
+        (runner, input_name), images = job
+        outputs = runner(**{input_name: images})
+        probabilities = outputs.get("probabilities")
+        if probabilities is None:
+            (probabilities,) = outputs.values()
+        return probabilities
+
+    def predict(images):
+        images = np.asarray(images, np.float32)
+        shares = [c for c in np.array_split(images, min(len(runners), len(images))) if len(c)]
+        probabilities = np.concatenate(predictor.map(run, zip(runners, shares)))
+        return scale_probabilities_np(probabilities, temperature)
+
+    predictor.predict_fn = predict
+    return predictor
+
+
+def _tflite_runner(path, size, num_threads=None):
+    """(signature runner, input name) of a TFLite file, run once on zeros."""
+    try:
+        runner = _tflite_interpreter(path, num_threads).get_signature_runner()
+        (input_name,) = list(runner.get_input_details())
+    except (ValueError, RuntimeError) as e:
+        raise ModelDirError(f"cannot load {path}: {_first_line(e)}") from None
     # The first call applies the XNNPACK delegate, whose C++ runtime prints an
     # INFO line straight to file descriptor 2 (TF_CPP_MIN_LOG_LEVEL does not
     # reach it): make that call here, on zeros, with fd 2 silenced. A model
     # that fails on it is reported as unloadable.
-    size = int(info["image_size"])
     try:
         with quiet.native_logs_hidden():
             runner(**{input_name: np.zeros([1, size, size, 3], np.float32)})
     except (ValueError, RuntimeError) as e:
         raise ModelDirError(f"cannot run {path} on [1, {size}, {size}, 3]: "
                             f"{_first_line(e)}") from None
-
-    def predict(images):
-        outputs = runner(**{input_name: np.asarray(images, np.float32)})
-        probabilities = outputs.get("probabilities")
-        if probabilities is None:
-            (probabilities,) = outputs.values()
-        return scale_probabilities_np(probabilities, temperature)
-
-    return Predictor(predict_fn=predict, info=info, source=path, handle=runner)
+    return runner, input_name
 
 
 def scale_probabilities_np(probabilities, temperature: float) -> np.ndarray:

@@ -49,6 +49,8 @@ _TABLE = flags.DEFINE_boolean("table", True, "print one line per file.")
 _TTA = flags.DEFINE_boolean("tta", False, "predict each image in its four quarter turns and "
                             "combine them: 4x the model's work, removes a model's bias "
                             "towards one turn (recommended for --model documents).")
+_WORKERS = flags.DEFINE_integer("workers", 0, "threads that decode and predict side by side "
+                               "(0: the CPU cores this process may use).", lower_bound=0)
 _TRUST_MODEL = flags.DEFINE_boolean(
     "trust_model", False, "load a SavedModel even if it holds ops outside the allowlist "
     "(file, network or Python ops): a SavedModel is a program; only for models from people "
@@ -67,7 +69,8 @@ def main(argv):
         min_confidence=_MIN_CONFIDENCE.value, report=_REPORT.value,
         batch_size=_BATCH_SIZE.value, lossless=_LOSSLESS.value,
         jpeg_quality=_JPEG_QUALITY.value, trim_edges=_TRIM_EDGES.value,
-        max_pdf_pages=_MAX_PDF_PAGES.value, trust_model=_TRUST_MODEL.value, tta=_TTA.value)
+        max_pdf_pages=_MAX_PDF_PAGES.value, trust_model=_TRUST_MODEL.value, tta=_TTA.value,
+        workers=_WORKERS.value)
     try:
         result = orient.run(config)
     except orient.OrientError as e:
