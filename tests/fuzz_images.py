@@ -13,10 +13,12 @@ Hypothesis draws inputs of these kinds:
                  back to themselves), offsets past the end;
   exif_mutated   an odd_exif file, then truncated or bit-flipped.
 
-For each input, `check_one` runs `imageio.read_upright` (the reader of both
-make_records and orient) and orient's EXIF probe, and accepts only:
-SkipImage with a reason from imageio.REASONS, or a StoredImage that is a
-well-formed JPEG of the stated size within max_side. Stored images are later
+For each input, `check_one` runs `imageio.read_upright` (the reader of
+make_records, and of orient for pad/crop models), `imageio.open_for_model`
+with its decode (orient's direct read for squash models) and serve's EXIF
+probe, and accepts only: SkipImage with a reason from imageio.REASONS, a
+StoredImage that is a well-formed JPEG of the stated size within max_side,
+and a float32 model input in [0, 255] of the asked size. Stored images are later
 decoded with TensorFlow as inspect_records and the input pipeline do
 (`check_stored_with_tensorflow`).
 """
@@ -31,7 +33,7 @@ from hypothesis import HealthCheck, Phase, given, seed as hseed, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from upright.pipeline import imageio, orient
+from upright.pipeline import imageio
 
 MAX_SIDE = imageio.DEFAULT_MAX_SIDE
 STORED = []          # (encoded, height, width) of stored images, for the TensorFlow check
@@ -294,7 +296,8 @@ def check_one(data: bytes, ext: str) -> str:
     """Reads one input as make_records and orient do. Returns "stored ..." or the
     skip reason; raises AssertionError (or the reader's exception) on a bug."""
     path = "fuzz" + ext
-    orient._exif_orientation(data)   # orient's own EXIF probe: must never raise
+    imageio.exif_orientation_of(data)   # serve's EXIF probe: must never raise
+    _check_model_read(path, data)
     try:
         stored = imageio.read_upright(path, data=data)
     except imageio.SkipImage as e:
@@ -315,6 +318,18 @@ def check_one(data: bytes, ext: str) -> str:
     if len(STORED) < _TF_SAMPLE:
         STORED.append((stored.encoded, stored.height, stored.width))
     return f"stored {stored.width}x{stored.height}"
+
+
+def _check_model_read(path: str, data: bytes) -> None:
+    """orient's direct read (imageio.open_for_model, then decode on a worker):
+    a float32 [S, S, 3] in [0, 255], or SkipImage with a known reason."""
+    try:
+        pixels = imageio.open_for_model(path, image_size=8, data=data).decode()
+    except imageio.SkipImage as e:
+        assert str(e).startswith(imageio.REASONS), f"reason not in REASONS: {e}"
+        return
+    assert pixels.shape == (8, 8, 3) and pixels.dtype == np.float32, pixels.shape
+    assert 0 <= pixels.min() and pixels.max() <= 255
 
 
 def run_fuzz(*, examples: int, seed: int, before, after) -> list:

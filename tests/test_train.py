@@ -138,8 +138,8 @@ def test_fitted_temperature_reaches_model_info_export_and_orient(reference, tmp_
     folder.mkdir()
     path = str(folder / "a.png")
     helpers.write_image_file(path, helpers.upright_image(1000, 40, 48), "png")
-    # What orient feeds the model: the picture as make_records would store it.
-    x = serve.load_model_dir(d).preprocess(imageio.read_upright(path).encoded)[None]
+    # What orient feeds a squash model: the picture read straight to S x S.
+    x = imageio.open_for_model(path, image_size=config.image_size).decode()[None]
     raw_one = np.asarray(model.predict_on_batch(x), np.float64)
     cal_one = evaluation.apply_temperature(raw_one, t)[0]
     raw_conf, cal_conf = raw_one.max(), cal_one.max()
