@@ -34,7 +34,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps
 
-from upright.pipeline import fileio
+from upright.pipeline import fileio, schema
 
 BACKGROUND = (255, 255, 255)   # behind transparent pixels: white, as viewers show it
 DEFAULT_MAX_SIDE = 512
@@ -193,8 +193,7 @@ def _model_box(width: int, height: int, max_side: int) -> tuple:
     return width * keep_w / stored_w, height * keep_h / stored_h
 
 
-# preprocess.JPEG_BLOCK (kept here too: this module never imports TensorFlow).
-JPEG_BLOCK = 16
+JPEG_BLOCK = schema.JPEG_BLOCK
 
 
 @dataclasses.dataclass

@@ -21,11 +21,7 @@ from upright.pipeline import schema
 
 RESIZE_METHODS = schema.RESIZE_METHODS
 
-# JPEG codes 8 x 8 blocks, and 16 x 16 macroblocks with 4:2:0 chroma subsampling
-# (Pillow's default). An image whose sides are whole macroblocks has a block grid
-# that maps onto itself under rot90; a partial last block row/column would sit on
-# a different edge for each label and give the model a shortcut.
-JPEG_BLOCK = 16
+JPEG_BLOCK = schema.JPEG_BLOCK   # crop to whole macroblocks: why in schema.py
 # libjpeg's fancy (triangle) chroma upsampling rounds with a bias that alternates
 # between neighbouring pixels, starting at the top-left: a sub-LSB pattern a CNN
 # can read the label from (measured: 55-58 % on noise). Plain 2 x 2 replication

@@ -39,6 +39,12 @@ CONVENTION = ("label k: the image was turned k quarter turns counter-clockwise "
 # How a stored image becomes the model's S x S input (preprocess.resize_image; all
 # three commute with rot90), recorded in model_info.json and the export.
 RESIZE_METHODS = ("squash", "pad", "crop")
+# JPEG codes 8 x 8 blocks, and 16 x 16 macroblocks with 4:2:0 chroma subsampling
+# (Pillow's default). An image whose sides are whole macroblocks has a block grid
+# that maps onto itself under rot90; a partial last block row/column would sit on
+# a different edge for each label and give the model a shortcut. preprocess crops
+# stored images to whole blocks; imageio.open_for_model frames its input the same.
+JPEG_BLOCK = 16
 # Where the augmentation policy runs: in tf.data ("host") or in the model
 # ("device", augment.AugmentLayer).
 AUGMENT_PLACEMENTS = ("host", "device")
