@@ -134,3 +134,39 @@ def test_a_tflite_model_with_two_workers_gives_one_interpreter_s_answers(tmp_pat
     assert len(two.handle) == 2
     np.testing.assert_allclose(two.predict_images(images, batch_size=4),
                                one.predict_images(images), atol=1e-6)
+
+
+def png_with_exif_chunk(array, orientation, after_pixels):
+    """PNG bytes carrying an eXIf chunk with `orientation`, before the first IDAT
+    (where Pillow writes it) or just before IEND (where the PNG spec allows it too)."""
+    import struct
+    import zlib
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    payload = exif.tobytes()
+    chunk = struct.pack(">I", len(payload)) + b"eXIf" + payload + struct.pack(
+        ">I", zlib.crc32(b"eXIf" + payload))
+    data = encoded(array, "PNG")
+    at = data.rindex(b"IEND") - 4 if after_pixels else data.index(b"IDAT") - 4
+    return data[:at] + chunk + data[at:]
+
+
+@pytest.mark.parametrize("after_pixels", [False, True])
+def test_png_exif_orientation_is_found_before_or_after_the_pixels(after_pixels):
+    data = png_with_exif_chunk(page(60, 40), 6, after_pixels)
+    assert imageio.exif_orientation_of(data) == 6
+    with Image.open(io.BytesIO(data)) as image:
+        assert imageio.exif_orientation(image, data) == 6
+
+
+def test_png_orientation_is_read_without_decoding_when_nothing_follows_the_pixels():
+    data = encoded(page(60, 40), "PNG")
+    assert not imageio._png_chunks_after_pixels(data)
+    with Image.open(io.BytesIO(data)) as image:
+        # Decoding here would run on orient's calling thread, not its workers.
+        image.load = lambda: pytest.fail("the orientation lookup decoded the pixels")
+        assert imageio.exif_orientation(image, data) is None
+    assert imageio._png_chunks_after_pixels(png_with_exif_chunk(page(60, 40), 6, True))
+    # What the walk cannot follow counts as "maybe": Pillow's own (decoding) lookup.
+    assert imageio._png_chunks_after_pixels(data[:40])
+    assert imageio._png_chunks_after_pixels(b"GIF89a" + data[6:])
