@@ -123,7 +123,7 @@ import tensorflow as tf
 from upright.pipeline import augment_ops
 from upright.pipeline import per_image_random as rnd
 from upright.pipeline.augment_ops import Identity, Op
-from upright.pipeline.augment_schedule import in_xla_context as _in_xla_context
+from upright.pipeline import augment_schedule
 
 DEFAULT_SPEC = (
     "sometimes(0.5, jpeg(60,80)); "
@@ -481,7 +481,7 @@ class AugmentLayer(keras.layers.Layer):
                  a GPU/TPU is visible, else "grouped" (the CPU economy).
     """
 
-    SCHEDULES = ("auto", "static", "grouped")
+    SCHEDULES = augment_schedule.SCHEDULES
 
     def __init__(self, policy_spec: str = "default", schedule: str = "auto", **kwargs):
         # float32 even under a mixed-precision policy: augmenting float16
@@ -499,13 +499,7 @@ class AugmentLayer(keras.layers.Layer):
 
     def resolved_schedule(self) -> str:
         """The schedule of the trace under way: "static" or "grouped"."""
-        if self.schedule != "auto":
-            return self.schedule
-        if _in_xla_context():
-            return "static"
-        accelerators = (tf.config.list_physical_devices("GPU")
-                        + tf.config.list_physical_devices("TPU"))
-        return "static" if accelerators else "grouped"
+        return augment_schedule.resolve(self.schedule)
 
     def call(self, inputs, training=None):
         images = tf.cast(inputs["images"], tf.float32)

@@ -381,6 +381,23 @@ def _materialize(images):
     return tf.bitcast(bits, tf.float32)
 
 
+SCHEDULES = ("auto", "static", "grouped")
+
+
+def resolve(schedule: str) -> str:
+    """"static" or "grouped" for a requested schedule (one of SCHEDULES): "auto"
+    is static when the trace under way is for XLA or a GPU/TPU is visible (an
+    accelerator has compute to spare and would stall on grouped rows' shapes),
+    grouped otherwise (a CPU does only each branch's own images)."""
+    if schedule != "auto":
+        return schedule
+    if in_xla_context():
+        return "static"
+    accelerators = (tf.config.list_physical_devices("GPU")
+                    + tf.config.list_physical_devices("TPU"))
+    return "static" if accelerators else "grouped"
+
+
 def in_xla_context() -> bool:
     """Whether the graph being traced is for XLA: a tf.function with
     jit_compile=True (Keras' compiled train step) or one nested in it.

@@ -472,6 +472,12 @@ def test_static_schedule_under_xla_matches_host_placement():
     want = next(iter(tf.data.Dataset.from_tensors((hx, ry, s)).map(device)))[0].numpy()
     layer = augment.AugmentLayer("default")
     assert layer.supports_jit and layer.resolved_schedule() == "grouped"  # eager on a CPU
+    from upright.pipeline import augment_schedule
+    seen = []
+    tf.function(lambda: seen.append(augment_schedule.resolve("auto")) or 0,
+                jit_compile=True).get_concrete_function()
+    assert seen == ["static"]   # traced for XLA
+    assert [augment_schedule.resolve(s) for s in ("static", "grouped")] == ["static", "grouped"]
     step = tf.function(lambda d: layer(d, training=True), jit_compile=True)
     feed = {"images": hx, "seeds": s}
     hlo = step.experimental_get_compiler_ir(feed)(stage="hlo")

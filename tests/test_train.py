@@ -294,13 +294,13 @@ def _device_step(records, tmp_path, monkeypatch, mixed):
     --jit_compile=true (the full default policy, 32 px, batch 4, "tiny").
     Returns (model, batch, loss, [schedule of every AugmentLayer trace])."""
     import tensorflow as tf
-    from upright.pipeline import augment
+    from upright.pipeline import augment, augment_schedule
     config = tiny_config(records, str(tmp_path / "run"), batch_size=4, augment_on="device",
                          augment_policy="default", jit_compile="true", mixed_precision=mixed)
     traces = []
     real = augment.AugmentLayer.resolved_schedule
     monkeypatch.setattr(augment.AugmentLayer, "resolved_schedule",
-                        lambda self: traces.append((augment._in_xla_context(), real(self)))
+                        lambda self: traces.append((augment_schedule.in_xla_context(), real(self)))
                         or traces[-1][1])
     keras.config.set_dtype_policy("mixed_float16" if mixed else "float32")
     try:
