@@ -48,6 +48,7 @@ info.json with their reason.
 import collections
 import concurrent.futures
 import concurrent.futures.process
+import contextlib
 import dataclasses
 import errno
 import fcntl
@@ -82,7 +83,7 @@ def make_records(*, src: str, out: str, val_fraction: float = 0.2,
                  num_shards: int = 0, runner: str = "local",
                  beam_options: list = None, group_by: str = None,
                  near_duplicate_threshold: float = imageio.NEAR_ABS) -> dict:
-    """Turns the upright images under `src` into a records folder `out`.
+    """Turns the upright images under `src` into a records folder `out` (steps above).
 
     Args:
       src: folder of upright images (searched recursively).
@@ -97,75 +98,40 @@ def make_records(*, src: str, out: str, val_fraction: float = 0.2,
       max_skipped_fraction: in [0, 1]; refuse when more candidates are skipped.
       max_pixels: images declaring more pixels are refused unread (bombs).
       progress: show a tqdm progress bar on stderr.
-      arguments: the command-line flags to record in info.json (default: the
-        keyword arguments above).
-      num_shards: shards per split; 0 (default) sizes them by bytes (100-200 MB
-        each). Write at least as many as there will be input pipelines
-        (training workers): each pipeline reads whole shard files.
-      runner: "local" (processes on this machine) or "beam": the same per-file
-        function, `read_one`, runs on Apache Beam workers, which also write the
-        shards (see records_beam.py); only the plan runs here, on metadata, by
-        the same code as in local mode, so the records are byte-identical.
-      beam_options: Beam pipeline options for runner="beam", e.g.
-        ["--runner=DirectRunner", "--direct_num_workers=2"].
-      group_by: None, or a regular expression searched (re.search) in each
-        relative path ("/"-separated); its first capture group (the whole match
-        when it has none) is the image's group key. Images with the same key
-        land in the same split, e.g. r"^(.*)_\d+\.jpg$" for crops named
-        <picture>_<n>.jpg, or r"^[^/]+" for one folder per subject. Paths that
-        do not match keep their own group (counted in info.json).
-      near_duplicate_threshold: grey levels (>= 0) of the RMS signature
-        distance at which two images are the same picture, scaled up for
-        contrasty pictures (imageio.near_duplicate_threshold); the default
-        imageio.NEAR_ABS = 4 is the measured one; 0 turns near-duplicate
-        grouping off (exact duplicates are still stored once).
+      arguments: the flags to record in info.json (default: the arguments above).
+      num_shards: shards per split, at least one per input pipeline (each reads
+        whole shard files); 0 (default) sizes them by bytes (100-200 MB each).
+      runner: "local" (processes here) or "beam" (Beam workers read and write
+        the shards, byte-identical: records_beam.py) with `beam_options`,
+        e.g. ["--runner=DirectRunner", "--direct_num_workers=2"].
+      group_by: None, or a regular expression whose match in a relative path is
+        the image's group key (splits.py), e.g. r"^[^/]+" for one folder per subject.
+      near_duplicate_threshold: grey levels (>= 0) at which two images are the
+        same picture (imageio.NEAR_ABS = 4, measured; splits.py); 0: off.
     Returns:
       the info dict written to OUT/info.json.
     Raises:
       MakeRecordsError: with a one-line message saying what to do.
     """
-    _check_arguments(val_fraction, max_side, jpeg_quality, workers, max_skipped_fraction,
-                     max_pixels)
-    if num_shards < 0:
-        raise MakeRecordsError(f"num_shards must be >= 0 (0 = by size), got {num_shards}")
-    if runner not in RUNNERS:
-        raise MakeRecordsError(f"runner must be one of {', '.join(RUNNERS)}, got {runner!r}")
-    if not 0 <= near_duplicate_threshold < float("inf"):
-        raise MakeRecordsError("near_duplicate_threshold must be >= 0 (0 = no near-duplicate "
-                               f"grouping), got {near_duplicate_threshold}")
+    recorded = dict(val_fraction=val_fraction, max_side=max_side, jpeg_quality=jpeg_quality,
+                    workers=workers, overwrite=overwrite, max_skipped_fraction=max_skipped_fraction,
+                    max_pixels=max_pixels, num_shards=num_shards, runner=runner,
+                    group_by=group_by, near_duplicate_threshold=near_duplicate_threshold)
+    _check_arguments(**recorded)
     group_pattern = splits.compile_group_by(group_by)
     src_b, out_b = _check_folders(src, out, overwrite)
-    if arguments is None:
-        arguments = dict(val_fraction=val_fraction, max_side=max_side,
-                         jpeg_quality=jpeg_quality, workers=workers, overwrite=overwrite,
-                         max_skipped_fraction=max_skipped_fraction, max_pixels=max_pixels,
-                         num_shards=num_shards, runner=runner, group_by=group_by,
-                         near_duplicate_threshold=near_duplicate_threshold)
-    try:
-        os.makedirs(out_b, exist_ok=True)
-        lock = _lock(out_b)
-    except OSError as e:   # read-only filesystem, no permission, disk full
-        raise MakeRecordsError(
-            f"cannot write into the output folder {fileio.show(out_b)}: {_describe_os_error(e)}; "
-            "choose another --out") from None
-    try:
-        walk = find_files(src_b)
-        if not walk.files:
-            raise MakeRecordsError(f"no files to read under {fileio.show(src_b)} "
-                                   f"({_describe_empty(walk)})", refused=True)
-        options = ReadOptions(max_side=max_side, jpeg_quality=jpeg_quality,
-                              max_pixels=max_pixels)
+    with _locked(out_b) as lock:
+        walk = _walk_source(src_b)
         finish = functools.partial(
-            _plan_and_write, out_b=out_b, walk=walk, src_b=src_b, arguments=arguments,
-            num_shards=num_shards, val_fraction=val_fraction,
+            _plan_and_write, out_b=out_b, walk=walk, src_b=src_b, num_shards=num_shards,
+            arguments=recorded if arguments is None else arguments, val_fraction=val_fraction,
             max_skipped_fraction=max_skipped_fraction, group_pattern=group_pattern,
             near_limit=near_duplicate_threshold)
+        options = ReadOptions(max_side=max_side, jpeg_quality=jpeg_quality, max_pixels=max_pixels)
         if runner == "beam":
             return _make_on_beam(src_b, walk.files, options, beam_options, finish)
         return _make_locally(src_b, out_b, walk.files, options, finish, workers=workers,
                              progress=progress, lock_fd=lock)
-    finally:
-        _unlock(lock, out_b)
 
 
 def _make_locally(src_b, out_b, files, options, finish, *, workers, progress, lock_fd):
@@ -232,8 +198,10 @@ def _plan_and_write(results, spans, write_splits, *, out_b, walk, src_b, argumen
 # ---------------------------------------------------------------- arguments
 
 
-def _check_arguments(val_fraction, max_side, jpeg_quality, workers, max_skipped_fraction,
-                     max_pixels):
+def _check_arguments(*, val_fraction, max_side, jpeg_quality, workers, max_skipped_fraction,
+                     max_pixels, num_shards, runner, near_duplicate_threshold, **_others):
+    """Refuses bad numbers and names (overwrite is any bool; group_by is checked
+    by splits.compile_group_by)."""
     if not 0.0 < val_fraction <= 1.0:
         raise MakeRecordsError(f"val_fraction must be in (0, 1], got {val_fraction}")
     if max_side < 0:
@@ -247,6 +215,13 @@ def _check_arguments(val_fraction, max_side, jpeg_quality, workers, max_skipped_
             f"max_skipped_fraction must be in [0, 1], got {max_skipped_fraction}")
     if max_pixels < 1:
         raise MakeRecordsError(f"max_pixels must be >= 1, got {max_pixels}")
+    if num_shards < 0:
+        raise MakeRecordsError(f"num_shards must be >= 0 (0 = by size), got {num_shards}")
+    if runner not in RUNNERS:
+        raise MakeRecordsError(f"runner must be one of {', '.join(RUNNERS)}, got {runner!r}")
+    if not 0 <= near_duplicate_threshold < float("inf"):
+        raise MakeRecordsError("near_duplicate_threshold must be >= 0 (0 = no near-duplicate "
+                               f"grouping), got {near_duplicate_threshold}")
 
 
 def _check_folders(src, out, overwrite):
@@ -280,6 +255,22 @@ def _is_own_file(name: bytes) -> bool:
     base = text[:-len(recordio.TMP_SUFFIX)] if text.endswith(recordio.TMP_SUFFIX) else text
     return (base in (schema.INFO_FILE, LOCK_FILE, SCRATCH_FILE, STAGING_DIR)
             or _SHARD_RE.match(base) is not None)
+
+
+@contextlib.contextmanager
+def _locked(out_b):
+    """Creates OUT if needed and holds its lock (`_lock`) for the block."""
+    try:
+        os.makedirs(out_b, exist_ok=True)
+        lock = _lock(out_b)
+    except OSError as e:   # read-only filesystem, no permission, disk full
+        raise MakeRecordsError(
+            f"cannot write into the output folder {fileio.show(out_b)}: {_describe_os_error(e)}; "
+            "choose another --out") from None
+    try:
+        yield lock
+    finally:
+        _unlock(lock, out_b)
 
 
 def _lock(out_b):
@@ -376,6 +367,15 @@ class Walk:
     # (followed, and listed in info.json: the records depend on those files too).
     outside: list = dataclasses.field(default_factory=list)
     real_src: bytes = b""
+
+
+def _walk_source(src_b: bytes) -> Walk:
+    """find_files, refusing a source with nothing to read (step 2)."""
+    walk = find_files(src_b)
+    if not walk.files:
+        raise MakeRecordsError(f"no files to read under {fileio.show(src_b)} "
+                               f"({_describe_empty(walk)})", refused=True)
+    return walk
 
 
 def find_files(src_b: bytes) -> Walk:

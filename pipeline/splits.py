@@ -15,11 +15,13 @@ code and write the same records. The rules:
     pairs). Every group gets ONE split.
   * With a group_by pattern (a regular expression searched in each relative
     path, "/"-separated; its first capture group, else the whole match, is the
-    key), images whose paths give the same key also share one group (crops or
-    bursts of one scene, one folder per subject). An exact duplicate brings its
-    own path's key: the duplicate's picture must not land on the other side
-    either. Paths that do not match keep their own group. Near-duplicate groups
-    and keys are united by the one union-find, `neardup.components`.
+    key), images whose paths give the same key also share one group: crops or
+    bursts of one scene (r"^(.*)_\d+\.jpg$" for crops named <picture>_<n>.jpg),
+    one folder per subject (r"^[^/]+"). An exact duplicate brings its own
+    path's key: the duplicate's picture must not land on the other side
+    either. Paths that do not match keep their own group (counted in
+    info.json). Near-duplicate groups and keys are united by the one
+    union-find, `neardup.components`.
   * The split is a stable hash, never a draw: a group with keys goes by a hash
     of its smallest key, so new members of a picture never move it; a group
     without keys goes by its anchor, the member with the smallest anchor hash
@@ -66,7 +68,11 @@ def plan(results, *, val_fraction, group_pattern=None, near_limit=imageio.NEAR_A
         by path; at least one.
       val_fraction: in (0, 1], the expected share of pictures in "val".
       group_pattern: `compile_group_by(group_by)`: a compiled pattern or None.
-      near_limit: grey levels for near-duplicates (imageio.NEAR_ABS); 0: off.
+      near_limit: grey levels (>= 0) of the RMS signature distance at which two
+        images are the same picture, scaled up for contrasty pictures
+        (imageio.near_duplicate_threshold); the default imageio.NEAR_ABS = 4 is
+        the measured one; 0 turns near-duplicate grouping off (exact duplicates
+        are still stored once).
     Raises:
       records_read.MakeRecordsError: refused, when a split would be empty.
     """
