@@ -133,6 +133,7 @@ def _split_hash(members, kept, keys) -> float:
 
 
 def _refuse_empty(splits, images, groups, largest, val_fraction, *, grouped_by_key):
+    """MakeRecordsError (refused) naming the first empty split, with what to do."""
     for split, items in splits.items():
         if not items:
             raise records_read.MakeRecordsError(
