@@ -133,8 +133,8 @@ def score(key_path, answers_path, group_by=None):
     if missing:
         sys.exit(f"blind_ceiling: no answer for tiles {missing[:10]}"
                  f"{' ...' if len(missing) > 10 else ''}")
-    from upright.pipeline import records
-    pattern = records.compile_group_by(group_by)
+    from upright.pipeline import splits
+    pattern = splits.compile_group_by(group_by)
     totals = {"all": [0, 0], "sure": [0, 0]}
     groups = collections.defaultdict(lambda: [0, 0])
     for t in tiles:
@@ -145,7 +145,7 @@ def score(key_path, answers_path, group_by=None):
             totals[name][1] += 1
         if pattern:
             # The same key make_records --group_by takes from a path.
-            g = records.group_key(pattern, os.fsencode(t["source_id"]))
+            g = splits.group_key(pattern, os.fsencode(t["source_id"]))
             g = "(no match)" if g is None else g
             groups[g][0] += right
             groups[g][1] += 1

@@ -23,28 +23,11 @@ make_records, step by step:
      file in OUT so memory stays flat whatever the folder size. (With
      runner="beam", Beam workers read and keep the stored images in a
      work folder instead, and write the shards: records_beam.py.)
-  4. Exact duplicates (same sha256 of the file bytes) are stored once: the
-     copy whose path sorts first is kept, the others are reported.
-     Near-duplicates (the same picture re-encoded or resized, by
-     `imageio.are_near_duplicates` at `near_duplicate_threshold`; 0: off) are
-     grouped (`neardup`: exact, without comparing all pairs), and every group
-     gets ONE split.
-  5. Splits by a stable hash of the file bytes: a group's split is decided by
-     its anchor, the member with the smallest anchor hash; val when the anchor's
-     split hash < val_fraction. An image's split therefore depends only on its
-     own bytes and its group, never on the other files, so adding images never
-     moves old ones, with one unavoidable exception: a new image that is a
-     near-duplicate of old ones joins their group and can become its anchor
-     (when it also bridges two old groups they must now share one split). Then
-     the old copies move with it, which is the point: the same picture must not
-     sit in both splits. With `group_by` (a regular expression on the relative
-     path), images whose paths give the same key also share one group (crops
-     or bursts of one scene, one folder per subject; an exact duplicate brings
-     its own path's key), and a group with keys is split by a hash of its
-     smallest key, so new members of a picture never move it. Two moves remain,
-     both the point: a new near-duplicate that bridges a keyed group to
-     another key (the union takes the smaller key's split) or to a group with
-     no key (which joins the keyed group's split).
+  4. Plans on the read results alone, by the rules in splits.py: exact
+     duplicates (same sha256 of the file bytes) are stored once;
+     near-duplicates, and paths with the same `group_by` key, form groups.
+  5. Gives each group one split by a stable hash (splits.py), so adding images
+     never moves old ones, except to keep one picture out of both splits.
   6. Refuses to write (raises MakeRecordsError, previous output left intact)
      when there are no images, when more than max_skipped_fraction of the
      candidates were skipped, or when a split would be empty.
@@ -65,11 +48,11 @@ info.json with their reason.
 import collections
 import concurrent.futures
 import concurrent.futures.process
+import contextlib
 import dataclasses
 import errno
 import fcntl
 import functools
-import hashlib
 import multiprocessing
 import os
 import re
@@ -78,7 +61,7 @@ import statistics
 import sys
 import threading
 
-from upright.pipeline import fileio, imageio, neardup, recordio, schema
+from upright.pipeline import fileio, imageio, recordio, schema, splits
 from upright.pipeline.records_read import (MakeRecordsError, ReadOptions, encode_stored,
                                            read_one, spool_result)
 
@@ -100,7 +83,7 @@ def make_records(*, src: str, out: str, val_fraction: float = 0.2,
                  num_shards: int = 0, runner: str = "local",
                  beam_options: list = None, group_by: str = None,
                  near_duplicate_threshold: float = imageio.NEAR_ABS) -> dict:
-    """Turns the upright images under `src` into a records folder `out`.
+    """Turns the upright images under `src` into a records folder `out` (steps above).
 
     Args:
       src: folder of upright images (searched recursively).
@@ -115,75 +98,40 @@ def make_records(*, src: str, out: str, val_fraction: float = 0.2,
       max_skipped_fraction: in [0, 1]; refuse when more candidates are skipped.
       max_pixels: images declaring more pixels are refused unread (bombs).
       progress: show a tqdm progress bar on stderr.
-      arguments: the command-line flags to record in info.json (default: the
-        keyword arguments above).
-      num_shards: shards per split; 0 (default) sizes them by bytes (100-200 MB
-        each). Write at least as many as there will be input pipelines
-        (training workers): each pipeline reads whole shard files.
-      runner: "local" (processes on this machine) or "beam": the same per-file
-        function, `read_one`, runs on Apache Beam workers, which also write the
-        shards (see records_beam.py); only the plan runs here, on metadata, by
-        the same code as in local mode, so the records are byte-identical.
-      beam_options: Beam pipeline options for runner="beam", e.g.
-        ["--runner=DirectRunner", "--direct_num_workers=2"].
-      group_by: None, or a regular expression searched (re.search) in each
-        relative path ("/"-separated); its first capture group (the whole match
-        when it has none) is the image's group key. Images with the same key
-        land in the same split, e.g. r"^(.*)_\d+\.jpg$" for crops named
-        <picture>_<n>.jpg, or r"^[^/]+" for one folder per subject. Paths that
-        do not match keep their own group (counted in info.json).
-      near_duplicate_threshold: grey levels (>= 0) of the RMS signature
-        distance at which two images are the same picture, scaled up for
-        contrasty pictures (imageio.near_duplicate_threshold); the default
-        imageio.NEAR_ABS = 4 is the measured one; 0 turns near-duplicate
-        grouping off (exact duplicates are still stored once).
+      arguments: the flags to record in info.json (default: the arguments above).
+      num_shards: shards per split, at least one per input pipeline (each reads
+        whole shard files); 0 (default) sizes them by bytes (100-200 MB each).
+      runner: "local" (processes here) or "beam" (Beam workers read and write
+        the shards, byte-identical: records_beam.py) with `beam_options`,
+        e.g. ["--runner=DirectRunner", "--direct_num_workers=2"].
+      group_by: None, or a regular expression whose match in a relative path is
+        the image's group key (splits.py), e.g. r"^[^/]+" for one folder per subject.
+      near_duplicate_threshold: grey levels (>= 0) at which two images are the
+        same picture (imageio.NEAR_ABS = 4, measured; splits.py); 0: off.
     Returns:
       the info dict written to OUT/info.json.
     Raises:
       MakeRecordsError: with a one-line message saying what to do.
     """
-    _check_arguments(val_fraction, max_side, jpeg_quality, workers, max_skipped_fraction,
-                     max_pixels)
-    if num_shards < 0:
-        raise MakeRecordsError(f"num_shards must be >= 0 (0 = by size), got {num_shards}")
-    if runner not in RUNNERS:
-        raise MakeRecordsError(f"runner must be one of {', '.join(RUNNERS)}, got {runner!r}")
-    if not 0 <= near_duplicate_threshold < float("inf"):
-        raise MakeRecordsError("near_duplicate_threshold must be >= 0 (0 = no near-duplicate "
-                               f"grouping), got {near_duplicate_threshold}")
-    group_pattern = compile_group_by(group_by)
+    recorded = dict(val_fraction=val_fraction, max_side=max_side, jpeg_quality=jpeg_quality,
+                    workers=workers, overwrite=overwrite, max_skipped_fraction=max_skipped_fraction,
+                    max_pixels=max_pixels, num_shards=num_shards, runner=runner,
+                    group_by=group_by, near_duplicate_threshold=near_duplicate_threshold)
+    _check_arguments(**recorded)
+    group_pattern = splits.compile_group_by(group_by)
     src_b, out_b = _check_folders(src, out, overwrite)
-    if arguments is None:
-        arguments = dict(val_fraction=val_fraction, max_side=max_side,
-                         jpeg_quality=jpeg_quality, workers=workers, overwrite=overwrite,
-                         max_skipped_fraction=max_skipped_fraction, max_pixels=max_pixels,
-                         num_shards=num_shards, runner=runner, group_by=group_by,
-                         near_duplicate_threshold=near_duplicate_threshold)
-    try:
-        os.makedirs(out_b, exist_ok=True)
-        lock = _lock(out_b)
-    except OSError as e:   # read-only filesystem, no permission, disk full
-        raise MakeRecordsError(
-            f"cannot write into the output folder {fileio.show(out_b)}: {_describe_os_error(e)}; "
-            "choose another --out") from None
-    try:
-        walk = find_files(src_b)
-        if not walk.files:
-            raise MakeRecordsError(f"no files to read under {fileio.show(src_b)} "
-                                   f"({_describe_empty(walk)})", refused=True)
-        options = ReadOptions(max_side=max_side, jpeg_quality=jpeg_quality,
-                              max_pixels=max_pixels)
+    with _locked(out_b) as lock:
+        walk = _walk_source(src_b)
         finish = functools.partial(
-            _plan_and_write, out_b=out_b, walk=walk, src_b=src_b, arguments=arguments,
-            num_shards=num_shards, val_fraction=val_fraction,
+            _plan_and_write, out_b=out_b, walk=walk, src_b=src_b, num_shards=num_shards,
+            arguments=recorded if arguments is None else arguments, val_fraction=val_fraction,
             max_skipped_fraction=max_skipped_fraction, group_pattern=group_pattern,
             near_limit=near_duplicate_threshold)
+        options = ReadOptions(max_side=max_side, jpeg_quality=jpeg_quality, max_pixels=max_pixels)
         if runner == "beam":
             return _make_on_beam(src_b, walk.files, options, beam_options, finish)
         return _make_locally(src_b, out_b, walk.files, options, finish, workers=workers,
                              progress=progress, lock_fd=lock)
-    finally:
-        _unlock(lock, out_b)
 
 
 def _make_locally(src_b, out_b, files, options, finish, *, workers, progress, lock_fd):
@@ -196,11 +144,11 @@ def _make_locally(src_b, out_b, files, options, finish, *, workers, progress, lo
             results, spans = _read_all(src_b, files, options, scratch, workers=workers,
                                        progress=progress, lock_fd=lock_fd)
 
-            def write_splits(staging, splits, num_shards):
+            def write_splits(staging, planned, num_shards):
                 return {split: recordio.write_split(
                             staging, split, _LazyExamples(items, spans, scratch),
                             num_shards[split])
-                        for split, items in splits.items()}
+                        for split, items in planned.items()}
             return finish(results, spans, write_splits)
     except OSError as e:
         # The scratch file (disk full, quota, file size limit): nothing of
@@ -250,8 +198,10 @@ def _plan_and_write(results, spans, write_splits, *, out_b, walk, src_b, argumen
 # ---------------------------------------------------------------- arguments
 
 
-def _check_arguments(val_fraction, max_side, jpeg_quality, workers, max_skipped_fraction,
-                     max_pixels):
+def _check_arguments(*, val_fraction, max_side, jpeg_quality, workers, max_skipped_fraction,
+                     max_pixels, num_shards, runner, near_duplicate_threshold, **_others):
+    """Refuses bad numbers and names (overwrite is any bool; group_by is checked
+    by splits.compile_group_by)."""
     if not 0.0 < val_fraction <= 1.0:
         raise MakeRecordsError(f"val_fraction must be in (0, 1], got {val_fraction}")
     if max_side < 0:
@@ -265,6 +215,13 @@ def _check_arguments(val_fraction, max_side, jpeg_quality, workers, max_skipped_
             f"max_skipped_fraction must be in [0, 1], got {max_skipped_fraction}")
     if max_pixels < 1:
         raise MakeRecordsError(f"max_pixels must be >= 1, got {max_pixels}")
+    if num_shards < 0:
+        raise MakeRecordsError(f"num_shards must be >= 0 (0 = by size), got {num_shards}")
+    if runner not in RUNNERS:
+        raise MakeRecordsError(f"runner must be one of {', '.join(RUNNERS)}, got {runner!r}")
+    if not 0 <= near_duplicate_threshold < float("inf"):
+        raise MakeRecordsError("near_duplicate_threshold must be >= 0 (0 = no near-duplicate "
+                               f"grouping), got {near_duplicate_threshold}")
 
 
 def _check_folders(src, out, overwrite):
@@ -298,6 +255,22 @@ def _is_own_file(name: bytes) -> bool:
     base = text[:-len(recordio.TMP_SUFFIX)] if text.endswith(recordio.TMP_SUFFIX) else text
     return (base in (schema.INFO_FILE, LOCK_FILE, SCRATCH_FILE, STAGING_DIR)
             or _SHARD_RE.match(base) is not None)
+
+
+@contextlib.contextmanager
+def _locked(out_b):
+    """Creates OUT if needed and holds its lock (`_lock`) for the block."""
+    try:
+        os.makedirs(out_b, exist_ok=True)
+        lock = _lock(out_b)
+    except OSError as e:   # read-only filesystem, no permission, disk full
+        raise MakeRecordsError(
+            f"cannot write into the output folder {fileio.show(out_b)}: {_describe_os_error(e)}; "
+            "choose another --out") from None
+    try:
+        yield lock
+    finally:
+        _unlock(lock, out_b)
 
 
 def _lock(out_b):
@@ -394,6 +367,15 @@ class Walk:
     # (followed, and listed in info.json: the records depend on those files too).
     outside: list = dataclasses.field(default_factory=list)
     real_src: bytes = b""
+
+
+def _walk_source(src_b: bytes) -> Walk:
+    """find_files, refusing a source with nothing to read (step 2)."""
+    walk = find_files(src_b)
+    if not walk.files:
+        raise MakeRecordsError(f"no files to read under {fileio.show(src_b)} "
+                               f"({_describe_empty(walk)})", refused=True)
+    return walk
 
 
 def find_files(src_b: bytes) -> Walk:
@@ -586,42 +568,32 @@ def _usable_cores() -> int:
 
 @dataclasses.dataclass
 class _Plan:
-    splits: dict            # split -> [_Result] in final order
+    """What make_records writes: the kept images and their splits (splits.Plan),
+    and what it found but does not store (for info.json)."""
+    kept: splits.Plan
     skipped: list           # [(rel, reason)]
     ignored: list
     hidden: int
-    duplicates: list        # [(rel, rel of the kept copy)]
-    groups: list            # [[rel, ...]] near-duplicate groups of >= 2 kept images
     candidates: int
     outside: list = ()      # [(rel, target)] symlinks to files/folders outside SRC
-    named_groups: dict = None  # with group_by: counts of keys, unmatched paths, groups
-    largest_group: int = 1  # images in the largest group that shares one split
     near_limit: float = imageio.NEAR_ABS
 
 
 def _plan(results, walk, *, val_fraction, max_skipped_fraction, src_b,
           group_pattern=None, near_limit=imageio.NEAR_ABS) -> _Plan:
-    """Dedups, groups, splits and applies the refusals of step 6."""
-    skipped = walk.skipped + [(r.rel, r.reason) for r in results if r.status == "skipped"]
-    ignored = walk.ignored + [(r.rel, r.reason) for r in results if r.status == "ignored"]
+    """The refusals of step 6 on what could not be read, then steps 4-5 and the
+    empty-split refusal (splits.plan)."""
+    skipped = sorted(walk.skipped + [(r.rel, r.reason) for r in results
+                                     if r.status == "skipped"])
+    ignored = sorted(walk.ignored + [(r.rel, r.reason) for r in results
+                                     if r.status == "ignored"])
     candidates = len(walk.skipped) + sum(r.status != "ignored" for r in results)
-    kept, duplicates, first = [], [], {}
-    paths_of = []                # per kept image: its path and its exact duplicates' paths
-    for r in results:            # sorted by path: the first path is kept
-        if r.status != "ok":
-            continue
-        if r.sha256 in first:
-            duplicates.append((r.rel, kept[first[r.sha256]].rel))
-            paths_of[first[r.sha256]].append(r.rel)
-        else:
-            first[r.sha256] = len(kept)
-            kept.append(r)
-            paths_of.append([r.rel])
-    details = [f"  skipped {fileio.show(rel)}: {reason}" for rel, reason in sorted(skipped)]
-    if not kept:
+    readable = [r for r in results if r.status == "ok"]
+    details = [f"  skipped {fileio.show(rel)}: {reason}" for rel, reason in skipped]
+    if not readable:
         raise MakeRecordsError(
             f"no images could be read under {fileio.show(src_b)}: {len(skipped)} skipped, "
-            f"{len(ignored)} ignored ({_first_reason(sorted(skipped) + sorted(ignored))})",
+            f"{len(ignored)} ignored ({_first_reason(skipped + ignored)})",
             details, refused=True)
     if skipped and len(skipped) > max_skipped_fraction * candidates:
         raise MakeRecordsError(
@@ -629,103 +601,14 @@ def _plan(results, walk, *, val_fraction, max_skipped_fraction, src_b,
             f"were skipped, more than max_skipped_fraction={max_skipped_fraction:g}; "
             "fix or remove them (reasons above), or raise --max_skipped_fraction",
             details, refused=True)
-    groups = neardup.group_near_duplicates([r.image.signature for r in kept], limit=near_limit)
-    keys = [[] for _ in kept]
-    if group_pattern is not None:
-        # A stored image carries the keys of its exact duplicates too: the
-        # duplicate's picture must not land on the other side either.
-        keys = [sorted({k for k in (group_key(group_pattern, rel) for rel in paths)
-                        if k is not None}) for paths in paths_of]
-        split_groups = merge_groups(groups, keys)
-    else:
-        split_groups = groups
-    # val_fraction=1 makes an evaluation-only folder (e.g. a held-out set): no train split.
-    splits = {s: [] for s in (("val",) if val_fraction >= 1.0 else schema.SPLITS)}
-    for members in split_groups:
-        named = sorted(k for i in members for k in keys[i])
-        if named:   # by the smallest key, whatever the members
-            u = _unit_hash(b"group", hashlib.sha256(named[0].encode(
-                "utf-8", "surrogateescape")).hexdigest())
-        else:
-            anchor = min(members, key=lambda i: _unit_hash(b"anchor", kept[i].sha256))
-            u = _unit_hash(b"split", kept[anchor].sha256)
-        split = "val" if u < val_fraction else "train"
-        splits[split].extend(kept[i] for i in members)
-    largest = max(len(g) for g in split_groups)
-    for split, items in splits.items():
-        if not items:
-            raise MakeRecordsError(
-                f"split {split!r} would be empty ({len(kept)} distinct images, "
-                f"{len(split_groups)} picture groups, val_fraction={val_fraction:g}); "
-                + (_large_group_hint(largest, len(kept), group_pattern is not None) or
-                   "add images or change --val_fraction"), details, refused=True)
-        # Order by content hash: independent of workers, and shards mix the folder.
-        items.sort(key=lambda r: r.sha256)
-    near_groups = [sorted(kept[i].rel for i in g) for g in groups if len(g) > 1]
-    named_groups = None
-    if group_pattern is not None:
-        named_groups = {"keys": len({k for ks in keys for k in ks}),
-                        "unmatched": sum(not ks for ks in keys),
-                        "split_groups": len(split_groups)}
-    return _Plan(splits=splits, skipped=sorted(skipped), ignored=sorted(ignored),
-                 hidden=walk.hidden, duplicates=duplicates, groups=sorted(near_groups),
-                 candidates=candidates, outside=list(walk.outside),
-                 named_groups=named_groups, largest_group=largest, near_limit=near_limit)
-
-
-def _large_group_hint(largest: int, total: int, grouped_by_key: bool) -> str:
-    """What to do when one group holds more than a quarter of the images, or "".
-
-    Transitive near-duplicate merging chains pictures that differ little by
-    design (form pages, product shots on white, one camera's frames)."""
-    if largest < 2 or largest * 4 <= total:
-        return ""
-    named = " or check --group_by" if grouped_by_key else ""
-    return (f"one group holds {largest} of the {total} images: near-duplicates chain "
-            "pictures that differ little by design; lower --near_duplicate_threshold "
-            f"(0 turns near-duplicate grouping off){named}")
-
-
-def compile_group_by(group_by):
-    """The compiled --group_by pattern, or None; MakeRecordsError if it is not
-    a regular expression."""
-    if group_by is None or group_by == "":
-        return None
     try:
-        return re.compile(group_by)
-    except re.error as e:
-        raise MakeRecordsError(f"group_by {group_by!r} is not a regular expression: {e}") \
-            from None
-
-
-def group_key(pattern, rel: bytes):
-    """The group key of a relative path (str), or None when the pattern does not
-    match (or its first group takes no part in the match)."""
-    m = pattern.search(os.fsdecode(rel))
-    if m is None:
-        return None
-    return m.group(1) if pattern.groups else m.group(0)
-
-
-def merge_groups(groups, keys) -> list:
-    """Unites near-duplicate groups (lists of indices) with images that share a
-    key (keys[i]: the list of image i's keys, often one, none when no path of
-    it matched). Returns the merged groups, members sorted, ordered by their
-    first member."""
-    i = [members[0] for members in groups for _ in members[1:]]
-    j = [m for members in groups for m in members[1:]]
-    first_with_key = {}
-    for index, image_keys in enumerate(keys):
-        for key in image_keys:
-            i.append(first_with_key.setdefault(key, index))
-            j.append(index)
-    return neardup.groups_of(neardup.components(len(keys), i, j))
-
-
-def _unit_hash(salt: bytes, sha256_hex: str) -> float:
-    """A stable number in [0, 1) from an image's bytes digest."""
-    digest = hashlib.sha256(salt + b":" + sha256_hex.encode("ascii")).digest()
-    return int.from_bytes(digest[:8], "big") / 2.0 ** 64
+        kept = splits.plan(readable, val_fraction=val_fraction, group_pattern=group_pattern,
+                           near_limit=near_limit)
+    except MakeRecordsError as e:   # a split would be empty: the skipped files may say why
+        e.details[:0] = details
+        raise
+    return _Plan(kept=kept, skipped=skipped, ignored=ignored, hidden=walk.hidden,
+                 candidates=candidates, outside=list(walk.outside), near_limit=near_limit)
 
 
 # ---------------------------------------------------------------- writing
@@ -760,11 +643,11 @@ def num_shards_for(total_bytes: int) -> int:
 def _check_num_shards(plan, num_shards):
     """Every shard must hold at least one image: an input pipeline given only
     empty files would stop while the other workers wait for it."""
-    for split in plan.splits:
-        if num_shards > len(plan.splits[split]):
+    for split in plan.kept.splits:
+        if num_shards > len(plan.kept.splits[split]):
             raise MakeRecordsError(
                 f"num_shards={num_shards} but split {split!r} has only "
-                f"{len(plan.splits[split])} images; lower --num_shards", refused=True)
+                f"{len(plan.kept.splits[split])} images; lower --num_shards", refused=True)
 
 
 def _write(out_b, plan, spans, write_splits, *, src_b, arguments, num_shards=0) -> dict:
@@ -783,8 +666,8 @@ def _write(out_b, plan, spans, write_splits, *, src_b, arguments, num_shards=0) 
         os.mkdir(staging_b)
         shards = {split: num_shards or num_shards_for(
                       sum(spans[r.rel][1] + 200 for r in items))   # + proto/record overhead
-                  for split, items in plan.splits.items()}
-        entries = write_splits(os.fsdecode(staging_b), plan.splits, shards)
+                  for split, items in plan.kept.splits.items()}
+        entries = write_splits(os.fsdecode(staging_b), plan.kept.splits, shards)
         info = recordio.write_info(os.fsdecode(staging_b), entries,
                                    **_provenance(plan, spans, src_b=src_b, arguments=arguments))
     except (OSError, tf.errors.OpError) as e:
@@ -808,7 +691,7 @@ def _write(out_b, plan, spans, write_splits, *, src_b, arguments, num_shards=0) 
 
 def _provenance(plan, spans, *, src_b, arguments) -> dict:
     """info.json's provenance fields (everything but the splits)."""
-    kept = [r for items in plan.splits.values() for r in items]
+    kept = [r for items in plan.kept.splits.values() for r in items]
     corrupt_exif = sorted(r.rel for r in kept if imageio.CORRUPT_EXIF_NOTE in r.image.notes)
     provenance = {
         "created_by": "make_records",
@@ -817,15 +700,15 @@ def _provenance(plan, spans, *, src_b, arguments) -> dict:
         "counts": {
             "candidates": plan.candidates,
             "stored": len(kept),
-            "train": len(plan.splits.get("train", [])),
-            "val": len(plan.splits.get("val", [])),
+            "train": len(plan.kept.splits.get("train", [])),
+            "val": len(plan.kept.splits.get("val", [])),
             "skipped": len(plan.skipped),
             "ignored": len(plan.ignored),
             "hidden_ignored": plan.hidden,
-            "duplicates": len(plan.duplicates),
-            "near_duplicate_groups": len(plan.groups),
-            "images_in_near_duplicate_groups": sum(len(g) for g in plan.groups),
-            "largest_group": plan.largest_group,
+            "duplicates": len(plan.kept.duplicates),
+            "near_duplicate_groups": len(plan.kept.groups),
+            "images_in_near_duplicate_groups": sum(len(g) for g in plan.kept.groups),
+            "largest_group": plan.kept.largest_group,
             "stored_unchanged": sum(not r.image.changed for r in kept),
             "exif_turned": sum(any(n.startswith("exif_orientation") for n in r.image.notes)
                                for r in kept),
@@ -840,7 +723,7 @@ def _provenance(plan, spans, *, src_b, arguments) -> dict:
         # Stored images whose EXIF block Pillow found damaged and ignored (as
         # viewers do): the pixels are stored as they show, with no EXIF turn.
         "corrupt_exif_ignored": [fileio.show(rel) for rel in corrupt_exif],
-        "group_by": plan.named_groups,
+        "group_by": plan.kept.named_groups,
         "near_duplicate_threshold": plan.near_limit,
         "links_outside_source": [{"path": fileio.show(rel), "target": fileio.show(target)}
                                  for rel, target in plan.outside],
@@ -848,8 +731,8 @@ def _provenance(plan, spans, *, src_b, arguments) -> dict:
         "skipped": [{"path": fileio.show(rel), "reason": reason} for rel, reason in plan.skipped],
         "ignored": [{"path": fileio.show(rel), "reason": reason} for rel, reason in plan.ignored],
         "duplicates": [{"path": fileio.show(rel), "duplicate_of": fileio.show(of)}
-                       for rel, of in plan.duplicates],
-        "near_duplicate_groups": [[fileio.show(rel) for rel in g] for g in plan.groups],
+                       for rel, of in plan.kept.duplicates],
+        "near_duplicate_groups": [[fileio.show(rel) for rel in g] for g in plan.kept.groups],
         "stored_image": {"color": "RGB, 8-bit", "format": "jpeg",
                          "alpha_background": list(imageio.BACKGROUND),
                          "exif_orientation": "applied; stored images carry no orientation tag",
@@ -939,11 +822,11 @@ def _first_reason(entries) -> str:
 def format_summary(info: dict) -> str:
     """A few human lines about a finished make_records run."""
     c = info["counts"]
-    splits = info["splits"]
+    entries = info["splits"]
     lines = [
         f"wrote {c['stored']} images: " + ", ".join(
             f"{split} {entry['num_examples']} in {len(entry['shards'])} shard(s)"
-            for split, entry in sorted(splits.items(), key=lambda kv: kv[0] != "train")),
+            for split, entry in sorted(entries.items(), key=lambda kv: kv[0] != "train")),
         f"skipped {c['skipped']}, ignored {c['ignored']} (+{c['hidden_ignored']} hidden), "
         f"exact duplicates {c['duplicates']}, near-duplicate groups "
         f"{c['near_duplicate_groups']} ({c['images_in_near_duplicate_groups']} images), "
@@ -957,7 +840,8 @@ def format_summary(info: dict) -> str:
                      f"show): {', '.join(damaged[:5])}"
                      + (f" ... and {len(damaged) - 5} more (see info.json)"
                         if len(damaged) > 5 else ""))
-    hint = _large_group_hint(c.get("largest_group", 1), c["stored"], bool(info.get("group_by")))
+    hint = splits.large_group_hint(c.get("largest_group", 1), c["stored"],
+                                   bool(info.get("group_by")))
     if hint:
         lines.append(f"warning: {hint}")
     named = info.get("group_by")

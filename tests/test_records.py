@@ -14,7 +14,8 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from upright.pipeline import imageio, neardup, recordio, records, records_inspect, schema
+from upright.pipeline import (imageio, neardup, recordio, records, records_inspect, schema,
+                              splits)
 from tests import helpers
 
 
@@ -426,14 +427,6 @@ def test_group_by_bad_pattern_is_refused_before_reading(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_merge_groups_unites_keys_and_near_duplicates():
-    # 0-1 near-duplicates; 1 and 3 share key "a"; 4 shares "b" with nobody else.
-    merged = records.merge_groups([[0, 1], [2], [3], [4], [5]], [[], ["a"], [], ["a"], ["b"], []])
-    assert merged == [[0, 1, 3], [2], [4], [5]]
-    # An image with two keys (its exact duplicate's path gave the second) joins both.
-    assert records.merge_groups([[0], [1], [2]], [["a"], ["a", "b"], ["b"]]) == [[0, 1, 2]]
-
-
 def test_group_by_follows_exact_duplicates_to_their_own_picture(tmp_path):
     """p7_1 is a byte copy of p0_0: stored once (as p0_0), it still ties the
     pictures p0 and p7 together, so no crop of p7 can sit across from it."""
@@ -449,7 +442,7 @@ def test_group_by_follows_exact_duplicates_to_their_own_picture(tmp_path):
     split_of = {r.source_id: s for s in schema.SPLITS for r in read_split(tmp_path / "out", s)}
     assert split_of["p0_0.jpg"] == split_of["p0_1.jpg"] == split_of["p7_0.jpg"]
     # Teeth: on their own, the keys p0 and p7 hash to different sides.
-    sides = [records._unit_hash(b"group", hashlib.sha256(k).hexdigest()) < 0.5
+    sides = [splits._unit_hash(b"group", hashlib.sha256(k).hexdigest()) < 0.5
              for k in (b"p0", b"p7")]
     assert sides[0] != sides[1]
 
