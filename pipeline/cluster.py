@@ -136,35 +136,40 @@ def patch_keras_for_multi_worker():
     """Works around two Keras 3 (3.15) bugs that stop fit() with 2+ workers.
 
     Under MultiWorkerMirroredStrategy with more than one worker (one worker takes
-    local shortcuts, so single-process tests pass):
-    1. Trainer._maybe_symbolic_build reads one batch of the distributed dataset
-       and, only to learn its shapes and dtypes, calls strategy.reduce("MEAN",
-       batch) on the whole (images, labels) structure; the collective reduce
-       cannot take a structure: "Attempt to convert a value (PerReplica:{...})
-       ... to a Tensor". Fixed: the first local replica's batch is used instead
-       (same shapes and dtypes, no communication).
-    2. reduce_per_replica (the train/test step's logs) reduces every value with
-       strategy.reduce("MEAN", v, axis=0), which fails on the scalar loss and
-       metric values: "Invalid reduction dimension 0 for input with 0
-       dimensions". Fixed: scalars are averaged over all replicas (axis=None),
-       so every worker logs the same global value and callbacks (EarlyStopping,
-       ReduceLROnPlateau, best checkpoint) decide alike on every worker.
-    Both fixes act only under a multi-worker collective strategy; everything
-    else keeps Keras' behaviour. Process-wide and idempotent: call it once
-    before fit() (e.g. where the strategy is made).
+    local shortcuts, so single-process tests pass) Keras' symbolic build
+    (_local_batch_build) and its step logs' reduction (_scalar_mean_reduce)
+    fail; each helper says how and what it does instead. Both fixes act only
+    under a multi-worker collective strategy; everything else keeps Keras'
+    behaviour. Process-wide and idempotent: call it once before fit() (e.g.
+    where the strategy is made).
     """
     import tensorflow as tf
     from keras.src.backend.tensorflow import trainer as tf_trainer
     if getattr(tf_trainer, "_upright_multi_worker_patched", False):
         return
     multi_worker = tf_trainer._collective_all_reduce_multi_worker
+    tf_trainer.TensorFlowTrainer._maybe_symbolic_build = _local_batch_build(
+        tf, tf_trainer.TensorFlowTrainer._maybe_symbolic_build, multi_worker)
+    tf_trainer.reduce_per_replica = _scalar_mean_reduce(
+        tf, tf_trainer.reduce_per_replica, multi_worker)
+    tf_trainer._upright_multi_worker_patched = True
 
+
+def _local_batch_build(tf, keras_build, multi_worker):
+    """A Trainer._maybe_symbolic_build that works with 2+ workers.
+
+    Keras' (`keras_build`) reads one batch of the distributed dataset and, only
+    to learn its shapes and dtypes, calls strategy.reduce("MEAN", batch) on the
+    whole (images, labels) structure; the collective reduce cannot take a
+    structure: "Attempt to convert a value (PerReplica:{...}) ... to a Tensor".
+    The replacement passes keras_build the first local replica's batch instead
+    (same shapes and dtypes, no communication) when `multi_worker(strategy)`
+    (Keras' _collective_all_reduce_multi_worker) says the strategy is one.
+    """
     def local(value):
         if isinstance(value, tf.distribute.DistributedValues):
             return value.values[0]
         return value
-
-    keras_build = tf_trainer.TensorFlowTrainer._maybe_symbolic_build
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         if (iterator is not None and data_batch is None
@@ -176,8 +181,20 @@ def patch_keras_for_multi_worker():
             iterator = None
         return keras_build(self, iterator=iterator, data_batch=data_batch)
 
-    keras_reduce = tf_trainer.reduce_per_replica
+    return _maybe_symbolic_build
 
+
+def _scalar_mean_reduce(tf, keras_reduce, multi_worker):
+    """A reduce_per_replica that works with 2+ workers.
+
+    Keras' (`keras_reduce`, for the train/test step's logs) reduces every value
+    with strategy.reduce("MEAN", v, axis=0), which fails on the scalar loss and
+    metric values: "Invalid reduction dimension 0 for input with 0 dimensions".
+    The replacement averages scalars over all replicas (axis=None) under a
+    multi-worker strategy (`multi_worker(strategy)`), so every worker logs the
+    same global value and callbacks (EarlyStopping, ReduceLROnPlateau, best
+    checkpoint) decide alike on every worker; anything else goes to keras_reduce.
+    """
     def reduce_per_replica(values, strategy, reduction):
         if not multi_worker(strategy) or reduction not in ("auto", "mean"):
             return keras_reduce(values, strategy, reduction)
@@ -191,9 +208,7 @@ def patch_keras_for_multi_worker():
 
         return tf.nest.map_structure(reduce_one, values)
 
-    tf_trainer.TensorFlowTrainer._maybe_symbolic_build = _maybe_symbolic_build
-    tf_trainer.reduce_per_replica = reduce_per_replica
-    tf_trainer._upright_multi_worker_patched = True
+    return reduce_per_replica
 
 
 def average_non_trainable_weights(model, strategy):

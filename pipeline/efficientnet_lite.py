@@ -109,41 +109,18 @@ def build(variant: str, *, input_shape, include_top: bool = False, pooling: str 
     if variant not in VARIANTS:
         raise ModelError(f"unknown EfficientNet-Lite variant {variant!r}")
     _, _, _, top_dropout = VARIANTS[variant]
-
-    def bn(prefix):
-        return layers.BatchNormalization(momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
-                                         name=prefix)
-
-    def relu6(prefix):
-        return layers.ReLU(6.0, name=prefix)
-
     inputs = keras.Input(input_shape, name="input_layer")
     # [0, 255] -> (x - 127) / 128, inside the model so that export and serving feed pixels.
     x = layers.Rescaling(1.0 / INPUT_STD, offset=-INPUT_MEAN / INPUT_STD,
                          name="lite_rescaling")(inputs)
     x = layers.Conv2D(STEM_FILTERS, 3, strides=2, padding="same", use_bias=False,
                       name="stem_conv")(x)
-    x = relu6("stem_activation")(bn("stem_bn")(x))
+    x = _bn_relu6(x, "stem_bn", "stem_activation")
     plan = block_plan(variant)
-    for index, (prefix, kernel, f_in, f_out, expand, stride) in enumerate(plan):
-        shortcut = x
-        if expand != 1:
-            x = layers.Conv2D(f_in * expand, 1, padding="same", use_bias=False,
-                              name=f"{prefix}expand_conv")(x)
-            x = relu6(f"{prefix}expand_activation")(bn(f"{prefix}expand_bn")(x))
-        x = layers.DepthwiseConv2D(kernel, strides=stride, padding="same", use_bias=False,
-                                   name=f"{prefix}dwconv")(x)
-        x = relu6(f"{prefix}activation")(bn(f"{prefix}bn")(x))
-        x = layers.Conv2D(f_out, 1, padding="same", use_bias=False,
-                          name=f"{prefix}project_conv")(x)
-        x = bn(f"{prefix}project_bn")(x)
-        if stride == 1 and f_in == f_out:
-            rate = drop_connect_rate * index / len(plan)
-            if rate > 0:
-                x = layers.Dropout(rate, noise_shape=(None, 1, 1, 1), name=f"{prefix}drop")(x)
-            x = layers.add([x, shortcut], name=f"{prefix}add")
+    for index, block in enumerate(plan):
+        x = _mbconv_block(x, *block, drop_rate=drop_connect_rate * index / len(plan))
     x = layers.Conv2D(HEAD_FILTERS, 1, padding="same", use_bias=False, name="top_conv")(x)
-    x = relu6("top_activation")(bn("top_bn")(x))
+    x = _bn_relu6(x, "top_bn", "top_activation")
     if include_top:
         x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
         x = layers.Dropout(top_dropout, name="top_dropout")(x)
@@ -153,6 +130,43 @@ def build(variant: str, *, input_shape, include_top: bool = False, pooling: str 
     elif pooling is not None:
         raise ModelError(f"pooling must be 'avg' or None, got {pooling!r}")
     return keras.Model(inputs, x, name=name or variant)
+
+
+def _batch_norm(name):
+    from keras import layers
+    return layers.BatchNormalization(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=name)
+
+
+def _bn_relu6(x, bn_name: str, activation_name: str):
+    """BatchNormalization (Lite's momentum and epsilon), then ReLU6, on the
+    symbolic tensor x [B, h, w, c]; -> the same shape."""
+    from keras import layers
+    return layers.ReLU(6.0, name=activation_name)(_batch_norm(bn_name)(x))
+
+
+def _mbconv_block(x, prefix, kernel, f_in, f_out, expand, stride, *, drop_rate):
+    """One inverted-residual block of block_plan (its row: prefix, kernel,
+    filters in and out, expand ratio, stride) on x [B, h, w, f_in]; -> [B,
+    ceil(h / stride), ceil(w / stride), f_out]. Lite's blocks have no
+    squeeze-and-excitation and use ReLU6. With stride 1 and f_in == f_out the input is added back,
+    after stochastic depth at drop_rate (in [0, 1); none at 0)."""
+    from keras import layers
+    shortcut = x
+    if expand != 1:
+        x = layers.Conv2D(f_in * expand, 1, padding="same", use_bias=False,
+                          name=f"{prefix}expand_conv")(x)
+        x = _bn_relu6(x, f"{prefix}expand_bn", f"{prefix}expand_activation")
+    x = layers.DepthwiseConv2D(kernel, strides=stride, padding="same", use_bias=False,
+                               name=f"{prefix}dwconv")(x)
+    x = _bn_relu6(x, f"{prefix}bn", f"{prefix}activation")
+    x = layers.Conv2D(f_out, 1, padding="same", use_bias=False,
+                      name=f"{prefix}project_conv")(x)
+    x = _batch_norm(f"{prefix}project_bn")(x)
+    if stride == 1 and f_in == f_out:
+        if drop_rate > 0:
+            x = layers.Dropout(drop_rate, noise_shape=(None, 1, 1, 1), name=f"{prefix}drop")(x)
+        x = layers.add([x, shortcut], name=f"{prefix}add")
+    return x
 
 
 # ---------------------------------------------------------------------------

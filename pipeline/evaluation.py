@@ -370,34 +370,10 @@ def evaluate(model_dir: str, records: str, *, split: str = "val", batch_size: in
               "image_size": predictor.image_size, "resize": predictor.resize,
               "class_names": list(schema.CLASS_NAMES), "convention": schema.convention()}
     result.update(summarize(probs, labels, num_bins=num_bins))
-    # What temperature scaling would do to calibration. Fitted on this same split,
-    # so the "after" numbers are optimistic: fit on val, judge on another split.
-    temperature = fit_temperature(probs, labels)
-    scaled = apply_temperature(probs, temperature)
-    scaled_coverage = {r["threshold"]: r for r in coverage_curve(scaled, labels)}
-    result["temperature_scaling"] = {
-        "temperature": temperature,
-        "note": "fitted on this split (optimistic); probabilities = softmax(log p / T)",
-        "nll_before": negative_log_likelihood(probs, labels),
-        "nll_after": negative_log_likelihood(scaled, labels),
-        "ece_after": calibration(scaled, labels, num_bins)["ece"],
-        "coverage_after": [scaled_coverage[t] for t in SUMMARY_THRESHOLDS],
-    }
+    result["temperature_scaling"] = score_temperature_scaling(probs, labels, num_bins=num_bins)
     if tta:
-        combined, agree = combine_rotations(predicted["probs_by_turn"])
-        tta_summary = summarize(combined, labels, num_bins=num_bins)
-        result["tta"] = {
-            "combine": "mean of log-probabilities over the 4 shifted-back rotations, softmax",
-            "accuracy": tta_summary["accuracy"],
-            "per_class_accuracy": tta_summary["per_class_accuracy"],
-            "confusion_matrix": tta_summary["confusion_matrix"],
-            "ece": tta_summary["calibration"]["ece"],
-            "agreement": float(np.mean(agree)),
-            "accuracy_when_agree": _nan_to_none(accuracy(combined[agree], labels[agree]))
-            if agree.any() else None,
-            "accuracy_when_disagree": _nan_to_none(accuracy(combined[~agree], labels[~agree]))
-            if (~agree).any() else None,
-        }
+        combined, result["tta"] = score_tta(predicted["probs_by_turn"], labels,
+                                            num_bins=num_bins)
     stem = os.path.splitext(out_json)[0]
     files = {"json": out_json, "coverage_json": stem + "_coverage.json",
              "images_csv": stem + "_images.csv"}
@@ -410,6 +386,55 @@ def evaluate(model_dir: str, records: str, *, split: str = "val", batch_size: in
         files.update(write_plots(result, stem))
     _write_json(out_json, result)
     return result
+
+
+def score_temperature_scaling(probs, labels, *, num_bins: int = DEFAULT_NUM_BINS) -> dict:
+    """What temperature scaling would do to calibration: evaluate's
+    "temperature_scaling" block.
+
+    probs: float [N, 4], rows summing to 1; labels: int [N] in [0, 4).
+    -> {"temperature" (> 0, fit_temperature), "note", "nll_before", "nll_after",
+    "ece_after", "coverage_after" (coverage_curve rows at SUMMARY_THRESHOLDS)}.
+    Fitted on this same split, so the "after" numbers are optimistic: fit on
+    val, judge on another split.
+    """
+    temperature = fit_temperature(probs, labels)
+    scaled = apply_temperature(probs, temperature)
+    scaled_coverage = {r["threshold"]: r for r in coverage_curve(scaled, labels)}
+    return {
+        "temperature": temperature,
+        "note": "fitted on this split (optimistic); probabilities = softmax(log p / T)",
+        "nll_before": negative_log_likelihood(probs, labels),
+        "nll_after": negative_log_likelihood(scaled, labels),
+        "ece_after": calibration(scaled, labels, num_bins)["ece"],
+        "coverage_after": [scaled_coverage[t] for t in SUMMARY_THRESHOLDS],
+    }
+
+
+def score_tta(probs_by_turn, labels, *, num_bins: int = DEFAULT_NUM_BINS) -> tuple:
+    """Test-time agreement over the four rotations: evaluate's "tta" block.
+
+    probs_by_turn: float [4, N, 4]; probs_by_turn[j] = model(rot90(x, j)), as
+    predict_split gives them; labels: int [N] in [0, 4).
+    -> (combined float [N, 4] (combine_rotations), {"combine", "accuracy",
+    "per_class_accuracy", "confusion_matrix", "ece", "agreement" (fraction in
+    [0, 1] of inputs whose four turns agree), "accuracy_when_agree",
+    "accuracy_when_disagree" (None when no such input)}).
+    """
+    combined, agree = combine_rotations(probs_by_turn)
+    tta_summary = summarize(combined, labels, num_bins=num_bins)
+    return combined, {
+        "combine": "mean of log-probabilities over the 4 shifted-back rotations, softmax",
+        "accuracy": tta_summary["accuracy"],
+        "per_class_accuracy": tta_summary["per_class_accuracy"],
+        "confusion_matrix": tta_summary["confusion_matrix"],
+        "ece": tta_summary["calibration"]["ece"],
+        "agreement": float(np.mean(agree)),
+        "accuracy_when_agree": _nan_to_none(accuracy(combined[agree], labels[agree]))
+        if agree.any() else None,
+        "accuracy_when_disagree": _nan_to_none(accuracy(combined[~agree], labels[~agree]))
+        if (~agree).any() else None,
+    }
 
 
 IMAGE_COLUMNS = ("source_id", "true_angle", "predicted_angle", "confidence", "correct")

@@ -116,14 +116,10 @@ def input_fn(records: str, *, split: str, batch_size: int, image_size: int,
       validation yields 4 x N examples (N = num_examples of the split, or of
       this pipeline's files) and its last batch may be smaller.
     """
-    # Long only by its docstring (the argument reference); the body is the checks
-    # and the choice between the two stream builders below.
-    if resize not in RESIZE_METHODS:
-        raise ValueError(f"resize must be one of {RESIZE_METHODS}, got {resize!r}")
-    if augment_on not in AUGMENT_PLACEMENTS:
-        raise ValueError(f"augment_on must be one of {AUGMENT_PLACEMENTS}, got {augment_on!r}")
-    if batch_size < 1 or image_size < 1:
-        raise ValueError(f"batch_size and image_size must be >= 1, got {batch_size}, {image_size}")
+    # Long only by its docstring (the argument reference, kept with the function
+    # people call); the body is the checks and the choice of stream builder.
+    _check_arguments(resize=resize, augment_on=augment_on, batch_size=batch_size,
+                     image_size=image_size)
     info = recordio.load_info(records)
     files = recordio.shard_paths(records, split, info)
     pipeline_id = 0
@@ -132,23 +128,41 @@ def input_fn(records: str, *, split: str, batch_size: int, image_size: int,
         pipeline_id = input_context.input_pipeline_id
         batch_size = input_context.get_per_replica_batch_size(batch_size)
     if training:
-        if seed is None:
-            if not allow_unseeded_shuffle:
-                raise ValueError(
-                    "input_fn(training=True) needs a seed: shuffling without one makes runs "
-                    "irreproducible. Pass seed=<int>, or allow_unseeded_shuffle=True to "
-                    "draw one at random.")
-            seed = int(np.random.SeedSequence().entropy % (2**63))
-        if int(seed) < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {seed}")
         return _train_dataset(
             files, batch_size=batch_size, image_size=image_size,
-            seeds=derive_seeds(seed, pipeline_id), resize=resize,
-            policy=policy, augment_on=augment_on, shuffle_buffer=shuffle_buffer,
-            repeat=True if repeat is None else repeat, cycle_length=cycle_length,
-            skip_batches=skip_batches)
+            seeds=derive_seeds(_training_seed(seed, allow_unseeded_shuffle), pipeline_id),
+            resize=resize, policy=policy, augment_on=augment_on,
+            shuffle_buffer=shuffle_buffer, repeat=True if repeat is None else repeat,
+            cycle_length=cycle_length, skip_batches=skip_batches)
     return _eval_dataset(files, batch_size=batch_size, image_size=image_size,
                          resize=resize, repeat=False if repeat is None else repeat)
+
+
+def _check_arguments(*, resize, augment_on, batch_size, image_size) -> None:
+    """Raises ValueError for an input_fn argument out of its range (see input_fn)."""
+    if resize not in RESIZE_METHODS:
+        raise ValueError(f"resize must be one of {RESIZE_METHODS}, got {resize!r}")
+    if augment_on not in AUGMENT_PLACEMENTS:
+        raise ValueError(f"augment_on must be one of {AUGMENT_PLACEMENTS}, got {augment_on!r}")
+    if batch_size < 1 or image_size < 1:
+        raise ValueError(f"batch_size and image_size must be >= 1, got {batch_size}, {image_size}")
+
+
+def _training_seed(seed, allow_unseeded_shuffle: bool):
+    """The training stream's seed: `seed` as given (an int >= 0), or, when it is
+    None and allow_unseeded_shuffle is True, a fresh one from the OS in
+    [0, 2**63). Raises ValueError for a negative seed, or for None without
+    allow_unseeded_shuffle (an unseeded shuffle makes runs irreproducible)."""
+    if seed is None:
+        if not allow_unseeded_shuffle:
+            raise ValueError(
+                "input_fn(training=True) needs a seed: shuffling without one makes runs "
+                "irreproducible. Pass seed=<int>, or allow_unseeded_shuffle=True to "
+                "draw one at random.")
+        seed = int(np.random.SeedSequence().entropy % (2**63))
+    if int(seed) < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed}")
+    return seed
 
 
 def num_examples(records: str, split: str) -> int:

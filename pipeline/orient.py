@@ -481,17 +481,25 @@ def write_upright(data: bytes, dst_path: str, transform: str, *, config: OrientC
         payload, method = turn_with_pillow(data, transform, jpeg_quality=config.jpeg_quality)
         if note:
             method += f"; {note}"
-    # DST's subfolders are opened one by one without following links (one
-    # planted there would carry the copy out of DST); the file lands through
-    # an unguessable temporary name and a rename (fileio). Not fsynced: the
-    # manifest line comes after it and a lost copy is simply redone.
+    _write_into_dst(payload, dst_path, config)
+    return method
+
+
+def _write_into_dst(payload: bytes, dst_path: str, config: OrientConfig) -> None:
+    """Writes `payload` as dst_path, a path under config.dst.
+
+    DST's subfolders are opened one by one without following links (one
+    planted there would carry the copy out of DST); the file lands whole
+    through an unguessable temporary name and a rename (fileio), never
+    half-written. Not fsynced: the manifest line comes after it and a lost
+    copy is simply redone.
+    """
     folder, name = os.path.split(os.path.abspath(dst_path))
     dir_fd = fileio.open_dirs(config.dst, os.path.relpath(folder, os.path.abspath(config.dst)))
     try:
         fileio.write_bytes(name, payload, dir_fd=dir_fd, durable=False)
     finally:
         os.close(dir_fd)
-    return method
 
 
 # ---------------------------------------------------------------------------
@@ -726,103 +734,127 @@ def _process_pdf(path, rel, predictor, config, manifest, taken):
     file; with fix, writes DST/rel with the repaired pages' /Rotate (pipeline/pdf.py)
     when at least one page turns."""
     from upright.pipeline import pdf
-
-    def new_row(page=None):
-        row = {field: None for field in REPORT_FIELDS}
-        row.update(path=path if page is None else f"{path}#page={page + 1}", status="ok",
-                   exif_disagrees=False)
-        return row
-
     dst_path = os.path.join(config.dst, rel) if config.fix else None
     try:
         data = imageio.read_bytes(path)
     except imageio.SkipImage as e:
-        return [dict(new_row(), status="error", action="skip", message=str(e))]
+        return [_error_row(path, str(e))]
     src_sha = hashlib.sha256(data).hexdigest()
     if config.fix:
         record = manifest.get(os.path.realpath(path))
         if is_done(record, src_sha, dst_path) and record.get("pages"):
-            rows = []
-            for page in record["pages"]:
-                row = new_row(page["page"] - 1)
-                row.update({k: page.get(k) for k in ("predicted", "angle_ccw", "repair_cw",
-                                                     "confidence", "method")})
-                row.update(status="done", action=page.get("action"), dst=dst_path,
-                           message="already written by an earlier run")
-                rows.append(row)
-            return rows
+            return _pdf_rows_done(path, record, dst_path)
     try:
         document = pdf.open_pdf(data, max_pages=config.max_pdf_pages)
     except pdf.PdfError as e:
-        return [dict(new_row(), status="error", action="skip", message=str(e))]
+        return [_error_row(path, str(e))]
     except ImportError:
-        return [dict(new_row(), status="error", action="skip",
-                     message="PDF support is not installed: pip install "
-                             "'upright-orientation[pdf]' (pypdf, pypdfium2)")]
-    rows, rotations, methods = [], {}, {}
-    # Pages are rendered, preprocessed and predicted batch_size at a time, so a
-    # long PDF never holds more than one batch of pixels.
+        return [_error_row(path, "PDF support is not installed: pip install "
+                                 "'upright-orientation[pdf]' (pypdf, pypdfium2)")]
     try:
-        for start in range(0, len(document), config.batch_size):
-            ready = []   # (row, page index, current /Rotate, preprocessed image)
-            for index in range(start, min(start + config.batch_size, len(document))):
-                row = new_row(index)
-                rows.append(row)
-                try:
-                    png, rotation = pdf.render_page(document, index, config.max_side)
-                    image, *_ = predictor.read_image(row["path"], png, config.max_side)
-                    ready.append((row, index, rotation, image))
-                except Exception as e:  # one page that does not render: that page only
-                    row.update(status="error", action="skip", message=f"page not rendered: "
-                               f"{type(e).__name__}: {_first_line(e)}")
-            if not ready:
-                continue
-            probs = predict(predictor, np.stack([image for *_, image in ready]), config)
-            for (row, index, rotation, _), p in zip(ready, probs):
-                row.update(decide(p, config.min_confidence, None))
-                if row["action"] == "turn":
-                    rotations[index] = (rotation + row["repair_cw"]) % 360
-                    methods[index] = f"lossless (/Rotate {rotation} -> {rotations[index]})"
+        rows, turns = _predict_pages(path, document, predictor, config)
     finally:
         document.close()
-    if not (config.fix and rotations):
+    if not (config.fix and turns):
         return rows
     turned = [r for r in rows if r["action"] == "turn" and r["status"] == "ok"]
-    real_dst = os.path.realpath(dst_path)
-    problem = None
-    if real_dst == os.path.realpath(path):
-        problem = "destination is the source file; not written"
-    elif real_dst in taken:
-        problem = f"destination {dst_path} already taken by {taken[real_dst]}"
-    if problem is None:
-        try:
-            payload = pdf.rotate_pages(data, rotations)
-            folder, name = os.path.split(os.path.abspath(dst_path))
-            dir_fd = fileio.open_dirs(config.dst,
-                                      os.path.relpath(folder, os.path.abspath(config.dst)))
-            try:
-                # Whole file through a temporary name and a rename: never half-written.
-                fileio.write_bytes(name, payload, dir_fd=dir_fd, durable=False)
-            finally:
-                os.close(dir_fd)
-        except Exception as e:  # never fatal: report and go on
-            problem = f"not written: {type(e).__name__}: {_first_line(e)}"
+    problem = _write_pdf(path, data, dst_path, {i: new for i, (_, new) in turns.items()},
+                         config, taken)
     if problem:
         for row in turned:
             row.update(status="error", message=problem)
         return rows
-    taken[real_dst] = path
     for row in turned:
-        row.update(dst=dst_path, method=methods[int(row["path"].rsplit("#page=", 1)[1]) - 1])
+        old, new = turns[_page_number(row) - 1]
+        row.update(dst=dst_path, method=f"lossless (/Rotate {old} -> {new})")
     record = {"src": os.path.realpath(path), "src_sha256": src_sha,
               "dst": os.path.relpath(dst_path, config.dst), "dst_sha256": sha256_file(dst_path),
               "method": "pdf /Rotate (incremental update)",
-              "pages": [{"page": int(r["path"].rsplit("#page=", 1)[1]),
+              "pages": [{"page": _page_number(r),
                          **{k: r[k] for k in ("action", "predicted", "angle_ccw", "repair_cw",
                                               "confidence", "method")}}
                         for r in rows if r["status"] == "ok"]}
     _record(config, manifest, record, dst_path)
     return rows
+
+
+def _page_row(path, index) -> dict:
+    """A fresh report row (status "ok") for page `index` (0-based) of the PDF `path`."""
+    row = {field: None for field in REPORT_FIELDS}
+    row.update(path=f"{path}#page={index + 1}", status="ok", exif_disagrees=False)
+    return row
+
+
+def _page_number(row) -> int:
+    """The 1-based page number of a page row ("scan.pdf#page=3" -> 3)."""
+    return int(row["path"].rsplit("#page=", 1)[1])
+
+
+def _pdf_rows_done(path, record, dst_path) -> list:
+    """Rows (status "done") for a PDF an earlier run repaired: its manifest
+    record's pages, as that run predicted them."""
+    rows = []
+    for page in record["pages"]:
+        row = _page_row(path, page["page"] - 1)
+        row.update({k: page.get(k) for k in ("predicted", "angle_ccw", "repair_cw",
+                                             "confidence", "method")})
+        row.update(status="done", action=page.get("action"), dst=dst_path,
+                   message="already written by an earlier run")
+        rows.append(row)
+    return rows
+
+
+def _predict_pages(path, document, predictor, config) -> tuple:
+    """Renders, reads and predicts every page of an open PDF (pdf.open_pdf).
+
+    -> (rows: one per page, in page order, decided (`decide`) or status "error"
+    for a page that does not render; turns: {0-based page index: (current
+    /Rotate, repaired /Rotate)} for the pages to turn, degrees in {0, 90, 180, 270}).
+    Pages go batch_size at a time, so a long PDF never holds more than one
+    batch of pixels.
+    """
+    from upright.pipeline import pdf
+    rows, turns = [], {}
+    for start in range(0, len(document), config.batch_size):
+        ready = []   # (row, page index, current /Rotate, preprocessed image)
+        for index in range(start, min(start + config.batch_size, len(document))):
+            row = _page_row(path, index)
+            rows.append(row)
+            try:
+                png, rotation = pdf.render_page(document, index, config.max_side)
+                image, *_ = predictor.read_image(row["path"], png, config.max_side)
+                ready.append((row, index, rotation, image))
+            except Exception as e:  # one page that does not render: that page only
+                row.update(status="error", action="skip", message=f"page not rendered: "
+                           f"{type(e).__name__}: {_first_line(e)}")
+        if not ready:
+            continue
+        probs = predict(predictor, np.stack([image for *_, image in ready]), config)
+        for (row, index, rotation, _), p in zip(ready, probs):
+            row.update(decide(p, config.min_confidence, None))
+            if row["action"] == "turn":
+                turns[index] = (rotation, (rotation + row["repair_cw"]) % 360)
+    return rows, turns
+
+
+def _write_pdf(path, data, dst_path, rotations, config, taken):
+    """Writes DST's copy of the PDF `data` with /Rotate of page i set to
+    rotations[i] (pdf.rotate_pages, an incremental update) and marks the
+    destination taken by `path`. -> None, or why nothing was written (the
+    destination is the source or already taken, or the update or the write
+    failed: never fatal)."""
+    from upright.pipeline import pdf
+    real_dst = os.path.realpath(dst_path)
+    if real_dst == os.path.realpath(path):
+        return "destination is the source file; not written"
+    if real_dst in taken:
+        return f"destination {dst_path} already taken by {taken[real_dst]}"
+    try:
+        _write_into_dst(pdf.rotate_pages(data, rotations), dst_path, config)
+    except Exception as e:  # never fatal: report and go on
+        return f"not written: {type(e).__name__}: {_first_line(e)}"
+    taken[real_dst] = path
+    return None
 
 
 def _fix_one(row, data, dst_path, config, jpegtran, manifest, taken, owners):

@@ -7,6 +7,7 @@ The folder is one that records.make_records wrote; this module only reads it
 (info.json through recordio.load_info, the shards with TensorFlow's reader).
 """
 import collections
+import dataclasses
 import io
 import os
 import re
@@ -34,55 +35,78 @@ def inspect_records(records_dir: str) -> dict:
     """
     info = recordio.load_info(records_dir)
     import tensorflow as tf
-    seen = {}
-    formats = collections.Counter()
-    heights, widths = [], []
-    summary = {"splits": {}}
     if "val" not in info["splits"]:
         raise recordio.RecordsError(f"{records_dir!r}: info.json has no split 'val'")
+    seen = _Seen()
+    summary = {"splits": {}}
     for split in info["splits"]:
-        if split not in schema.SPLITS:
-            raise recordio.RecordsError(f"{records_dir!r}: info.json has an unknown split {split!r}")
-        entry = info["splits"][split]
-        shards = entry.get("shards", [])
-        expected = entry.get("shard_examples", [None] * len(shards))
-        if len(expected) != len(shards):
-            raise recordio.RecordsError(
-                f"{records_dir!r}: info.json lists {len(shards)} {split} shards but "
-                f"{len(expected)} shard counts")
-        total, size = 0, 0
-        for name, want in zip(shards, expected):
-            path = os.path.join(records_dir, name)
-            size += os.path.getsize(path)
-            count = 0
-            for index, serialized in _read_shard(path):
-                record = _check_record(path, index, serialized, tf)
-                if record.sha256 in seen:
-                    raise recordio.RecordsError(
-                        f"{path}: record {index} ({record.source_id!r}) has the same "
-                        f"sha256 as {seen[record.sha256]!r}")
-                seen[record.sha256] = record.source_id
-                formats[record.format] += 1
-                heights.append(record.height)
-                widths.append(record.width)
-                count += 1
-            if want is not None and count != want:
-                raise recordio.RecordsError(
-                    f"{path}: holds {count} records, info.json says {want}")
-            total += count
-        if total != entry.get("num_examples"):
-            raise recordio.RecordsError(
-                f"{records_dir!r}: split {split!r} holds {total} records, info.json "
-                f"says {entry.get('num_examples')}")
-        summary["splits"][split] = {"num_examples": total, "num_shards": len(shards),
-                                    "bytes": size}
-    summary["formats"] = dict(sorted(formats.items()))
-    if heights:
-        summary["stored_height"] = {"min": min(heights), "median": statistics.median(heights),
-                                    "max": max(heights)}
-        summary["stored_width"] = {"min": min(widths), "median": statistics.median(widths),
-                                   "max": max(widths)}
+        summary["splits"][split] = _check_split(records_dir, split, info["splits"][split],
+                                                seen, tf)
+    summary["formats"] = dict(sorted(seen.formats.items()))
+    if seen.heights:
+        for key, values in (("stored_height", seen.heights), ("stored_width", seen.widths)):
+            summary[key] = {"min": min(values), "median": statistics.median(values),
+                            "max": max(values)}
     return summary
+
+
+@dataclasses.dataclass
+class _Seen:
+    """What inspect_records has read so far, over all splits."""
+    sources: dict = dataclasses.field(default_factory=dict)   # {sha256: source_id}
+    formats: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    heights: list = dataclasses.field(default_factory=list)   # stored height of each record
+    widths: list = dataclasses.field(default_factory=list)
+
+
+def _check_split(records_dir, split, entry, seen, tf) -> dict:
+    """Reads and checks every shard of one split against its info.json `entry`;
+    adds its records to `seen` (_Seen).
+    -> {"num_examples", "num_shards", "bytes"} of the split. Raises
+    recordio.RecordsError: an unknown split, shard counts that do not match the
+    shards, a duplicate sha256, or a count that differs from info.json.
+    """
+    if split not in schema.SPLITS:
+        raise recordio.RecordsError(f"{records_dir!r}: info.json has an unknown split {split!r}")
+    shards = entry.get("shards", [])
+    expected = entry.get("shard_examples", [None] * len(shards))
+    if len(expected) != len(shards):
+        raise recordio.RecordsError(
+            f"{records_dir!r}: info.json lists {len(shards)} {split} shards but "
+            f"{len(expected)} shard counts")
+    total, size = 0, 0
+    for name, want in zip(shards, expected):
+        path = os.path.join(records_dir, name)
+        size += os.path.getsize(path)
+        count = _check_shard(path, seen, tf)
+        if want is not None and count != want:
+            raise recordio.RecordsError(
+                f"{path}: holds {count} records, info.json says {want}")
+        total += count
+    if total != entry.get("num_examples"):
+        raise recordio.RecordsError(
+            f"{records_dir!r}: split {split!r} holds {total} records, info.json "
+            f"says {entry.get('num_examples')}")
+    return {"num_examples": total, "num_shards": len(shards), "bytes": size}
+
+
+def _check_shard(path, seen, tf) -> int:
+    """Reads and checks every record of the shard file `path` (_check_record)
+    and adds them to `seen` (_Seen). -> the number of records. Raises
+    recordio.RecordsError: a damaged shard or record, a duplicate sha256."""
+    count = 0
+    for index, serialized in _read_shard(path):
+        record = _check_record(path, index, serialized, tf)
+        if record.sha256 in seen.sources:
+            raise recordio.RecordsError(
+                f"{path}: record {index} ({record.source_id!r}) has the same "
+                f"sha256 as {seen.sources[record.sha256]!r}")
+        seen.sources[record.sha256] = record.source_id
+        seen.formats[record.format] += 1
+        seen.heights.append(record.height)
+        seen.widths.append(record.width)
+        count += 1
+    return count
 
 
 def _read_shard(path):
