@@ -20,12 +20,14 @@ repair turn (stored_to_upright).
     lossless with `jpegtran -trim`, which drops the partial edge blocks: under
     16 pixel columns at the copy's left edge and/or rows at its top (at most
     MAX_TRIM), and the method says exactly how many ("lossless (jpegtran),
-    8 px trimmed from the left edge (56x40 -> 32x56)"). Without trim_edges,
-    or without jpegtran (jpegtran=None), the image is decoded and re-encoded
-    (JPEG quality `jpeg_quality`, chroma subsampling kept as 4:4:4 or 4:2:0).
+    8 px trimmed from the left edge (56x40 -> 32x56)"). When -perfect refuses
+    and trim_edges is off (or -trim would drop more), or without jpegtran
+    (jpegtran=None), the image is decoded and re-encoded (JPEG quality
+    `jpeg_quality`, chroma subsampling kept as 4:4:4 or 4:2:0).
   Other formats: decoded, turned, saved in the same format (PNG stays
-    lossless); a copy over MAX_GROWTH times its source's size (a compressed
-    BMP or TIFF written back uncompressed) is refused with ValueError.
+    lossless); a copy over MAX_GROWTH times its source's size and over
+    MIN_GROWTH_BYTES (a compressed BMP or TIFF written back uncompressed) is
+    refused with ValueError.
 The method string says which: "lossless (jpegtran)" (every pixel kept), the
 trimmed form above, or "re-encoded (...)" with the reason.
 Bytes in, bytes out: nothing here reads or writes a file (jpegtran runs on
