@@ -696,7 +696,7 @@ def summarize(rows, config, jpegtran) -> dict:
                                     for r in rows),
         "written": sum(1 for r in rows if r["status"] == "ok" and r["dst"]),
         "lossless": sum(1 for r in rows if r["status"] == "ok" and r["method"]
-                        and r["method"].startswith("lossless")),
+                        and upright_copy.is_lossless(r["method"])),
         "lossless_trimmed": sum(1 for r in rows if r["status"] == "ok" and r["method"]
                                 and r["method"].startswith("lossless (jpegtran), ")),
         "reencoded_jpeg": sum(1 for r in rows if r["status"] == "ok" and r["method"]

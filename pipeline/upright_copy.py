@@ -211,6 +211,13 @@ def turn_with_pillow(data: bytes, transform: str, *, jpeg_quality: int) -> tuple
     return payload, method
 
 
+def is_lossless(method: str) -> bool:
+    """True when a copy's pixels are its source's, turned: a jpegtran block move
+    (trimmed ones too, which drop only partial edge blocks; the summary counts
+    those apart) or a PNG written again. What orient's summary counts as lossless."""
+    return method.startswith(("lossless", "re-encoded (PNG, lossless)"))
+
+
 def trimmed_edges(before: bytes, after: bytes, transform: str) -> tuple:
     """(columns, rows) that `jpegtran -trim` dropped, and the sizes "WxH -> WxH".
 

@@ -109,6 +109,9 @@ def test_fix_turns_back_upright_leaves_unsure_alone_and_skips_bad_files(
     assert rows["garbage.jpg"]["message"].startswith("not an image")
     assert rows["truncated.jpg"]["status"] == "error"
     assert result["summary"]["errors"] == 2 and result["summary"]["written"] == 2
+    # The PNG copy keeps every pixel, so it counts as lossless with jpegtran's turn.
+    assert rows["sub/turned180.png"]["method"] == "re-encoded (PNG, lossless)"
+    assert result["summary"]["lossless"] == (2 if lossless else 1)
 
     with open(report) as f:
         csv_rows = {os.path.relpath(r["path"], src): r for r in csv.DictReader(f)}
