@@ -28,9 +28,11 @@ epoch by val accuracy, float32, no AugmentLayer), model_info.json, metrics.json,
 history.csv, logs/ (TensorBoard), checkpoints/best.keras + best.json, stages/,
 export/ and model.tflite (serve).
 """
+import contextlib
 import dataclasses
 import os
 import time
+import warnings
 
 from upright.pipeline import (cluster, configs, fileio, outputs, recordio, resume, schema,
                               throughput, trainer_models)
@@ -318,6 +320,20 @@ def _learning_rate(stage: StageConfig, steps_per_epoch: int):
         stage.lr, decay_steps=max(1, stage.epochs * steps_per_epoch))
 
 
+@contextlib.contextmanager
+def _val_read_to_its_end(active: bool):
+    """Under a strategy validation has no step count: it reads each pipeline's
+    files to their end, and Keras then warns "Your input ran out of data;
+    interrupting training" though nothing was cut short. Only that warning,
+    only then, is silenced (the train stream repeats forever, so it never
+    ends there)."""
+    with warnings.catch_warnings():
+        if active:
+            warnings.filterwarnings("ignore", message="Your input ran out of data",
+                                    category=UserWarning)
+        yield
+
+
 class _Run:
     """State shared by the stages of one train_and_evaluate call."""
 
@@ -394,7 +410,8 @@ class _Run:
              f"{freezing['trainable_params']} trainable params), augment on {self.augment_on}")
         t0 = time.time()
         try:
-            with streams.naming_damaged_records(self.config.records):
+            with (streams.naming_damaged_records(self.config.records),
+                  _val_read_to_its_end(self.val_steps is None)):
                 history = self.train_model.fit(
                     train_data, epochs=s.epochs, initial_epoch=start,
                     steps_per_epoch=self.steps, validation_data=val_data,
@@ -403,7 +420,8 @@ class _Run:
         except cb.NaNLoss as e:
             raise TrainingDiverged(f"{e}; stopped. Kept: {resume.kept(self.dir, backup_dir)}. "
                                    f"Lower --stage{stage}_lr or check the data") from None
-        with streams.naming_damaged_records(self.config.records):
+        with (streams.naming_damaged_records(self.config.records),
+              _val_read_to_its_end(self.val_steps is None)):
             logs = self.train_model.evaluate(
                 streams.val_data(self.config, augment_on=self.augment_on, strategy=strategy),
                 steps=self.val_steps, verbose=0, return_dict=True)

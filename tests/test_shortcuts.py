@@ -91,7 +91,7 @@ def _val_accuracy(records, steps):
     ])
     model.compile(optimizer=keras.optimizers.Adam(1e-3),
                   loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    model.fit(train, steps_per_epoch=steps, epochs=1, verbose=0)
+    model.fit(train, steps_per_epoch=steps, epochs=1, verbose=0, shuffle=False)
     return model.evaluate(val, verbose=0, return_dict=True)["accuracy"]
 
 
