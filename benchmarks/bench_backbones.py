@@ -1,6 +1,6 @@
 """Benchmark: EfficientNet-Lite0 beside EfficientNetB0 on this machine's CPU.
 
-    python benchmarks/bench_backbones.py [--sizes 224,128] [--train_steps 3] [--profile]
+    python benchmarks/bench_backbones.py [--sizes 224,128] [--train_steps 3] [--profile] [--bf16]
 
 In one run, for each backbone and image size (the project's classifier with the
 linear head, random weights: size and speed do not depend on the values):
@@ -12,6 +12,10 @@ linear head, random weights: size and speed do not depend on the values):
           cpu.flags (blocks 1-6 frozen, BN frozen: only block 7, top and head
           train), for full fine-tuning (everything trains) and for full
           fine-tuning with every BatchNorm layer frozen (inference mode);
+  bf16 (--bf16): Lite0 training images/s for cpu.flags' stage 2 (every block
+          trains, BatchNorm in inference mode) at the first size under Keras' mixed_bfloat16
+          policy beside float32, alternating (float32, bf16, float32, bf16) so
+          that load falls on both alike; prints the ratio;
   profile (--profile): one traced training step of each backbone at the first
           size, with the time per TensorFlow op type, top 12.
 Then the Lite0 / B0 ratios. Also printed: the load average (other processes on
@@ -100,6 +104,21 @@ def bench_train(backbone, size, batch, steps, freeze_below_block, freeze_all_bat
     return batch * steps / (time.perf_counter() - t)
 
 
+def bench_bf16(size, batch, steps, rounds=2):
+    """Lite0 stage-2 training images/s, {policy: [per round]}, policies alternating."""
+    import keras
+    speeds = collections.defaultdict(list)
+    try:
+        for _ in range(rounds):
+            for policy in ("float32", "mixed_bfloat16"):
+                keras.mixed_precision.set_global_policy(policy)
+                speeds[policy].append(bench_train("efficientnet_lite0", size, batch, steps, 0,
+                                                  freeze_all_batchnorm=True))
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    return speeds
+
+
 def profile_step(backbone, size, batch, workdir, top=12):
     """{op type: ms} of one training step (all layers train), from the TF profiler."""
     import tensorflow as tf
@@ -142,6 +161,8 @@ def main():
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--skip_train", action="store_true")
+    parser.add_argument("--bf16", action="store_true",
+                        help="also time Lite0's stage 2 under mixed_bfloat16 beside float32")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     print(f"cpus {os.cpu_count()}, load average at start {os.getloadavg()[0]:.1f}")
@@ -174,6 +195,13 @@ def main():
         for size in sizes:
             a, b = rows[("efficientnet_lite0", size)], rows[("efficientnetb0", size)]
             print(f"  {size}px: " + ", ".join(f"{k} {a[k] / b[k]:.2f}" for k in a))
+        if args.bf16:
+            speeds = bench_bf16(sizes[0], args.batch, args.train_steps)
+            f32, bf16 = (statistics.median(speeds[p]) for p in ("float32", "mixed_bfloat16"))
+            print(f"\nLite0 {sizes[0]}px stage 2 (every block, BN frozen), train img/s per round: "
+                  + "; ".join(f"{p} " + ", ".join(f"{v:.1f}" for v in speeds[p])
+                              for p in ("float32", "mixed_bfloat16"))
+                  + f"; bf16 / float32 {bf16 / f32:.2f}")
         if args.profile:
             for backbone in BACKBONES:
                 step_s, top = profile_step(backbone, sizes[0], args.batch, workdir)
