@@ -8,10 +8,11 @@ linear head, random weights: size and speed do not depend on the values):
           and single-image CPU latency of that file (median of --repeats runs,
           --threads interpreter threads), and Keras's single-image latency;
   train:  training images/s at batch --batch, the compiled Keras train step
-          (Adam, as train.py compiles it) on a cached batch, for stage 1 of
-          cpu.flags (blocks 1-6 frozen, BN frozen: only block 7, top and head
-          train), for full fine-tuning (everything trains) and for full
-          fine-tuning with every BatchNorm layer frozen (inference mode);
+          (Adam, as train.py compiles it) on a cached batch, for a partial
+          fine-tune (blocks 1-6 frozen with their BN: only block 7, top and
+          head train), for full fine-tuning (everything trains) and for full
+          fine-tuning with every BatchNorm layer frozen (inference mode), which
+          is cpu.flags' stage 2;
   bf16 (--bf16): Lite0 training images/s for cpu.flags' stage 2 (every block
           trains, BatchNorm in inference mode) at the first size under Keras' mixed_bfloat16
           policy beside float32, alternating (float32, bf16, float32, bf16) so

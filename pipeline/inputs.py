@@ -355,7 +355,12 @@ def _eval_dataset(files, *, batch_size, image_size, resize, repeat):
     ds = ds.batch(batch_size, drop_remainder=False)
     if repeat:
         ds = ds.repeat()
-    ds = ds.with_options(_options())
+    # No autotuning here: deleting an iterator waits for its autotune thread's
+    # sleep (up to a minute) to end, and Keras drops the val iterator at every
+    # epoch: that left both cores idle for 30-40 s in most of cpu.flags'
+    # fine-tuning epochs (benchmarks/README.md, "Idle stalls between epochs").
+    # AUTOTUNE then means as many parallel calls as cores (at most 16).
+    ds = ds.with_options(_options(autotune=False))
     return ds.prefetch(AUTOTUNE)
 
 
@@ -376,9 +381,10 @@ def batch_image_seeds(key, batch_index, batch_size):
                                        maxval=None, dtype=tf.int32)
 
 
-def _options():
+def _options(autotune=True):
     options = tf.data.Options()
     options.deterministic = True
+    options.autotune.enabled = autotune
     return options
 
 

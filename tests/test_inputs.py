@@ -156,6 +156,20 @@ def test_eval_all_orientations_exact_pixels(png_records, resize):
     assert len(labels) == 4 * inputs.num_examples(records, "val")
 
 
+def test_eval_stream_runs_without_autotune_training_stream_with_it(png_records):
+    # Deleting an autotuned iterator waits out its autotune thread's sleep (up to a
+    # minute); Keras deletes the val iterator every epoch, so autotuning the val
+    # stream idled the cores 30-40 s an epoch ("Idle stalls between epochs" in
+    # benchmarks/README.md). The training stream, made once per stage, keeps it.
+    records, _, _ = png_records
+    val = inputs.input_fn(records, split="val", batch_size=4, image_size=8, training=False)
+    train = inputs.input_fn(records, split="train", batch_size=4, image_size=8,
+                            training=True, seed=0)
+    assert val.options().autotune.enabled is False
+    assert train.options().autotune.enabled is not False
+    assert val.options().deterministic and train.options().deterministic
+
+
 # ------------------------------------------------------------------ training stream
 
 def test_training_one_epoch_is_each_image_once_turned_by_its_label(png_records):
